@@ -1,0 +1,155 @@
+"""Series completion, and the header-only summary of a complete series.
+
+DICOM has no "series complete" message (PS3.4 Storage Service Class stores instances one by one),
+so completion is inferred from the associations that carry a series:
+
+- a series is complete ``grace`` after the last association that carried one of its instances was
+  released or aborted, with no instance of it arriving meanwhile (the usual PACS/modality push);
+- or ``idle_timeout`` after its last instance, for senders that keep associations open or spread
+  a series over several.
+
+A late instance of an already processed series simply starts the clock again; processing then
+yields a new result version that supersedes the old one (``reader.jobs``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from reader.config import CompletionConfig
+from reader.errors import InputRejected
+
+__all__ = ["CompletionTracker", "SeriesSummary", "summarize_series"]
+
+
+@dataclass
+class _Activity:
+    study_uid: str
+    last_event: float
+    last_instance: float
+    open_associations: set[int] = field(default_factory=set)
+
+
+class CompletionTracker:
+    """Thread-safe record of series activity; association threads report, one monitor consumes."""
+
+    def __init__(self, config: CompletionConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._grace = config.grace.total_seconds()
+        self._idle = config.idle_timeout.total_seconds()
+        self._clock = clock
+        self._series: dict[str, _Activity] = {}
+        self._by_association: dict[int, set[str]] = {}
+        self._changed = threading.Condition()
+
+    def instance_stored(self, association_id: int, study_uid: str, series_uid: str) -> None:
+        """An instance of ``series_uid`` was stored on association ``association_id``."""
+        now = self._clock()
+        with self._changed:
+            act = self._series.get(series_uid)
+            if act is None:
+                act = self._series[series_uid] = _Activity(study_uid, now, now)
+            act.last_event = act.last_instance = now
+            act.open_associations.add(association_id)
+            self._by_association.setdefault(association_id, set()).add(series_uid)
+            self._changed.notify_all()
+
+    def association_ended(self, association_id: int) -> None:
+        """Association ``association_id`` was released, aborted or lost."""
+        now = self._clock()
+        with self._changed:
+            for series_uid in self._by_association.pop(association_id, set()):
+                act = self._series.get(series_uid)
+                if act is not None:
+                    act.open_associations.discard(association_id)
+                    act.last_event = now
+            self._changed.notify_all()
+
+    def resume(self, study_uid: str, series_uid: str) -> None:
+        """Track a series found on disk at start-up as if its last association just ended."""
+        now = self._clock()
+        with self._changed:
+            self._series.setdefault(series_uid, _Activity(study_uid, now, now))
+            self._changed.notify_all()
+
+    def pop_complete(self) -> list[tuple[str, str]]:
+        """(study UID, series UID) of series complete now; they stop being tracked."""
+        now = self._clock()
+        with self._changed:
+            done = [uid for uid, act in self._series.items() if self._deadline(act) <= now]
+            return [(self._series.pop(uid).study_uid, uid) for uid in done]
+
+    def wait(self, timeout: float) -> None:
+        """Block until activity is reported, the next series may complete, or ``timeout`` passes."""
+        with self._changed:
+            deadlines = [self._deadline(a) for a in self._series.values()]
+            until_next = min(deadlines, default=float("inf")) - self._clock()
+            if until_next > 0:
+                self._changed.wait(min(timeout, until_next))
+
+    def wake(self) -> None:
+        """Wake a thread blocked in :meth:`wait` (used at shutdown)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def tracked(self) -> int:
+        """Number of series still collecting."""
+        with self._changed:
+            return len(self._series)
+
+    def _deadline(self, act: _Activity) -> float:
+        idle = act.last_instance + self._idle
+        if act.open_associations:
+            return idle
+        return min(idle, act.last_event + self._grace)
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """What routing reads of a series: header attributes of one instance plus the count.
+
+    PS3.3 C.7.3.1 (General Series: Modality, Series Description, Body Part Examined),
+    C.12.1 (SOP Common: SOP Class UID), C.7.6.2 (Image Plane: Slice Thickness).
+    """
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    sop_class_uid: str
+    body_part: str
+    series_description: str
+    instance_count: int
+    slice_thickness_mm: float | None
+    accession_number_present: bool
+
+
+def summarize_series(study_uid: str, series_uid: str, files: Sequence[Path]) -> SeriesSummary:
+    """Summarise a stored series from the header of its first file (pixel data is not read)."""
+    if not files:
+        raise InputRejected("empty_series", series_uid)
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise InputRejected("unreadable_instance", str(exc)) from exc
+    thickness = ds.get("SliceThickness")
+    try:
+        thickness_mm = float(thickness) if thickness not in (None, "") else None
+    except (TypeError, ValueError):
+        thickness_mm = None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return SeriesSummary(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        modality=str(ds.get("Modality", "")).upper(),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        body_part=str(ds.get("BodyPartExamined", "")).upper(),
+        series_description=str(ds.get("SeriesDescription", "")),
+        instance_count=len(files) if frames <= 1 else frames,
+        slice_thickness_mm=thickness_mm,
+        accession_number_present=bool(ds.get("AccessionNumber")),
+    )

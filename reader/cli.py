@@ -1,0 +1,153 @@
+"""Command line: ``reader serve | status | retry``.
+
+The edge where typed errors become exit codes: 0 success, 2 invalid configuration or flag
+(one line naming the key and the problem, before any port opens), 1 anything else that stops
+the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from reader import __version__
+from reader.config import NodeConfig, load_config
+from reader.errors import ConfigError, ModelError, ReaderError
+from reader.jobs import JobStore, SendState
+from reader.log import configure_logging
+from reader.spool import Spool
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reader",
+                                description="DICOM second-reader node (not a medical device)")
+    p.add_argument("--version", action="version", version=f"reader {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help="TOML file, see deploy/reader.example.toml")
+        sp.add_argument("--data-dir", help="data dir (default ./reader-data)")
+
+    serve = sub.add_parser("serve", help="run the node until SIGTERM/SIGINT")
+    common(serve)
+    serve.add_argument("--ae-title", help="our AE title (default SECONDREADER)")
+    serve.add_argument("--port", help="listening port (default 11112)")
+    serve.add_argument("--bind", help="listening address (default 0.0.0.0)")
+    serve.add_argument("--send-to", action="append", default=[], metavar="AE@HOST:PORT",
+                       help="destination for results; repeat for several")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    status = sub.add_parser("status", help="what is queued, in flight, failed and done")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = sub.add_parser("retry", help="re-queue parked (failed) sends")
+    common(retry)
+    return p
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    overrides = {
+        "data_dir": args.data_dir,
+        "ae_title": getattr(args, "ae_title", None),
+        "port": getattr(args, "port", None),
+        "bind_address": getattr(args, "bind", None),
+        "destinations": getattr(args, "send_to", None),
+    }
+    return load_config(args.config, overrides)
+
+
+def _serve(config: NodeConfig) -> int:
+    from reader.node import Node, load_models  # noqa: PLC0415 - onnxruntime loads only for serve
+
+    try:
+        models = load_models(config)
+    except ModelError as exc:
+        raise ConfigError("models", str(exc)) from exc
+    node = Node(config, models)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("node.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    if not config.destinations:
+        log.info("node.no_destinations", results_dir=str(node.spool.root / "results"))
+    stop.wait()
+    node.stop()
+    return EXIT_OK
+
+
+def _status(config: NodeConfig, as_json: bool) -> int:
+    if not config.data_dir.is_dir():
+        raise ConfigError("data_dir", f"{config.data_dir} does not exist")
+    jobs = JobStore(Spool(config.data_dir))
+    series = [s for n in jobs.spool.list_state("series") if (s := jobs.series_state(n)) is not None]
+    sends = jobs.sends()
+    report: dict[str, Any] = {
+        "series": dict(Counter(s.status.value for s in series)),
+        "queued_jobs": len(jobs.pending_jobs()),
+        "sends": dict(Counter(t.state.value for t in sends)),
+        "failed_sends": [{"ticket": t.name, "destination": t.destination, "attempts": t.attempts,
+                          "error": t.last_error} for t in sends if t.state is SendState.FAILED],
+        "skipped_or_failed_series": [{"series_uid": s.series_uid, "status": s.status.value,
+                                      "reason": s.reason} for s in series if s.reason],
+    }
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"series: {report['series']}\nqueued jobs: {report['queued_jobs']}\nsends: {report['sends']}")
+        for f in report["failed_sends"]:
+            print(f"failed send {f['ticket']} to {f['destination']} after {f['attempts']}: {f['error']}")
+        for s in report["skipped_or_failed_series"]:
+            print(f"{s['status']} series {s['series_uid']}: {s['reason']}")
+    return EXIT_OK
+
+
+def _retry(config: NodeConfig) -> int:
+    if not config.data_dir.is_dir():
+        raise ConfigError("data_dir", f"{config.data_dir} does not exist")
+    requeued = JobStore(Spool(config.data_dir)).requeue_failed()
+    print(f"re-queued {len(requeued)} send(s)")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``reader`` console script."""
+    args = _parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", "info"))
+    try:
+        config = _config(args)
+        if args.command == "serve":
+            return _serve(config)
+        if args.command == "status":
+            return _status(config, args.json)
+        return _retry(config)
+    except ConfigError as exc:
+        print(f"reader: configuration error: {exc.key}: {exc.problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ReaderError as exc:
+        log.error("node.fatal", error=type(exc).__name__, detail=str(exc))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Node configuration: frozen, typed, validated once at start-up.
+
+A TOML file (``deploy/reader.example.toml`` documents every key) plus command-line overrides give
+one :class:`NodeConfig`. Any invalid key raises :class:`reader.errors.ConfigError` naming the key
+and the problem, before a port opens. Durations are :class:`datetime.timedelta`, paths
+:class:`pathlib.Path`; the file spells units in key names (``grace_seconds``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from reader.errors import ConfigError
+from reader.send import Destination
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "CompletionConfig",
+    "InferenceConfig",
+    "ModelRef",
+    "NodeConfig",
+    "Route",
+    "SendingConfig",
+    "bundled_models_dir",
+    "default_config",
+    "load_config",
+]
+
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DEFAULT_MODEL = "lung-lesion-unet"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE VR: no backslash, no control chars
+
+
+def bundled_models_dir() -> Path:
+    """The ``models/`` folder of the checkout this package runs from."""
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """When a series counts as complete (see ``reader.assemble``)."""
+
+    grace: timedelta = timedelta(seconds=2)  # after the last association that carried it is released
+    idle_timeout: timedelta = timedelta(seconds=30)  # since its last instance, associations still open
+
+
+@dataclass(frozen=True)
+class SendingConfig:
+    """Retry schedule of C-STORE to destinations: exponential backoff with jitter, then parked."""
+
+    retry_initial: timedelta = timedelta(seconds=5)
+    retry_max: timedelta = timedelta(minutes=10)
+    max_attempts: int = 20
+    association_timeout: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """onnxruntime execution providers, tried in this order, and whether fp16 graphs may be used."""
+
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    fp16: bool = True
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model package folder (``models/MANIFEST.md``) known by a name that routes refer to."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Route:
+    """A declarative routing rule: every given criterion must hold for the series to match.
+
+    Criteria read the series header (PS3.3 C.7.3.1 General Series, C.7.6.2 Image Plane): Modality,
+    SOP Class UID, Body Part Examined, Series Description (a regular expression, searched
+    case-insensitively), number of instances and Slice Thickness ranges (inclusive).
+    """
+
+    name: str
+    model: str
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    series_description: re.Pattern[str] | None = None
+    min_instances: int | None = None
+    max_instances: int | None = None
+    min_slice_thickness_mm: float | None = None
+    max_slice_thickness_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``reader serve`` needs; built by :func:`load_config` or :func:`default_config`."""
+
+    ae_title: str = "SECONDREADER"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("reader-data")
+    destinations: tuple[Destination, ...] = ()
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    sending: SendingConfig = field(default_factory=SendingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    models: tuple[ModelRef, ...] = ()
+    routes: tuple[Route, ...] = ()
+    max_associations: int = 16
+
+    def model(self, name: str) -> ModelRef:
+        """The model named ``name``; routes are checked against the models at load time."""
+        for ref in self.models:
+            if ref.name == name:
+                return ref
+        raise KeyError(name)
+
+
+def default_config() -> NodeConfig:
+    """Built-in defaults: AE SECONDREADER on port 11112, ./reader-data, the bundled CT model."""
+    model = ModelRef(DEFAULT_MODEL, bundled_models_dir() / DEFAULT_MODEL)
+    route = Route(name="ct-chest", model=DEFAULT_MODEL, modalities=("CT",), min_instances=16)
+    return NodeConfig(models=(model,), routes=(route,))
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Read ``path`` (TOML) over the defaults, then apply command-line ``overrides``.
+
+    ``overrides`` keys: ae_title, port, data_dir, bind_address, destinations (list of
+    ``AE@HOST:PORT``). Relative paths in the file are relative to the file's folder.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+        base = path.resolve().parent
+    config = _from_mapping(raw, base)
+    return _apply_overrides(config, overrides or {})
+
+
+def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
+    defaults = default_config()
+    _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations"})
+    node = _table(raw, "node")
+    _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations"})
+    models = _models(raw, base) if "models" in raw else defaults.models
+    routes = _routes(raw, models) if "routes" in raw else defaults.routes
+    return NodeConfig(
+        ae_title=_ae_title(node.get("ae_title", defaults.ae_title), "node.ae_title"),
+        bind_address=_str(node.get("bind_address", defaults.bind_address), "node.bind_address"),
+        port=_port(node.get("port", defaults.port), "node.port"),
+        data_dir=_path(node.get("data_dir", str(defaults.data_dir)), "node.data_dir", base),
+        max_associations=_int(node.get("max_associations", defaults.max_associations),
+                              "node.max_associations", 1, 1000),
+        destinations=tuple(_destination(d, f"destinations[{i}]")
+                           for i, d in enumerate(_list(raw.get("destinations", []), "destinations"))),
+        completion=_completion(_table(raw, "completion")),
+        sending=_sending(_table(raw, "sending")),
+        inference=_inference(_table(raw, "inference")),
+        models=models,
+        routes=routes,
+    )
+
+
+def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeConfig:
+    changes: dict[str, Any] = {}
+    if overrides.get("ae_title") is not None:
+        changes["ae_title"] = _ae_title(overrides["ae_title"], "--ae-title")
+    if overrides.get("port") is not None:
+        changes["port"] = _port(overrides["port"], "--port")
+    if overrides.get("bind_address") is not None:
+        changes["bind_address"] = _str(overrides["bind_address"], "--bind")
+    if overrides.get("data_dir") is not None:
+        changes["data_dir"] = Path(overrides["data_dir"])
+    if overrides.get("destinations"):
+        changes["destinations"] = tuple(
+            _destination(d, "--send-to") for d in overrides["destinations"]
+        )
+    return replace(config, **changes)
+
+
+def _completion(t: Mapping[str, Any]) -> CompletionConfig:
+    _known(t, "completion.", {"grace_seconds", "idle_timeout_seconds"})
+    d = CompletionConfig()
+    grace = _seconds(t.get("grace_seconds", d.grace.total_seconds()), "completion.grace_seconds", 0, 3600)
+    idle = _seconds(t.get("idle_timeout_seconds", d.idle_timeout.total_seconds()),
+                    "completion.idle_timeout_seconds", 1, 86400)
+    if idle < grace:
+        raise ConfigError("completion.idle_timeout_seconds", "must not be shorter than grace_seconds")
+    return CompletionConfig(grace=grace, idle_timeout=idle)
+
+
+def _sending(t: Mapping[str, Any]) -> SendingConfig:
+    _known(t, "sending.", {"retry_initial_seconds", "retry_max_seconds", "max_attempts",
+                           "association_timeout_seconds"})
+    d = SendingConfig()
+    initial = _seconds(t.get("retry_initial_seconds", d.retry_initial.total_seconds()),
+                       "sending.retry_initial_seconds", 0.01, 86400)
+    maximum = _seconds(t.get("retry_max_seconds", d.retry_max.total_seconds()),
+                       "sending.retry_max_seconds", 0.01, 7 * 86400)
+    if maximum < initial:
+        raise ConfigError("sending.retry_max_seconds", "must not be shorter than retry_initial_seconds")
+    return SendingConfig(
+        retry_initial=initial,
+        retry_max=maximum,
+        max_attempts=_int(t.get("max_attempts", d.max_attempts), "sending.max_attempts", 1, 10000),
+        association_timeout=_seconds(t.get("association_timeout_seconds",
+                                           d.association_timeout.total_seconds()),
+                                     "sending.association_timeout_seconds", 1, 3600),
+    )
+
+
+def _inference(t: Mapping[str, Any]) -> InferenceConfig:
+    _known(t, "inference.", {"providers", "fp16"})
+    d = InferenceConfig()
+    providers = tuple(_str(p, f"inference.providers[{i}]")
+                      for i, p in enumerate(_list(t.get("providers", list(d.providers)),
+                                                  "inference.providers")))
+    if not providers:
+        raise ConfigError("inference.providers", "must name at least one execution provider")
+    fp16 = t.get("fp16", d.fp16)
+    if not isinstance(fp16, bool):
+        raise ConfigError("inference.fp16", "must be true or false")
+    return InferenceConfig(providers=providers, fp16=fp16)
+
+
+def _models(raw: Mapping[str, Any], base: Path) -> tuple[ModelRef, ...]:
+    models = _table(raw, "models")
+    refs = []
+    for name, entry in models.items():
+        key = f"models.{name}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(key, "must be a table with a path")
+        _known(entry, key + ".", {"path"})
+        if "path" not in entry:
+            raise ConfigError(key + ".path", "is required")
+        refs.append(ModelRef(name=name, path=_path(entry["path"], key + ".path", base)))
+    return tuple(refs)
+
+
+def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, ...]:
+    names = {m.name for m in models}
+    routes = []
+    for i, entry in enumerate(_list(raw["routes"], "routes")):
+        key = f"routes[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(key, "must be a table")
+        _known(entry, key + ".", {"name", "model", "modalities", "sop_classes", "body_parts",
+                                  "series_description", "min_instances", "max_instances",
+                                  "min_slice_thickness_mm", "max_slice_thickness_mm"})
+        model = _str(entry.get("model"), key + ".model")
+        if model not in names:
+            raise ConfigError(key + ".model", f"no model named {model!r} in [models]")
+        pattern = entry.get("series_description")
+        compiled = None
+        if pattern is not None:
+            try:
+                compiled = re.compile(_str(pattern, key + ".series_description"), re.IGNORECASE)
+            except re.error as exc:
+                raise ConfigError(key + ".series_description", f"not a valid regular expression: {exc}") \
+                    from exc
+        routes.append(Route(
+            name=_str(entry.get("name", f"route-{i}"), key + ".name"),
+            model=model,
+            modalities=_strs(entry.get("modalities", []), key + ".modalities", upper=True),
+            sop_classes=_strs(entry.get("sop_classes", []), key + ".sop_classes"),
+            body_parts=_strs(entry.get("body_parts", []), key + ".body_parts", upper=True),
+            series_description=compiled,
+            min_instances=_opt_int(entry.get("min_instances"), key + ".min_instances"),
+            max_instances=_opt_int(entry.get("max_instances"), key + ".max_instances"),
+            min_slice_thickness_mm=_opt_float(entry.get("min_slice_thickness_mm"),
+                                              key + ".min_slice_thickness_mm"),
+            max_slice_thickness_mm=_opt_float(entry.get("max_slice_thickness_mm"),
+                                              key + ".max_slice_thickness_mm"),
+        ))
+    return tuple(routes)
+
+
+def _destination(value: Any, key: str) -> Destination:
+    if isinstance(value, str):
+        try:
+            return Destination.parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from exc
+    if isinstance(value, Mapping):
+        _known(value, key + ".", {"ae_title", "host", "port"})
+        return Destination(
+            ae_title=_ae_title(value.get("ae_title"), key + ".ae_title"),
+            host=_str(value.get("host"), key + ".host"),
+            port=_port(value.get("port"), key + ".port"),
+        )
+    raise ConfigError(key, "must be 'AE@HOST:PORT' or a table with ae_title, host, port")
+
+
+def _known(table: Mapping[str, Any], prefix: str, keys: set[str]) -> None:
+    for k in table:
+        if k not in keys:
+            raise ConfigError(prefix + k, f"unknown key (known: {', '.join(sorted(keys))})")
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(key, "must be a list")
+    return value
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be a non-empty string")
+    return value
+
+
+def _strs(value: Any, key: str, *, upper: bool = False) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else _list(value, key)
+    return tuple(_str(v, key).upper() if upper else _str(v, key) for v in items)
+
+
+def _ae_title(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if not _AE_RE.match(text) or not text.strip():
+        raise ConfigError(key, f"{text!r} is not a valid AE title (1-16 characters, no backslash)")
+    return text.strip()
+
+
+def _int(value: Any, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, "must be an integer")
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _opt_int(value: Any, key: str) -> int | None:
+    return None if value is None else _int(value, key, 0, 1_000_000)
+
+
+def _opt_float(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, "must be a number")
+    return float(value)
+
+
+def _port(value: Any, key: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return _int(value, key, 1, 65535)
+
+
+def _seconds(value: Any, key: str, low: float, high: float) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, "must be a number of seconds")
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low} and {high} seconds, got {value}")
+    return timedelta(seconds=value)
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    p = Path(_str(value, key)).expanduser()
+    return p if p.is_absolute() else base / p

@@ -1,0 +1,78 @@
+"""Dispatch: deliver send tickets to their destinations, with durable retries.
+
+Each attempt is one association (``reader.send.StoreSCU``). The outcome is classified:
+success -> done; transient failure -> retried with exponential backoff and jitter until
+``max_attempts``, then parked; permanent failure (PS3.4 C-STORE failure statuses such as
+0xA9xx/0xCxxx/0x0122, or a rejected calling AE) -> parked at once with the reason. Parked tickets
+wait for ``reader retry``. Attempts and the next retry time are on disk, so restarts keep the schedule.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from reader.config import SendingConfig
+from reader.errors import PermanentSendError, SendError, TransientSendError
+from reader.jobs import JobStore, SendState, SendTicket, backoff
+from reader.send import Destination, StoreSCU
+
+__all__ = ["Dispatcher"]
+
+log = structlog.get_logger(__name__)
+
+
+class Dispatcher:
+    """Sends due tickets; one instance is driven by one thread of the node."""
+
+    def __init__(self, jobs: JobStore, scu: StoreSCU, config: SendingConfig,
+                 rng: random.Random | None = None) -> None:
+        self._jobs = jobs
+        self._scu = scu
+        self._config = config
+        self._rng = rng or random.Random()
+
+    def due(self, now: float) -> list[SendTicket]:
+        """Pending tickets whose next attempt is due."""
+        return [t for t in self._jobs.sends() if t.state is SendState.PENDING and t.next_attempt_at <= now]
+
+    def next_due_in(self, now: float) -> float | None:
+        """Seconds until the next pending ticket is due, or None when nothing is pending."""
+        times = [t.next_attempt_at for t in self._jobs.sends() if t.state is SendState.PENDING]
+        return max(0.0, min(times) - now) if times else None
+
+    def attempt(self, ticket: SendTicket) -> SendTicket:
+        """Make one delivery attempt and durably record its outcome."""
+        attempts = ticket.attempts + 1
+        bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
+                         attempt=attempts)
+        try:
+            report = self._scu.send(Destination.parse(ticket.destination), [Path(f) for f in ticket.files])
+        except PermanentSendError as exc:
+            updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
+                              last_status=exc.status)
+            bound.error("send.parked", reason="permanent", detail=str(exc), status=exc.status)
+        except (TransientSendError, SendError) as exc:
+            status = exc.status
+            if attempts >= self._config.max_attempts:
+                updated = replace(ticket, state=SendState.FAILED, attempts=attempts,
+                                  last_error=f"gave up after {attempts} attempts: {exc}", last_status=status)
+                bound.error("send.parked", reason="attempts_exhausted", detail=str(exc), status=status)
+            else:
+                delay = backoff(attempts, self._config.retry_initial, self._config.retry_max, self._rng)
+                updated = replace(ticket, attempts=attempts,
+                                  next_attempt_at=time.time() + delay.total_seconds(),
+                                  last_error=str(exc), last_status=status)
+                bound.warning("send.retry_scheduled", detail=str(exc), status=status,
+                              in_seconds=round(delay.total_seconds(), 2))
+        else:
+            updated = replace(ticket, state=SendState.DONE, attempts=attempts, last_error="",
+                              last_status=None)
+            bound.info("result.sent", instances=len(report.sent), warnings=len(report.warnings),
+                       seconds=round(report.seconds, 3))
+        self._jobs.update_send(updated)
+        return updated

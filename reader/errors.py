@@ -1,0 +1,109 @@
+"""The error tree of the node.
+
+Core modules raise these; the edges translate them once: the C-STORE handler into a DIMSE status
+(``reader.scp``), the CLI into an exit code (``reader.cli``), the workers into a log event and a job
+state (``reader.node``)::
+
+    ReaderError
+    ├── ConfigError            invalid configuration file or flag (CLI exit 2)
+    ├── StorageError           the spool could not write or read durably
+    │   └── OutOfResources     free disk below the watermark (DIMSE 0xA700)
+    ├── InputRejected          a dataset or series we will not process; ``reason`` is recorded
+    │   └── VolumeError        geometry that cannot form a trustworthy volume
+    ├── ModelError             a model package that cannot be loaded or run
+    │   ├── ManifestError      invalid model manifest (TOML)
+    │   └── InferenceError     onnxruntime failed while running
+    ├── EncodingError          SEG/SR could not be built from the findings
+    └── SendError              a C-STORE to a destination did not succeed
+        ├── TransientSendError worth retrying later (association refused for load, timeout, 0xA7xx)
+        └── PermanentSendError retrying cannot help (SOP class not supported, AE not recognised, 0xA9xx/0xCxxx)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EncodingError",
+    "InferenceError",
+    "InputRejected",
+    "ManifestError",
+    "ModelError",
+    "OutOfResources",
+    "PermanentSendError",
+    "ReaderError",
+    "SendError",
+    "StorageError",
+    "TransientSendError",
+    "VolumeError",
+]
+
+
+class ReaderError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(ReaderError):
+    """A configuration key has an invalid value; ``key`` names it, ``problem`` says why."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class StorageError(ReaderError):
+    """The spool could not complete a durable write or read."""
+
+
+class OutOfResources(StorageError):
+    """Free space on the data dir is below the configured watermark."""
+
+
+class InputRejected(ReaderError):
+    """Input that the node records as rejected instead of processing; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class VolumeError(InputRejected):
+    """Instances that cannot be assembled into a geometry-checked volume."""
+
+
+class ModelError(ReaderError):
+    """A model package that cannot be loaded or run."""
+
+
+class ManifestError(ModelError):
+    """A model manifest that is invalid; ``key`` names the offending entry."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class InferenceError(ModelError):
+    """onnxruntime failed while running a model."""
+
+
+class EncodingError(ReaderError):
+    """A SEG or SR could not be built from the findings."""
+
+
+class SendError(ReaderError):
+    """A C-STORE to a destination did not succeed; ``status`` is the DIMSE status when one came back."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientSendError(SendError):
+    """A send failure that is worth retrying later."""
+
+
+class PermanentSendError(SendError):
+    """A send failure that retrying cannot fix; the job is parked with the reason."""

@@ -1,0 +1,420 @@
+"""The model package manifest (``model.toml``, schema 1) as typed, validated, frozen objects.
+
+The format is specified in ``models/MANIFEST.md``. A manifest is valid the moment
+:func:`load_manifest` returns, or it raises :class:`reader.errors.ManifestError` naming the key
+(``"labels[0].threshold"``) and the problem. Unknown keys are errors too, so that a typo cannot
+silently fall back to a default. The coded concepts are DICOM codes: algorithm family (CID 7162),
+segmented property category and type (CID 7150, CID 7151) and finding site; the model's name,
+version and source become Algorithm Identification (TID 4019).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from reader.errors import ManifestError
+from reader.findings import AlgorithmIdentity, Code, FindingClass
+
+__all__ = [
+    "MANIFEST_FILE",
+    "InputSpec",
+    "LabelSpec",
+    "ModelInfo",
+    "ModelManifest",
+    "OutputSpec",
+    "Preprocessing",
+    "load_manifest",
+]
+
+MANIFEST_FILE = "model.toml"
+SCHEMA_VERSION = 1
+
+Normalize = Literal["window", "zscore"]
+Blend = Literal["gaussian", "constant"]
+OutputKind = Literal["probabilities", "label_map"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """``[model]``: identity of the algorithm (TID 4019) and the ONNX files, as absolute paths."""
+
+    name: str
+    version: str
+    source: str
+    description: str
+    family: Code  # CID 7162 Artificial Intelligence, ...
+    onnx: Path  # fp32 graph
+    onnx_fp16: Path | None  # optional fp16 graph for CUDA/TensorRT; may be absent on disk
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """``[input]``: the ONNX input tensor and what it is fed."""
+
+    tensor: str
+    dimensions: Literal[2, 3]  # 3: (1, 1, D, H, W) over the volume; 2: (1, 1, H, W) slice by slice
+    modalities: tuple[str, ...]  # Modality (0008,0060) values the model accepts
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """``[preprocessing]``: resampling, intensity window/normalization and the sliding window."""
+
+    # (slice, row, column) spacing in mm the volume is resampled to; None = native grid.
+    # For 2-D models the slice entry is None: slices are never resampled across.
+    target_spacing_mm: tuple[float | None, float, float] | None
+    window: tuple[float, float] | None  # (low, high) clip; required for normalize = "window"
+    normalize: Normalize
+    mean: float | None  # only for "zscore"
+    std: float | None  # only for "zscore", > 0
+    patch_size: tuple[int, ...]  # (D, H, W) for 3-D models, (H, W) for 2-D
+    overlap: float  # fraction of a patch shared with its neighbour, in [0, 1)
+    blend: Blend
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """``[output]``: the ONNX output tensor and how to read it."""
+
+    tensor: str
+    kind: OutputKind
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One ``[[labels]]`` entry: a SEG segment (PS3.3 C.8.20.2) and its operating point."""
+
+    value: int  # label-map value and SEG Segment Number, 1..255
+    name: str  # Segment Label
+    category: Code  # Segmented Property Category, CID 7150
+    property_type: Code  # Segmented Property Type, CID 7151 (``type`` in the TOML)
+    site: Code | None  # Finding Site / Anatomic Region
+    threshold: float  # voxel probability that counts as this label
+    min_score: float  # a component is reported only if its max probability reaches this
+    min_volume_mm3: float  # ... and its volume reaches this
+    max_findings: int  # at most this many findings of this label per series
+
+    @property
+    def finding_class(self) -> FindingClass:
+        """The :class:`FindingClass` this label produces."""
+        return FindingClass(
+            label=self.value,
+            name=self.name,
+            category=self.category,
+            property_type=self.property_type,
+            site=self.site,
+        )
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """A validated ``model.toml``; ``folder`` is the package folder it was read from."""
+
+    folder: Path
+    schema: int
+    model: ModelInfo
+    input: InputSpec
+    preprocessing: Preprocessing
+    output: OutputSpec
+    labels: tuple[LabelSpec, ...]
+
+    @property
+    def algorithm(self) -> AlgorithmIdentity:
+        """Algorithm Identification (TID 4019) for the SR and SEG."""
+        return AlgorithmIdentity(
+            name=self.model.name,
+            version=self.model.version,
+            family=self.model.family,
+            source=self.model.source,
+        )
+
+    @property
+    def finding_classes(self) -> tuple[FindingClass, ...]:
+        """One :class:`FindingClass` per label, in manifest order."""
+        return tuple(label.finding_class for label in self.labels)
+
+
+def load_manifest(folder: Path) -> ModelManifest:
+    """Read and validate ``folder/model.toml``; raise :class:`ManifestError` naming the bad key."""
+    folder = Path(folder).resolve()
+    path = folder / MANIFEST_FILE
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ManifestError(MANIFEST_FILE, f"not found in {folder}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(MANIFEST_FILE, f"cannot be read: {err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ManifestError(MANIFEST_FILE, f"invalid TOML: {err}") from err
+    return _parse(raw, folder)
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def _parse(raw: Mapping[str, object], folder: Path) -> ModelManifest:
+    _only_keys(raw, "", {"schema", "model", "input", "preprocessing", "output", "labels"})
+    schema = _int(raw, "schema", "")
+    if schema != SCHEMA_VERSION:
+        raise ManifestError("schema", f"unsupported schema {schema}, this node reads {SCHEMA_VERSION}")
+    model = _model(_table(raw, "model", ""), folder)
+    inp = _input(_table(raw, "input", ""))
+    pre = _preprocessing(_table(raw, "preprocessing", ""), inp.dimensions)
+    out = _output(_table(raw, "output", ""))
+    labels = _labels(raw)
+    return ModelManifest(
+        folder=folder, schema=schema, model=model, input=inp, preprocessing=pre, output=out, labels=labels
+    )
+
+
+def _model(t: Mapping[str, object], folder: Path) -> ModelInfo:
+    p = "model."
+    _only_keys(t, p, {"name", "version", "source", "description", "family", "onnx", "onnx_fp16"})
+    onnx = _relative_file(t, "onnx", p, folder)
+    if not onnx.is_file():
+        raise ManifestError(p + "onnx", f"file not found: {onnx}")
+    fp16 = _relative_file(t, "onnx_fp16", p, folder) if "onnx_fp16" in t else None
+    return ModelInfo(
+        name=_str(t, "name", p),
+        version=_str(t, "version", p),
+        source=_str(t, "source", p),
+        description=_str(t, "description", p) if "description" in t else "",
+        family=_code(t, "family", p),
+        onnx=onnx,
+        onnx_fp16=fp16,
+    )
+
+
+def _input(t: Mapping[str, object]) -> InputSpec:
+    p = "input."
+    _only_keys(t, p, {"tensor", "dimensions", "modalities"})
+    dims = _int(t, "dimensions", p)
+    if dims not in (2, 3):
+        raise ManifestError(p + "dimensions", f"must be 2 or 3, got {dims}")
+    modalities = _list(t, "modalities", p)
+    if not modalities:
+        raise ManifestError(p + "modalities", "must name at least one modality")
+    mods = tuple(_str_value(v, f"{p}modalities[{i}]") for i, v in enumerate(modalities))
+    return InputSpec(tensor=_str(t, "tensor", p), dimensions=cast(Literal[2, 3], dims), modalities=mods)
+
+
+def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
+    p = "preprocessing."
+    allowed = {"target_spacing_mm", "window", "normalize", "mean", "std", "patch_size", "overlap", "blend"}
+    _only_keys(t, p, allowed)
+    normalize = _choice(t, "normalize", p, ("window", "zscore"))
+    window, mean, std = _intensity(t, normalize)
+    patch = _list(t, "patch_size", p)
+    if len(patch) != dims:
+        raise ManifestError(p + "patch_size", f"needs {dims} values for a {dims}-D model, got {len(patch)}")
+    patch_size = tuple(_int_value(v, f"{p}patch_size[{i}]") for i, v in enumerate(patch))
+    for i, size in enumerate(patch_size):
+        if size < 1:
+            raise ManifestError(f"{p}patch_size[{i}]", f"must be >= 1, got {size}")
+    overlap = _float(t, "overlap", p)
+    if not 0.0 <= overlap < 1.0:
+        raise ManifestError(p + "overlap", f"must be in [0, 1), got {overlap}")
+    return Preprocessing(
+        target_spacing_mm=_target_spacing(t, dims) if "target_spacing_mm" in t else None,
+        window=window,
+        normalize=cast(Normalize, normalize),
+        mean=mean,
+        std=std,
+        patch_size=patch_size,
+        overlap=overlap,
+        blend=cast(Blend, _choice(t, "blend", p, ("gaussian", "constant"))),
+    )
+
+
+def _target_spacing(t: Mapping[str, object], dims: int) -> tuple[float | None, float, float]:
+    p = "preprocessing."
+    key = p + "target_spacing_mm"
+    values = _floats(t, "target_spacing_mm", p)
+    if len(values) == 2 and dims == 2:
+        values = (1.0, *values)
+    if len(values) != 3:
+        want = "3 values (slice, row, column)" + (" or 2 (row, column)" if dims == 2 else "")
+        raise ManifestError(key, f"needs {want}, got {len(values)}")
+    if any(v <= 0.0 for v in values):
+        raise ManifestError(key, f"spacings must be > 0, got {list(values)}")
+    # A 2-D model never resamples across slices: the slice entry is dropped.
+    return (values[0] if dims == 3 else None, values[1], values[2])
+
+
+def _intensity(
+    t: Mapping[str, object], normalize: str
+) -> tuple[tuple[float, float] | None, float | None, float | None]:
+    p = "preprocessing."
+    window: tuple[float, float] | None = None
+    if "window" in t:
+        w = _floats(t, "window", p)
+        if len(w) != 2 or not w[0] < w[1]:
+            raise ManifestError(p + "window", f"needs [low, high] with low < high, got {list(w)}")
+        window = (w[0], w[1])
+    elif normalize == "window":
+        raise ManifestError(p + "window", 'missing (required when normalize = "window")')
+    if normalize != "zscore":
+        for extra in ("mean", "std"):
+            if extra in t:
+                raise ManifestError(p + extra, 'only allowed with normalize = "zscore"')
+        return window, None, None
+    mean = _float(t, "mean", p)
+    std = _float(t, "std", p)
+    if std <= 0.0:
+        raise ManifestError(p + "std", f"must be > 0, got {std}")
+    return window, mean, std
+
+
+def _output(t: Mapping[str, object]) -> OutputSpec:
+    p = "output."
+    _only_keys(t, p, {"tensor", "kind"})
+    kind = _str(t, "kind", p)
+    if kind == "boxes":
+        raise ManifestError(p + "kind", "boxes not supported yet")
+    kind = _choice(t, "kind", p, ("probabilities", "label_map"))
+    return OutputSpec(tensor=_str(t, "tensor", p), kind=cast(OutputKind, kind))
+
+
+def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
+    entries = _list(raw, "labels", "")
+    if not entries:
+        raise ManifestError("labels", "at least one [[labels]] entry is required")
+    labels: list[LabelSpec] = []
+    seen: set[int] = set()
+    for i, entry in enumerate(entries):
+        p = f"labels[{i}]."
+        if not isinstance(entry, dict):
+            raise ManifestError(f"labels[{i}]", "must be a table ([[labels]])")
+        t = cast(Mapping[str, object], entry)
+        allowed = {"value", "name", "category", "type", "site", "threshold", "min_score"}
+        _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings"})
+        value = _int(t, "value", p)
+        if not 1 <= value <= 255:
+            raise ManifestError(p + "value", f"must be in 1..255, got {value}")
+        if value in seen:
+            raise ManifestError(p + "value", f"duplicate label value {value}")
+        seen.add(value)
+        max_findings = _int(t, "max_findings", p)
+        if max_findings < 1:
+            raise ManifestError(p + "max_findings", f"must be >= 1, got {max_findings}")
+        min_volume = _float(t, "min_volume_mm3", p)
+        if min_volume < 0.0:
+            raise ManifestError(p + "min_volume_mm3", f"must be >= 0, got {min_volume}")
+        labels.append(
+            LabelSpec(
+                value=value,
+                name=_str(t, "name", p),
+                category=_code(t, "category", p),
+                property_type=_code(t, "type", p),
+                site=_code(t, "site", p) if "site" in t else None,
+                threshold=_unit(t, "threshold", p),
+                min_score=_unit(t, "min_score", p),
+                min_volume_mm3=min_volume,
+                max_findings=max_findings,
+            )
+        )
+    return tuple(labels)
+
+
+# --- typed accessors: each names the full key on failure -----------------------------------------
+
+
+def _get(t: Mapping[str, object], key: str, prefix: str) -> object:
+    if key not in t:
+        raise ManifestError(prefix + key, "missing")
+    return t[key]
+
+
+def _only_keys(t: Mapping[str, object], prefix: str, allowed: set[str]) -> None:
+    for key in t:
+        if key not in allowed:
+            raise ManifestError(prefix + key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(t: Mapping[str, object], key: str, prefix: str) -> Mapping[str, object]:
+    value = _get(t, key, prefix)
+    if not isinstance(value, dict):
+        raise ManifestError(prefix + key, f"must be a table, got {type(value).__name__}")
+    return cast(Mapping[str, object], value)
+
+
+def _list(t: Mapping[str, object], key: str, prefix: str) -> list[object]:
+    value = _get(t, key, prefix)
+    if not isinstance(value, list):
+        raise ManifestError(prefix + key, f"must be an array, got {type(value).__name__}")
+    return cast(list[object], value)
+
+
+def _str_value(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _str(t: Mapping[str, object], key: str, prefix: str) -> str:
+    return _str_value(_get(t, key, prefix), prefix + key)
+
+
+def _int_value(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(key, f"must be an integer, got {value!r}")
+    return value
+
+
+def _int(t: Mapping[str, object], key: str, prefix: str) -> int:
+    return _int_value(_get(t, key, prefix), prefix + key)
+
+
+def _float_value(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ManifestError(key, f"must be finite, got {value!r}")
+    return float(value)
+
+
+def _float(t: Mapping[str, object], key: str, prefix: str) -> float:
+    return _float_value(_get(t, key, prefix), prefix + key)
+
+
+def _floats(t: Mapping[str, object], key: str, prefix: str) -> tuple[float, ...]:
+    return tuple(_float_value(v, f"{prefix}{key}[{i}]") for i, v in enumerate(_list(t, key, prefix)))
+
+
+def _unit(t: Mapping[str, object], key: str, prefix: str) -> float:
+    value = _float(t, key, prefix)
+    if not 0.0 <= value <= 1.0:
+        raise ManifestError(prefix + key, f"must be in [0, 1], got {value}")
+    return value
+
+
+def _choice(t: Mapping[str, object], key: str, prefix: str, choices: tuple[str, ...]) -> str:
+    value = _str(t, key, prefix)
+    if value not in choices:
+        raise ManifestError(prefix + key, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _code(t: Mapping[str, object], key: str, prefix: str) -> Code:
+    table = _table(t, key, prefix)
+    p = f"{prefix}{key}."
+    _only_keys(table, p, {"scheme", "value", "meaning"})
+    return Code(
+        value=_str(table, "value", p), scheme=_str(table, "scheme", p), meaning=_str(table, "meaning", p)
+    )
+
+
+def _relative_file(t: Mapping[str, object], key: str, prefix: str, folder: Path) -> Path:
+    name = _str(t, key, prefix)
+    relative = Path(name)
+    if relative.is_absolute():
+        raise ManifestError(prefix + key, f"must be relative to the package folder, got {name}")
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder):
+        raise ManifestError(prefix + key, f"must stay inside the package folder, got {name}")
+    return path

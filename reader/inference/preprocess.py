@@ -1,0 +1,152 @@
+"""Volume -> model input: resampling, intensity window and normalization, sliding-window inference.
+
+Grids are corner-aligned: the first and last voxel centres of the native and the resampled grid
+coincide along every axis, so resampling there and back (``scipy.ndimage.zoom``, linear) maps the
+model's output onto the native voxels the SEG (PS3.3 C.8.20) refers to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from reader.inference.manifest import Preprocessing
+
+__all__ = [
+    "Predictor",
+    "gaussian_weights",
+    "normalize_inplace",
+    "pad_value",
+    "patch_starts",
+    "resample",
+    "sliding_window",
+    "target_shape",
+]
+
+Array = npt.NDArray[np.float32]
+# One patch (spatial shape == patch size) -> (channels, *patch size) float32 probabilities.
+Predictor = Callable[[Array], Array]
+
+_MIN_WEIGHT = 1e-6  # floor of the gaussian weights, so every voxel of a patch counts a little
+
+
+def target_shape(
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    target_mm: tuple[float | None, float, float] | None,
+) -> tuple[int, int, int]:
+    """Shape of the volume resampled to ``target_mm``; ``None`` entries (and size-1 axes) stay native."""
+    if target_mm is None:
+        return shape
+    out: list[int] = []
+    for size, native, target in zip(shape, spacing_mm, target_mm, strict=True):
+        if target is None or size == 1 or native <= 0.0:
+            out.append(size)
+        else:
+            out.append(max(1, round((size - 1) * native / target) + 1))
+    return (out[0], out[1], out[2])
+
+
+def resample(array: Array, shape: tuple[int, ...], order: int = 1) -> Array:
+    """``array`` resampled to ``shape`` (corner-aligned, linear by default), as a new float32 array."""
+    if array.shape == shape:
+        return array.astype(np.float32, copy=True)
+    factors = [out / size for out, size in zip(shape, array.shape, strict=True)]
+    result = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=False, prefilter=False)
+    if result.shape != shape:  # zoom rounds in*factor; guard against a float rounding surprise
+        raise ValueError(f"resampling gave {result.shape}, expected {shape}")
+    return np.asarray(result, dtype=np.float32)
+
+
+def normalize_inplace(image: Array, pre: Preprocessing) -> None:
+    """Clip to the window, then scale to [0, 1] (``window``) or standardize (``zscore``), in place."""
+    if pre.window is not None:
+        low, high = pre.window
+        np.clip(image, low, high, out=image)
+    if pre.normalize == "window":
+        assert pre.window is not None  # the manifest guarantees a window for this mode
+        low, high = pre.window
+        image -= np.float32(low)
+        image *= np.float32(1.0 / (high - low))
+    else:
+        assert pre.mean is not None and pre.std is not None  # the manifest guarantees both
+        image -= np.float32(pre.mean)
+        image *= np.float32(1.0 / pre.std)
+
+
+def pad_value(pre: Preprocessing) -> float | None:
+    """The normalized value of "nothing" (window low); ``None``: pad with the image minimum."""
+    if pre.window is None:
+        return None
+    low = pre.window[0]
+    if pre.normalize == "window":
+        return 0.0
+    assert pre.mean is not None and pre.std is not None
+    return (low - pre.mean) / pre.std
+
+
+def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of patches covering ``size`` voxels, evenly spread, first 0, last size - patch."""
+    if size <= patch:
+        return [0]
+    step = max(1.0, patch * (1.0 - overlap))
+    count = math.ceil((size - patch) / step) + 1
+    return sorted({round(i * (size - patch) / (count - 1)) for i in range(count)})
+
+
+def gaussian_weights(patch: tuple[int, ...]) -> Array:
+    """Blending weights peaking at the patch centre (sigma = patch / 8), floored above zero."""
+    weights = np.ones((), dtype=np.float64)
+    for size in patch:
+        axis = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+        sigma = max(size / 8.0, 1e-3)
+        weights = np.multiply.outer(weights, np.exp(-0.5 * (axis / sigma) ** 2))
+    weights /= weights.max()
+    return np.maximum(weights, _MIN_WEIGHT).astype(np.float32)
+
+
+def sliding_window(
+    image: Array,
+    *,
+    patch: tuple[int, ...],
+    overlap: float,
+    blend: str,
+    channels: int,
+    predict: Predictor,
+    fill: float | None,
+) -> Array:
+    """Blend ``predict`` over overlapping patches of ``image``; returns ``(channels, *image.shape)``.
+
+    An image smaller than a patch along an axis is padded (centred, with ``fill``, or its minimum
+    when ``fill`` is None) and the result cropped back. Memory: the output and one weight map.
+    """
+    if image.ndim != len(patch):
+        raise ValueError(f"image has {image.ndim} axes, patch {len(patch)}")
+    shape = image.shape
+    pads = [
+        (max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(shape, patch, strict=True)
+    ]
+    padded = any(before or after for before, after in pads)
+    if padded:
+        value = float(image.min()) if fill is None else fill
+        image = np.pad(image, pads, mode="constant", constant_values=value)
+    weights = gaussian_weights(patch) if blend == "gaussian" else np.ones(patch, dtype=np.float32)
+    total = np.zeros((channels, *image.shape), dtype=np.float32)
+    weight_sum = np.zeros(image.shape, dtype=np.float32)
+    starts = [patch_starts(s, p, overlap) for s, p in zip(image.shape, patch, strict=True)]
+    for corner in itertools.product(*starts):
+        region = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
+        out = predict(np.ascontiguousarray(image[region]))
+        total[(slice(None), *region)] += out * weights
+        weight_sum[region] += weights
+    total /= weight_sum
+    del weight_sum
+    if padded:
+        crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, shape, strict=True))
+        total = np.ascontiguousarray(total[(slice(None), *crop)])
+    return total

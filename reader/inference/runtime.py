@@ -1,0 +1,275 @@
+"""A loaded model package: one warm onnxruntime session and the full volume -> findings pipeline.
+
+``ModelPackage.load`` validates the manifest (``models/MANIFEST.md``), opens the session once on the
+first execution provider that works, and checks the graph's input and output against the manifest.
+``ModelPackage.run`` turns a :class:`reader.volume.Volume` into an
+:class:`reader.findings.InferenceResult` whose label map lies on the volume's own grid, ready for
+SEG (PS3.3 C.8.20) and TID 1500 SR encoding. ``run`` is safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import structlog
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from reader.errors import InferenceError, ManifestError, ModelError
+from reader.findings import InferenceResult
+from reader.inference import postprocess, preprocess
+from reader.inference.manifest import LabelSpec, ModelManifest, load_manifest
+from reader.volume import Volume
+
+__all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PROVIDERS: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+
+# What onnxruntime raises: its pybind11 exceptions derive from Exception directly, not RuntimeError.
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.NoSuchFile,
+    ort_state.NoModel,
+    ort_state.EngineError,
+    ort_state.RuntimeException,
+    ort_state.InvalidProtobuf,
+    ort_state.ModelLoaded,
+    ort_state.NotImplemented,
+    ort_state.InvalidGraph,
+    ort_state.EPFail,
+    RuntimeError,
+    ValueError,
+)
+
+_FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class ModelPackage:
+    """A model package loaded for inference; build it with :meth:`load`."""
+
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, provider: str) -> None:
+        self._manifest = manifest
+        self._session = session
+        self._provider = provider
+        self._input_dtype = _check_io(session, manifest)
+
+    @property
+    def manifest(self) -> ModelManifest:
+        """The validated manifest of this package."""
+        return self._manifest
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs the graph, e.g. ``"CPUExecutionProvider"``."""
+        return self._provider
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+        fp16: bool = False,
+    ) -> ModelPackage:
+        """Validate ``folder/model.toml`` and open one warm session on the first provider that works.
+
+        Providers not in ``ort.get_available_providers()`` are skipped; if a session fails to start
+        on a provider list, the next shorter list is tried. With ``fp16`` the manifest's
+        ``onnx_fp16`` graph is used when the running provider is CUDA/TensorRT and the file exists.
+        Raises :class:`ManifestError` for an invalid manifest or a graph that does not match it, and
+        :class:`ModelError` when no session can be created.
+        """
+        manifest = load_manifest(folder)
+        session, provider = _open_session(manifest.model.onnx, providers)
+        graph = manifest.model.onnx
+        if fp16:
+            fp16_path = manifest.model.onnx_fp16
+            if provider in GPU_PROVIDERS and fp16_path is not None and fp16_path.is_file():
+                running = [provider, *(p for p in providers if p != provider)]
+                session, provider = _open_session(fp16_path, running)
+                graph = fp16_path
+            else:
+                reason = "no onnx_fp16 file" if fp16_path is None or not fp16_path.is_file() else "not on GPU"
+                log.info("model.fp16_skipped", name=manifest.model.name, reason=reason, provider=provider)
+        package = cls(manifest, session, provider)
+        log.info(
+            "model.loaded",
+            name=manifest.model.name,
+            version=manifest.model.version,
+            requested_providers=list(providers),
+            provider=provider,
+            graph=graph.name,
+        )
+        return package
+
+    def run(self, volume: Volume) -> InferenceResult:
+        """Run the model on ``volume`` and return findings on its native grid.
+
+        Raises :class:`InferenceError` when onnxruntime fails or returns an unexpected shape.
+        """
+        m = self._manifest
+        pre = m.preprocessing
+        voxels = volume.voxels
+        if voxels.ndim != 3 or voxels.size == 0:
+            raise InferenceError(f"expected a non-empty (slices, rows, columns) volume, got {voxels.shape}")
+        native = (int(voxels.shape[0]), int(voxels.shape[1]), int(voxels.shape[2]))
+        started = time.perf_counter()
+
+        grid = preprocess.target_shape(native, volume.spacing_mm, pre.target_spacing_mm)
+        image = preprocess.resample(voxels, grid)  # a float32 copy: the caller's volume stays intact
+        preprocess.normalize_inplace(image, pre)
+        prepared = time.perf_counter()
+
+        probabilities = self._infer(image)
+        del image
+        inferred = time.perf_counter()
+
+        selection = postprocess.select_labels(_native_channels(probabilities, m.labels, native), native)
+        del probabilities
+        findings, label_map = postprocess.extract_findings(
+            selection, m.labels, volume, in_plane_only=m.input.dimensions == 2
+        )
+        finished = time.perf_counter()
+        log.info(
+            "inference.done",
+            series_uid=volume.series_instance_uid,
+            model=m.model.name,
+            provider=self._provider,
+            preprocess_s=round(prepared - started, 3),
+            model_s=round(inferred - prepared, 3),
+            postprocess_s=round(finished - inferred, 3),
+            findings=len(findings),
+        )
+        return InferenceResult(
+            algorithm=m.algorithm,
+            finding_classes=m.finding_classes,
+            findings=findings,
+            label_map=label_map,
+            provider=self._provider,
+        )
+
+    def _infer(self, image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Sliding-window inference over the whole prepared image: ``(labels, *image.shape)``."""
+        pre = self._manifest.preprocessing
+        channels = len(self._manifest.labels)
+        fill = preprocess.pad_value(pre)
+        if self._manifest.input.dimensions == 3:
+            return preprocess.sliding_window(
+                image,
+                patch=pre.patch_size,
+                overlap=pre.overlap,
+                blend=pre.blend,
+                channels=channels,
+                predict=self._predict,
+                fill=fill,
+            )
+        out = np.empty((channels, *image.shape), dtype=np.float32)
+        for index in range(image.shape[0]):
+            out[:, index] = preprocess.sliding_window(
+                image[index],
+                patch=pre.patch_size,
+                overlap=pre.overlap,
+                blend=pre.blend,
+                channels=channels,
+                predict=self._predict,
+                fill=fill,
+            )
+        return out
+
+    def _predict(self, patch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """One patch through the session -> ``(labels, *patch.shape)`` float32 probabilities."""
+        m = self._manifest
+        feed = {m.input.tensor: patch[np.newaxis, np.newaxis].astype(self._input_dtype, copy=False)}
+        try:
+            outputs = self._session.run([m.output.tensor], feed)
+        except ORT_ERRORS as err:
+            raise InferenceError(f"onnxruntime failed running {m.model.name}: {err}") from err
+        out = np.asarray(outputs[0])
+        labels = m.labels
+        if m.output.kind == "probabilities":
+            if out.shape != (1, len(labels), *patch.shape):
+                raise InferenceError(
+                    f"{m.output.tensor} has shape {out.shape}, expected {(1, len(labels), *patch.shape)}"
+                )
+            return np.asarray(out[0], dtype=np.float32)
+        if out.size != patch.size:
+            raise InferenceError(f"{m.output.tensor} has shape {out.shape}, expected {(1, 1, *patch.shape)}")
+        values = out.reshape(patch.shape)
+        # A label map becomes one-hot channels, blended and resampled like probabilities.
+        return np.stack([(values == label.value) for label in labels]).astype(np.float32)
+
+
+def _native_channels(
+    probabilities: npt.NDArray[np.float32], labels: Sequence[LabelSpec], native: tuple[int, int, int]
+) -> Iterator[tuple[LabelSpec, npt.NDArray[np.float32]]]:
+    """Each label's probabilities resampled to the native grid, one map alive at a time."""
+    for index, label in enumerate(labels):
+        yield label, preprocess.resample(probabilities[index], native)
+
+
+def _open_session(path: Path, providers: Sequence[str]) -> tuple[ort.InferenceSession, str]:
+    """One session on the first provider list that starts; returns it and the provider that runs."""
+    available = set(ort.get_available_providers())
+    candidates = [p for p in providers if p in available]
+    if not candidates:
+        raise ModelError(f"none of the providers {list(providers)} is available (have {sorted(available)})")
+    failures: list[str] = []
+    for first in range(len(candidates)):
+        attempt = candidates[first:]
+        try:
+            session = ort.InferenceSession(str(path), providers=attempt)
+        except ORT_ERRORS as err:
+            log.warning("model.provider_failed", graph=path.name, providers=attempt, error=str(err))
+            failures.append(f"{attempt[0]}: {err}")
+            continue
+        return session, str(session.get_providers()[0])
+    raise ModelError(f"cannot open {path.name} on any provider: {'; '.join(failures)}")
+
+
+def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np.floating[Any]]:
+    """Check the graph's input and output against the manifest; return the input element type."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    name = manifest.input.tensor
+    if name not in inputs:
+        raise ManifestError("input.tensor", f"the graph has no input {name!r} (inputs: {sorted(inputs)})")
+    if manifest.output.tensor not in outputs:
+        raise ManifestError(
+            "output.tensor",
+            f"the graph has no output {manifest.output.tensor!r} (outputs: {sorted(outputs)})",
+        )
+    arg = inputs[name]
+    if arg.type not in _FLOAT_TYPES:
+        raise ManifestError("input.tensor", f"{name!r} is {arg.type}, expected float or float16")
+    patch = manifest.preprocessing.patch_size
+    if arg.shape is not None:  # None: rank unknown to onnxruntime, checked when the graph runs
+        shape = list(arg.shape)
+        if len(shape) != len(patch) + 2:
+            raise ManifestError(
+                "input.dimensions",
+                f"{name!r} has rank {len(shape)}, expected {len(patch) + 2} (1, 1, *patch)",
+            )
+        for axis, (dim, size) in enumerate(zip(shape[2:], patch, strict=True)):
+            if isinstance(dim, int) and dim != size:
+                raise ManifestError(f"preprocessing.patch_size[{axis}]", f"the graph fixes this axis to {dim}")
+    out_shape = list(outputs[manifest.output.tensor].shape or [])
+    if manifest.output.kind == "probabilities" and len(out_shape) >= 2:
+        channels = out_shape[1]
+        if isinstance(channels, int) and channels != len(manifest.labels):
+            raise ManifestError(
+                "labels",
+                f"the graph outputs {channels} channels, the manifest has {len(manifest.labels)} labels",
+            )
+    return _FLOAT_TYPES[arg.type]

@@ -1,0 +1,221 @@
+"""Durable work tickets: what each stage owes the next, kept in the spool as JSON.
+
+- :class:`SeriesState`: which instances of a series were last processed, as which result version.
+- :class:`ProcessJob`: a complete series waiting for route -> volume -> infer -> encode.
+- :class:`SendTicket`: result files owed to one destination, with attempts and the next retry.
+
+A ticket is written before the work it describes starts and updated after it ends, so a restart
+finds every piece of unfinished work. Later stages (worklist flags, HL7, webhooks) add ticket kinds
+of the same shape.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from reader.spool import Spool
+
+__all__ = ["JobStore", "ProcessJob", "SendState", "SendTicket", "SeriesState", "SeriesStatus", "backoff"]
+
+
+class SeriesStatus(enum.StrEnum):
+    """Where a series stands after its last processing."""
+
+    QUEUED = "queued"
+    DONE = "done"
+    SKIPPED = "skipped"  # no route matched, or the input was rejected; ``reason`` says why
+    FAILED = "failed"  # the model or the encoder failed; ``reason`` says why
+
+
+class SendState(enum.StrEnum):
+    """Lifecycle of a send ticket."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"  # parked: permanent failure or attempts exhausted; ``reader retry`` re-queues
+    SUPERSEDED = "superseded"  # a newer result version of the same series replaced it before sending
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    """The last processing outcome of a series."""
+
+    study_uid: str
+    series_uid: str
+    version: int  # result version of the last processing, 1-based
+    instances: tuple[str, ...]  # SOP Instance UIDs it covered, sorted
+    status: SeriesStatus
+    reason: str = ""
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProcessJob:
+    """A complete series queued for processing as result ``version``."""
+
+    study_uid: str
+    series_uid: str
+    version: int
+    instances: tuple[str, ...]
+    priority: int = 0  # higher runs first; STAT work (issue: worklist flagging) raises it
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class SendTicket:
+    """Result files owed to one destination (``AE@HOST:PORT``)."""
+
+    name: str
+    series_uid: str
+    version: int
+    destination: str
+    files: tuple[str, ...]
+    state: SendState = SendState.PENDING
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str = ""
+    last_status: int | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+def backoff(attempts: int, initial: timedelta, maximum: timedelta, rng: random.Random) -> timedelta:
+    """Exponential backoff with full jitter: uniform in [initial/2, min(max, initial * 2^(n-1))]."""
+    ceiling = min(maximum.total_seconds(), initial.total_seconds() * 2 ** max(0, attempts - 1))
+    low = min(initial.total_seconds() / 2, ceiling)
+    return timedelta(seconds=rng.uniform(low, ceiling))
+
+
+def _dump(obj: Any) -> dict[str, Any]:
+    data = asdict(obj)
+    for k, v in data.items():
+        if isinstance(v, tuple):
+            data[k] = list(v)
+        elif isinstance(v, enum.Enum):
+            data[k] = v.value
+    return data
+
+
+class JobStore:
+    """Reads and writes tickets in a :class:`Spool`; one lock makes read-modify-write safe."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._lock = threading.Lock()
+
+    # --- series ----------------------------------------------------------------------------
+    def series_state(self, series_uid: str) -> SeriesState | None:
+        """The recorded state of a series, if it was ever processed or queued."""
+        raw = self.spool.read_state("series", series_uid)
+        if raw is None:
+            return None
+        return SeriesState(
+            study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
+            instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
+            reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
+        )
+
+    def record_series(self, state: SeriesState) -> None:
+        """Durably record a series outcome."""
+        self.spool.write_state("series", state.series_uid, _dump(replace(state, updated_at=time.time())))
+
+    def enqueue_if_changed(self, study_uid: str, series_uid: str, instances: tuple[str, ...],
+                           priority: int = 0) -> ProcessJob | None:
+        """Queue processing unless exactly these instances were already processed or queued.
+
+        A new instance after processing gives a new result version that supersedes the old one;
+        re-sent identical instances change nothing (idempotent).
+        """
+        with self._lock:
+            instances = tuple(sorted(instances))
+            state = self.series_state(series_uid)
+            if state is not None and state.instances == instances:
+                return None
+            version = 1 if state is None else state.version + 1
+            job = ProcessJob(study_uid, series_uid, version, instances, priority)
+            self.spool.write_state("jobs", series_uid, _dump(job))
+            self.record_series(SeriesState(study_uid, series_uid, version, instances, SeriesStatus.QUEUED))
+            return job
+
+    # --- processing jobs -------------------------------------------------------------------
+    def pending_jobs(self) -> list[ProcessJob]:
+        """Queued jobs, highest priority first, then oldest first."""
+        jobs = []
+        for name in self.spool.list_state("jobs"):
+            raw = self.spool.read_state("jobs", name)
+            if raw is not None:
+                raw["instances"] = tuple(raw["instances"])
+                jobs.append(ProcessJob(**raw))
+        return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
+
+    def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "") -> None:
+        """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
+        with self._lock:
+            if not self.job_is_current(job):
+                return  # a newer version is queued; its own outcome will be recorded
+            self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
+                                           status, reason))
+            self.spool.delete_state("jobs", job.series_uid)
+
+    def job_is_current(self, job: ProcessJob) -> bool:
+        """False when a newer version of the series was queued after this job was read."""
+        raw = self.spool.read_state("jobs", job.series_uid)
+        return raw is not None and int(raw["version"]) == job.version
+
+    # --- send tickets ----------------------------------------------------------------------
+    def add_send(self, series_uid: str, version: int, destination: str, files: list[Path]) -> SendTicket:
+        """Create (idempotently) the ticket for sending a result version to a destination,
+        superseding pending tickets of older versions of the same series to the same place."""
+        with self._lock:
+            for old in self.sends():
+                if (old.series_uid == series_uid and old.destination == destination
+                        and old.version < version and old.state is SendState.PENDING):
+                    self._write_send(replace(old, state=SendState.SUPERSEDED))
+            digest = hashlib.sha256(destination.encode()).hexdigest()[:12]
+            name = f"{series_uid}-v{version}-{digest}"
+            existing = self.send(name)
+            if existing is not None:
+                return existing
+            ticket = SendTicket(name, series_uid, version, destination, tuple(str(f) for f in files))
+            self._write_send(ticket)
+            return ticket
+
+    def send(self, name: str) -> SendTicket | None:
+        """One send ticket by name."""
+        raw = self.spool.read_state("sends", name)
+        if raw is None:
+            return None
+        raw["files"] = tuple(raw["files"])
+        raw["state"] = SendState(raw["state"])
+        return SendTicket(**raw)
+
+    def sends(self) -> list[SendTicket]:
+        """All send tickets, oldest first."""
+        tickets = [t for n in self.spool.list_state("sends") if (t := self.send(n)) is not None]
+        return sorted(tickets, key=lambda t: t.created_at)
+
+    def update_send(self, ticket: SendTicket) -> None:
+        """Durably record a send ticket's new state."""
+        with self._lock:
+            self._write_send(ticket)
+
+    def _write_send(self, ticket: SendTicket) -> None:
+        self.spool.write_state("sends", ticket.name, _dump(ticket))
+
+    def requeue_failed(self) -> list[SendTicket]:
+        """Put parked (failed) send tickets back in the queue, attempts reset; returns them."""
+        with self._lock:
+            requeued = []
+            for t in self.sends():
+                if t.state is SendState.FAILED:
+                    fresh = replace(t, state=SendState.PENDING, attempts=0, next_attempt_at=0.0)
+                    self._write_send(fresh)
+                    requeued.append(fresh)
+            return requeued

@@ -1,0 +1,107 @@
+"""One complete series through route -> volume -> inference -> encoding -> send tickets.
+
+Every stage logs a timing event; the outcome is recorded durably with the job (``reader.jobs``).
+Typed errors from the stages become a recorded status here: rejected input and unmatched routes
+are *skipped* with the reason, model and encoder failures *failed* with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from reader.assemble import summarize_series
+from reader.config import NodeConfig
+from reader.errors import EncodingError, InputRejected, ModelError
+from reader.inference import ModelPackage
+from reader.jobs import JobStore, ProcessJob, SeriesStatus
+from reader.results import encode_results
+from reader.routing import Skip, route_series
+from reader.spool import Spool
+from reader.volume import load_volume
+
+__all__ = ["Pipeline", "destination_key"]
+
+log = structlog.get_logger(__name__)
+
+
+def destination_key(ae_title: str, host: str, port: int) -> str:
+    """The ``AE@HOST:PORT`` form a send ticket names its destination by."""
+    return f"{ae_title}@{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Processes jobs with models loaded once by the node."""
+
+    config: NodeConfig
+    spool: Spool
+    jobs: JobStore
+    models: Mapping[str, ModelPackage]
+
+    def process(self, job: ProcessJob) -> SeriesStatus:
+        """Run one job to its recorded outcome; never raises for a bad series or a model failure."""
+        bound = log.bind(study_uid=job.study_uid, series_uid=job.series_uid, version=job.version)
+        t0 = time.perf_counter()
+        wanted = set(job.instances)
+        files = [p for p in self.spool.series_instances(job.study_uid, job.series_uid) if p.stem in wanted]
+        try:
+            summary = summarize_series(job.study_uid, job.series_uid, files)
+            decision = route_series(self.config.routes, summary)
+            if isinstance(decision, Skip):
+                bound.info("series.skipped", reason=decision.reason)
+                self.jobs.finish_job(job, SeriesStatus.SKIPPED, decision.reason)
+                return SeriesStatus.SKIPPED
+            model = self.models[decision.route.model]
+            bound.info("series.routed", route=decision.route.name, model=model.manifest.model.name,
+                       instances=len(files))
+            t1 = time.perf_counter()
+            volume = load_volume(files)
+            t2 = time.perf_counter()
+            result = model.run(volume)
+            t3 = time.perf_counter()
+            objects = encode_results(volume, result, result_version=job.version)
+            t4 = time.perf_counter()
+        except InputRejected as exc:
+            bound.warning("series.rejected", reason=exc.reason, detail=exc.detail)
+            self.jobs.finish_job(job, SeriesStatus.SKIPPED, f"{exc.reason}: {exc.detail}")
+            return SeriesStatus.SKIPPED
+        except (ModelError, EncodingError) as exc:
+            bound.error("series.failed", error=type(exc).__name__, detail=str(exc))
+            self.jobs.finish_job(job, SeriesStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            return SeriesStatus.FAILED
+        bound.info("inference.summary", provider=result.provider, findings=len(result.findings),
+                   positive=result.positive)
+        paths = []
+        for kind, ds in (("seg", objects.seg), ("sr", objects.sr)):
+            if ds is not None:
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                paths.append(self.spool.write_result(job.series_uid, job.version, kind, buffer.getvalue()))
+        t5 = time.perf_counter()
+        if not self.jobs.job_is_current(job):
+            bound.info("series.superseded")
+            return SeriesStatus.DONE
+        self._queue_sends(job, paths)
+        self.jobs.finish_job(job, SeriesStatus.DONE)
+        bound.info("series.processed", findings=len(result.findings), route=decision.route.name,
+                   seconds_route=round(t1 - t0, 3), seconds_volume=round(t2 - t1, 3),
+                   seconds_inference=round(t3 - t2, 3), seconds_encode=round(t4 - t3, 3),
+                   seconds_write=round(t5 - t4, 3), seconds_total=round(time.perf_counter() - t0, 3))
+        return SeriesStatus.DONE
+
+    def _queue_sends(self, job: ProcessJob, paths: list[Path]) -> None:
+        if not self.config.destinations:
+            log.info("result.kept", series_uid=job.series_uid, version=job.version,
+                     folder=str(paths[0].parent) if paths else "")
+            return
+        for dest in self.config.destinations:
+            ticket = self.jobs.add_send(job.series_uid, job.version,
+                                        destination_key(dest.ae_title, dest.host, dest.port), paths)
+            log.info("result.queued", series_uid=job.series_uid, ticket=ticket.name,
+                     destination=ticket.destination)

@@ -1,0 +1,88 @@
+"""Result encoding: findings -> DICOM Segmentation (PS3.3 A.51) + Comprehensive 3D SR with TID 1500.
+
+Both objects join the source study (patient and study attributes copied from the source headers,
+then repaired by :mod:`reader.results.clean`), carry the algorithm as manufacturer and have
+deterministic UIDs (:func:`result_uid`), so encoding the same result twice gives the same objects
+and a re-send replaces rather than duplicates. A study without findings gets an SR only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from reader.errors import EncodingError
+from reader.findings import InferenceResult
+from reader.results.clean import clean_copied_attributes
+from reader.results.seg import build_segmentation, segment_numbers
+from reader.results.sr import build_report
+from reader.results.uids import result_uid
+from reader.volume import Volume
+
+__all__ = ["ResultObjects", "encode_results", "result_uid"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class ResultObjects:
+    """The derived objects of one result: a SEG when there are findings, always an SR."""
+
+    seg: Dataset | None
+    sr: Dataset
+
+    @property
+    def datasets(self) -> tuple[Dataset, ...]:
+        """The objects to send, SEG first (the SR references it)."""
+        return (self.sr,) if self.seg is None else (self.seg, self.sr)
+
+
+def _source_headers(volume: Volume) -> list[Dataset]:
+    """Source headers without Pixel Data, one per distinct file, in slice order."""
+    paths: list[Path] = list(dict.fromkeys(source.path for source in volume.sources))
+    headers: list[Dataset] = []
+    for path in paths:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError) as exc:
+            raise EncodingError(f"cannot read source header {path.name}: {exc}") from exc
+    return headers
+
+
+def encode_results(volume: Volume, result: InferenceResult, result_version: int = 1) -> ResultObjects:
+    """Encode ``result`` on ``volume`` as SEG (if any finding) and TID 1500 SR; raises EncodingError."""
+    started = time.perf_counter()
+    sources = _source_headers(volume)
+    algorithm = result.algorithm
+    uid = partial(
+        result_uid, volume.series_instance_uid, algorithm.name, algorithm.version, result_version
+    )
+    numbers = segment_numbers(result)
+    seg: Dataset | None = None
+    if result.findings:
+        seg = build_segmentation(
+            volume,
+            result,
+            sources,
+            numbers=numbers,
+            series_instance_uid=uid("seg-series"),
+            sop_instance_uid=uid("seg-instance"),
+        )
+        clean_copied_attributes(seg, sources[0])
+    sr = build_report(volume, result, sources, seg=seg, numbers=numbers, uid=uid)
+    clean_copied_attributes(sr, sources[0])
+    log.info(
+        "results.encoded",
+        series_uid=volume.series_instance_uid,
+        findings=len(result.findings),
+        segments=len(numbers),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return ResultObjects(seg=seg, sr=sr)

@@ -1,0 +1,174 @@
+"""The DICOM listener: Verification and Storage SCP (PS3.4 Annex A and B).
+
+The C-STORE handler only stores: it checks the UIDs it needs for the file name, writes the peer's
+encoded bytes atomically (``reader.spool``) and answers Success; it never decodes pixel data, runs a
+model or opens a connection. Typed errors become a named DIMSE status here, at the edge.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import structlog
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from reader import dimse
+from reader.assemble import CompletionTracker
+from reader.config import NodeConfig
+from reader.errors import InputRejected, OutOfResources, StorageError
+from reader.spool import Spool, check_uid
+
+__all__ = ["IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP"]
+
+log = structlog.get_logger(__name__)
+
+IMAGE_STORAGE_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    PositronEmissionTomographyImageStorage,
+)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> int:
+    """C-STORE: store atomically, then answer. Runs in the association's thread."""
+    started = time.perf_counter()
+    try:
+        spool.check_free_space()
+        request = cast(C_STORE, event.request)
+        sop_uid = check_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+        ds = event.dataset  # header elements are parsed lazily; pixel data is never decoded here
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+        series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+        if str(ds.get("SOPInstanceUID", sop_uid)) != sop_uid:
+            raise InputRejected("uid_mismatch", "SOP Instance UID differs from Affected SOP Instance UID")
+        spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
+    except OutOfResources as exc:
+        log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
+        return dimse.OUT_OF_RESOURCES
+    except InputRejected as exc:
+        log.warning("instance.rejected", reason=exc.reason, detail=exc.detail,
+                    calling_ae=event.assoc.requestor.ae_title)
+        return dimse.CANNOT_UNDERSTAND
+    except StorageError as exc:
+        log.error("instance.store_failed", detail=str(exc))
+        return dimse.OUT_OF_RESOURCES
+    tracker.instance_stored(id(event.assoc), study_uid, series_uid)
+    log.debug("instance.stored", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+              seconds=round(time.perf_counter() - started, 5))
+    return dimse.SUCCESS
+
+
+def _handle_echo(event: evt.Event) -> int:
+    return dimse.SUCCESS
+
+
+def _handle_accepted(event: evt.Event) -> None:
+    log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
+             address=event.assoc.requestor.address)
+
+
+def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
+    tracker.association_ended(id(event.assoc))
+
+
+class StorageSCP:
+    """The node's listening AE."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker) -> None:
+        self._config = config
+        self._spool = spool
+        self._tracker = tracker
+        self._server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        """Open the port and serve associations in background threads."""
+        cfg = self._config
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = 0  # no limit: senders may use large PDUs
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 60
+        ae.add_supported_context(Verification)
+        for sop_class in IMAGE_STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker]),
+            (evt.EVT_ACCEPTED, _handle_accepted),
+            (evt.EVT_RELEASED, _handle_ended, [self._tracker]),
+            (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
+            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),
+        ]
+        self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+        log.info("scp.listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when configured as 0)."""
+        if self._server is None:
+            return self._config.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, let current associations end, close the port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("scp.stopped")

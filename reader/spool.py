@@ -1,0 +1,163 @@
+"""The data dir on disk: layout, atomic writes, durable JSON state.
+
+Layout (every hand-over between stages is a file, written atomically)::
+
+    <data_dir>/
+      tmp/                                   partial writes, same filesystem, renamed into place
+      incoming/<study>/<series>/<sop>.dcm    received instances, exactly the peer's bytes (PS3.10 file)
+      state/series/<series>.json             per-series processing state (reader.jobs)
+      state/jobs/<series>.json               processing job tickets (reader.jobs)
+      state/sends/<ticket>.json              send tickets with attempts and next retry (reader.jobs)
+      results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
+
+A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.
+UIDs become file names only after :func:`check_uid` (PS3.5 9.1: digits and dots, at most 64
+characters), so a crafted UID cannot escape the data dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reader.errors import InputRejected, OutOfResources, StorageError
+
+__all__ = ["Spool", "atomic_write", "check_uid"]
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # leading zeros occur in the wild; still safe
+
+
+def check_uid(uid: object, what: str) -> str:
+    """Return ``uid`` if it is a syntactically valid UID (PS3.5 9.1), else raise InputRejected."""
+    if not isinstance(uid, str):
+        raise InputRejected("invalid_uid", f"{what} missing")
+    text = uid.strip("\0 ")
+    if not 0 < len(text) <= 64 or not _UID_RE.match(text):
+        raise InputRejected("invalid_uid", f"{what} is not a valid UID")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise StorageError(f"cannot write {path.name}: {exc.strerror}") from exc
+    _fsync_dir(path.parent)
+    if created:  # the new folder's own entry must be durable too
+        _fsync_dir(path.parent.parent)
+
+
+@dataclass(frozen=True)
+class Spool:
+    """Paths and durable reads/writes under one data dir."""
+
+    root: Path
+    min_free_bytes: int = 512 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for sub in ("tmp", "incoming", "state/series", "state/jobs", "state/sends", "results"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # --- instances -------------------------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Where an instance lives; the UIDs must have passed :func:`check_uid`."""
+        return self.root / "incoming" / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably store one received instance; storing the same SOP Instance UID again replaces it."""
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        atomic_write(path, data, self.root / "tmp")
+        return path
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The folder holding a series' instances."""
+        return self.root / "incoming" / study_uid / series_uid
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[Path]:
+        """The stored instance files of a series, sorted by name."""
+        folder = self.series_dir(study_uid, series_uid)
+        return sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+
+    def stored_series(self) -> Iterator[tuple[str, str]]:
+        """(study UID, series UID) of every series with stored instances."""
+        for study in sorted((self.root / "incoming").iterdir()):
+            if study.is_dir():
+                for series in sorted(study.iterdir()):
+                    if series.is_dir():
+                        yield study.name, series.name
+
+    def check_free_space(self) -> None:
+        """Raise OutOfResources when the data dir's filesystem is below the free-space watermark."""
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            raise OutOfResources(f"{free} bytes free, watermark {self.min_free_bytes}")
+
+    # --- results ---------------------------------------------------------------------------
+    def result_path(self, series_uid: str, version: int, kind: str) -> Path:
+        """Where result object ``kind`` ("seg", "sr") of a result version is kept."""
+        return self.root / "results" / series_uid / f"v{version}" / f"{kind}.dcm"
+
+    def write_result(self, series_uid: str, version: int, kind: str, data: bytes) -> Path:
+        """Durably store an encoded result object."""
+        path = self.result_path(series_uid, version, kind)
+        atomic_write(path, data, self.root / "tmp")
+        return path
+
+    # --- JSON state ------------------------------------------------------------------------
+    def state_path(self, kind: str, name: str) -> Path:
+        """The JSON file of a piece of state (``kind`` is series, jobs or sends)."""
+        return self.root / "state" / kind / f"{name}.json"
+
+    def write_state(self, kind: str, name: str, value: dict[str, Any]) -> None:
+        """Durably replace a state file."""
+        atomic_write(self.state_path(kind, name), json.dumps(value, indent=1).encode(), self.root / "tmp")
+
+    def read_state(self, kind: str, name: str) -> dict[str, Any] | None:
+        """A state file's content, or None when it does not exist."""
+        try:
+            value = json.loads(self.state_path(kind, name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StorageError(f"state {kind}/{name} unreadable: {exc}") from exc
+        if not isinstance(value, dict):
+            raise StorageError(f"state {kind}/{name} is not an object")
+        return value
+
+    def list_state(self, kind: str) -> list[str]:
+        """Names of all state files of a kind, sorted."""
+        return sorted(p.stem for p in (self.root / "state" / kind).glob("*.json"))
+
+    def delete_state(self, kind: str, name: str) -> None:
+        """Remove a state file (durably) if it exists."""
+        path = self.state_path(kind, name)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            _fsync_dir(path.parent)

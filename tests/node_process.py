@@ -1,0 +1,98 @@
+"""A real ``reader serve`` process for integration tests, on an ephemeral loopback port.
+
+The node runs as a subprocess exactly as an operator starts it (``python -m reader.cli serve``);
+its JSON log goes to a file the test reads events from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.peers import LOCALHOST, free_port, wait_until
+
+__all__ = ["ReaderNode"]
+
+_START_S = 60.0
+_STOP_S = 60.0
+
+
+class ReaderNode:
+    """A started node; :meth:`stop` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, workdir: Path, *, ae_title: str = "SECONDREADER", destinations: Sequence[str] = (),
+                 config_text: str | None = None, data_dir: Path | None = None,
+                 port: int | None = None) -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.host = LOCALHOST
+        self.port = port or free_port()
+        self.data_dir = data_dir or workdir / "reader-data"
+        self.log_path = workdir / f"reader-{self.port}.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "reader.cli", "serve", "--bind", LOCALHOST, "--port", str(self.port),
+               "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir)]
+        if config_text is not None:
+            config = workdir / "reader.toml"
+            config.write_text(config_text, encoding="utf-8")
+            cmd += ["--config", os.fspath(config)]
+        for dest in destinations:
+            cmd += ["--send-to", dest]
+        self.command = cmd
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=Path(__file__).resolve().parents[1])
+        try:
+            wait_until(self._ready, _START_S, f"reader serve listening on {LOCALHOST}:{self.port}")
+        except BaseException:
+            self.kill()
+            raise
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"reader serve exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            with socket.create_connection((LOCALHOST, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log events so far (optionally only those named ``name``)."""
+        out = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the node's log, for assertion messages."""
+        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        """Graceful stop (SIGTERM); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(_STOP_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(_STOP_S)

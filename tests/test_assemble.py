@@ -1,0 +1,89 @@
+"""Series completion: released associations plus a short grace, or an idle timeout."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from reader.assemble import CompletionTracker
+from reader.config import CompletionConfig
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tracker(clock: FakeClock) -> CompletionTracker:
+    return CompletionTracker(CompletionConfig(grace=timedelta(seconds=2), idle_timeout=timedelta(seconds=30)),
+                             clock=clock)
+
+
+def test_series_completes_grace_after_release() -> None:
+    """A series is complete the grace period after its association is released, not before."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "se")
+    clock.now += 10
+    assert t.pop_complete() == []  # association still open, idle timeout not reached
+    t.association_ended(1)
+    clock.now += 1.9
+    assert t.pop_complete() == []
+    clock.now += 0.2
+    assert t.pop_complete() == [("st", "se")]
+    assert t.tracked() == 0
+
+
+def test_open_association_completes_after_idle_timeout() -> None:
+    """A sender that keeps its association open still gets its series completed after the idle timeout."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "se")
+    clock.now += 29.9
+    assert t.pop_complete() == []
+    clock.now += 0.2
+    assert t.pop_complete() == [("st", "se")]
+
+
+def test_series_split_over_associations_waits_for_all() -> None:
+    """With two associations carrying one series, releasing one does not complete it."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "se")
+    t.instance_stored(2, "st", "se")
+    t.association_ended(1)
+    clock.now += 5
+    assert t.pop_complete() == []
+    t.association_ended(2)
+    clock.now += 2.1
+    assert t.pop_complete() == [("st", "se")]
+
+
+def test_new_instance_restarts_the_grace() -> None:
+    """An instance arriving on a new association during the grace keeps the series collecting."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "se")
+    t.association_ended(1)
+    clock.now += 1.5
+    t.instance_stored(2, "st", "se")
+    t.association_ended(2)
+    clock.now += 1.5
+    assert t.pop_complete() == []
+    clock.now += 0.6
+    assert t.pop_complete() == [("st", "se")]
+
+
+def test_series_are_independent() -> None:
+    """Completion of one series does not depend on another series' activity."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "a")
+    t.association_ended(1)
+    t.instance_stored(2, "st", "b")
+    clock.now += 2.5
+    assert t.pop_complete() == [("st", "a")]

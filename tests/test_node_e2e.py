@@ -1,0 +1,161 @@
+"""End to end on real peers: storescu -> reader serve -> Orthanc, validated by dciodvfy and highdicom.
+
+Data: patient Lung_Dx-A0001 of the TCIA collection Lung-PET-CT-Dx (CC BY 4.0): Li, P., Wang, S.,
+Li, T., Lu, J., HuangFu, Y., & Wang, D. (2020). A Large-Scale CT and PET/CT Dataset for Lung Cancer
+Diagnosis [Data set]. The Cancer Imaging Archive. https://doi.org/10.7937/TCIA.2020.NNC20461
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from tests.node_process import ReaderNode
+from tests.peers import Orthanc, dciodvfy, free_port, require_data, require_tool, storescu, wait_until
+
+pytestmark = pytest.mark.integration
+
+FAST = """
+[completion]
+grace_seconds = 1
+idle_timeout_seconds = 30
+[sending]
+retry_initial_seconds = 1
+retry_max_seconds = 5
+"""
+RESULT_DEADLINE_S = 600.0  # inference on 2 busy CPU cores, plus encoding and sending
+
+
+def _study_series(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
+    answer = orthanc.rest_post("/tools/find", {"Level": "Series", "Expand": True,
+                                               "Query": {"StudyInstanceUID": study_uid}})
+    assert isinstance(answer, list)
+    return answer
+
+
+def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for series in _study_series(orthanc, study_uid):
+        modality = series["MainDicomTags"].get("Modality")
+        if modality in ("SR", "SEG"):
+            for instance in series["Instances"]:
+                out.setdefault(modality, []).append(pydicom.dcmread(io.BytesIO(orthanc.download(instance))))
+    return out
+
+
+def _has_sr(orthanc: Orthanc, study_uid: str, node: ReaderNode) -> bool:
+    if node.process.poll() is not None:
+        raise AssertionError(f"reader serve died:\n{node.log_tail()}")
+    return any(s["MainDicomTags"].get("Modality") == "SR" for s in _study_series(orthanc, study_uid))
+
+
+def _tumour_boxes(annotations: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Radiologist boxes by SOP Instance UID: (xmin, ymin, xmax, ymax) in pixels."""
+    boxes = {}
+    for xml in annotations.glob("*.xml"):
+        box = ET.parse(xml).getroot().find("object/bndbox")
+        assert box is not None
+        boxes[xml.stem] = tuple(int(float(box.findtext(k, "0"))) for k in ("xmin", "ymin", "xmax", "ymax"))
+    return boxes  # type: ignore[return-value]
+
+
+def _check_results(orthanc: Orthanc, tmp_path: Path,
+                   source: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    results = _results(orthanc, source.StudyInstanceUID)
+    assert len(results.get("SR", [])) == 1, "exactly one SR per processed series"
+    for modality, datasets in results.items():
+        for ds in datasets:
+            path = tmp_path / f"{modality}-{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            assert dciodvfy(path) == [], f"{modality} fails dciodvfy"
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.PatientID == source.PatientID
+    sr = hd.sr.srread(io.BytesIO(_bytes(results["SR"][0])))
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    if "SEG" in results:
+        seg = hd.seg.segread(io.BytesIO(_bytes(results["SEG"][0])))
+        assert seg.SegmentSequence
+    return results
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _overlaps_tumour(seg_ds: pydicom.Dataset, boxes: dict[str, tuple[int, int, int, int]]) -> bool:
+    seg = hd.seg.segread(io.BytesIO(_bytes(seg_ds)))
+    for sop_uid, (x0, y0, x1, y1) in boxes.items():
+        try:
+            mask = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[sop_uid], combine_segments=True, skip_overlap_checks=True)
+        except (KeyError, ValueError):
+            continue  # no segment on that slice
+        if np.any(np.asarray(mask)[0, y0:y1 + 1, x0:x1 + 1]):
+            return True
+    return False
+
+
+def test_modality_push_returns_valid_sr_and_seg_to_the_pacs(orthanc: Orthanc, tmp_path: Path) -> None:
+    """storescu of the real CT to a running node puts a valid TID 1500 SR (and a SEG overlapping the
+    annotated adenocarcinoma) into Orthanc, in the source study, with zero dciodvfy errors."""
+    require_tool("storescu")
+    require_tool("dciodvfy")
+    series_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-lung-kernel")
+    boxes = _tumour_boxes(require_data("lung-pet-ct-dx/annotations-A0001"))
+    source = pydicom.dcmread(sorted(series_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    node = ReaderNode(tmp_path / "node", destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"],
+                      config_text=FAST)
+    try:
+        sent = storescu(node.host, node.port, node.ae_title, [series_dir])
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_until(lambda: _has_sr(orthanc, source.StudyInstanceUID, node), RESULT_DEADLINE_S,
+                   "the node's SR in Orthanc")
+        results = _check_results(orthanc, tmp_path, source)
+        assert "SEG" in results, "the model found nothing in a CT with a known adenocarcinoma"
+        assert _overlaps_tumour(results["SEG"][0], boxes), "no SEG segment overlaps the radiologist's box"
+        completes = node.events("series.complete")
+        assert completes and completes[0]["instances"] == 64
+        log_text = node.log_path.read_text()
+        for phi in (str(source.PatientName), str(source.PatientID)):
+            assert phi not in log_text, "patient identity leaked into the log"
+    finally:
+        assert node.stop() == 0, node.log_tail()
+    status = subprocess.run([sys.executable, "-m", "reader.cli", "status", "--json", "--data-dir",
+                             str(node.data_dir)], capture_output=True, text=True, check=True)
+    assert '"done": 1' in status.stdout
+
+
+def test_pacs_routing_returns_results_into_the_same_study(orthanc_factory: Any, tmp_path: Path) -> None:
+    """A study stored in Orthanc and routed by Orthanc itself (REST /modalities/{id}/store) comes back
+    with an SR in the same study, valid with zero dciodvfy errors."""
+    require_tool("dciodvfy")
+    series_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-standard-kernel")
+    files = sorted(series_dir.glob("*.dcm"))
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"reader": ("SECONDREADER", "127.0.0.1", node_port)})
+    for f in files:
+        orthanc.upload(f)
+    node = ReaderNode(tmp_path / "node", port=node_port,
+                      destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"], config_text=FAST)
+    try:
+        studies = orthanc.studies()
+        assert len(studies) == 1
+        orthanc.store_to_modality("reader", studies)
+        wait_until(lambda: _has_sr(orthanc, source.StudyInstanceUID, node), RESULT_DEADLINE_S,
+                   "the node's SR in Orthanc after Orthanc routed the study")
+        _check_results(orthanc, tmp_path, source)
+        assert orthanc.studies() == studies, "results must join the source study, not make a new one"
+    finally:
+        assert node.stop() == 0, node.log_tail()
