@@ -16,7 +16,7 @@ state (``reader.node``)::
     ├── EncodingError          SEG/SR could not be built from the findings
     └── SendError              a C-STORE to a destination did not succeed
         ├── TransientSendError worth retrying later (association refused for load, timeout, 0xA7xx)
-        └── PermanentSendError retrying cannot help (SOP class not supported, AE not recognised, 0xA9xx/0xCxxx)
+        └── PermanentSendError retrying cannot help (SOP class not supported, AE unknown, 0xA9xx/0xCxxx)
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -59,7 +59,7 @@ def slice_pixels(index: int, rows: int, columns: int) -> npt.NDArray[np.int16]:
     return (ramp + 100 * index).astype(np.int16)
 
 
-def _base(sop_class_uid: str, ids: SeriesIds, modality: str, instance_number: int) -> Dataset:
+def _base(sop_class_uid: UID, ids: SeriesIds, modality: str, instance_number: int) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
@@ -202,9 +202,9 @@ def enhanced_series(
 
 
 def compressed(ds: Dataset, transfer_syntax_uid: UID) -> Dataset:
-    """A compressed deep copy of ``ds`` (pydicom's encoders: RLE natively, JPEG-LS, JPEG 2000)."""
+    """A losslessly compressed deep copy of ``ds``, same SOP Instance UID (RLE, JPEG-LS, JPEG 2000)."""
     out = copy.deepcopy(ds)
-    out.compress(transfer_syntax_uid)
+    out.compress(transfer_syntax_uid, generate_instance_uid=False)
     return out
 
 

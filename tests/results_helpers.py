@@ -89,7 +89,9 @@ def load_series(directory: Path) -> Volume:
         row_cosines=(orientation[0], orientation[1], orientation[2]),
         column_cosines=(orientation[3], orientation[4], orientation[5]),
         sources=tuple(
-            SourceInstance(path=path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID))
+            SourceInstance(
+                path=path, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID)
+            )
             for path, ds in datasets
         ),
         modality=str(first.Modality),

@@ -1,4 +1,4 @@
-"""The model manifest (``model.toml``, ``models/MANIFEST.md``): valid packages load typed, invalid keys are named."""
+"""The model manifest (``model.toml``, ``models/MANIFEST.md``): valid ones load typed, bad keys are named."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
 from reader.inference import ModelPackage
 from reader.inference.postprocess import longest_diameter_mm
-from reader.inference.preprocess import patch_starts
+from reader.inference.preprocess import patch_starts, resample, resample_above
 from reader.volume import Volume
 from tests.onnx_fixtures import (
     label_dict,
@@ -323,3 +323,26 @@ def test_patch_starts_cover_the_axis() -> None:
         assert starts[0] == 0
         assert starts[-1] == max(0, size - patch)
         assert all(b - a <= patch for a, b in itertools.pairwise(starts))
+
+
+def test_resample_above_is_exact_where_it_matters() -> None:
+    """The thresholded upsampling equals full linear resampling wherever the result reaches the threshold."""
+    rng = np.random.default_rng(1)
+    coarse = (rng.random((6, 9, 7)) ** 4).astype(np.float32)
+    full = resample(coarse, (11, 20, 15))
+    partial = resample_above(coarse, (11, 20, 15), 0.6)
+    above = full >= 0.6
+    assert above.any()
+    assert np.allclose(partial[above], full[above], atol=1e-6)
+    assert np.all(partial[~above] < 0.6)
+    assert not resample_above(coarse, (11, 20, 15), 1.5).any()
+
+
+def test_negative_volume_has_no_findings(tmp_path: Path) -> None:
+    """A volume of air yields no findings and an all-zero label map of the native shape."""
+    volume = make_volume(np.full((6, 20, 24), AIR, dtype=np.float32), spacing_mm=SPACING)
+    result = _package(tmp_path, preprocessing={"target_spacing_mm": [3.0, 1.5, 1.5]}).run(volume)
+    assert result.findings == ()
+    assert not result.positive
+    assert result.label_map.shape == (6, 20, 24)
+    assert not result.label_map.any()

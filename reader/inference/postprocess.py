@@ -40,12 +40,13 @@ def select_labels(
     """Threshold each label's probability map; where several pass, the most probable label wins.
 
     ``channels`` may be a generator so only one native-grid probability map is alive at a time.
+    The outputs start as zeros (pages the OS only commits where a label is written).
     """
     winner = np.zeros(shape, dtype=np.uint8)
-    best = np.full(shape, -1.0, dtype=np.float32)
+    best = np.zeros(shape, dtype=np.float32)
     for label, probability in channels:
         take = probability >= np.float32(label.threshold)
-        take &= probability > best
+        take &= (probability > best) | (winner == 0)
         winner[take] = label.value
         best[take] = probability[take]
     return ChannelSelection(winner=winner, probability=best)
@@ -84,27 +85,39 @@ def extract_findings(
     label_map = np.zeros(selection.winner.shape, dtype=np.uint8)
     candidates: list[_Candidate] = []
     for label in labels:
-        components, count = ndimage.label(selection.winner == label.value, structure=structure)
-        if count == 0:
+        mask = selection.winner == label.value
+        region = _bounding_box(mask)
+        if region is None:
             continue
-        ids = np.arange(1, count + 1)
-        counts = np.bincount(components.ravel(), minlength=count + 1)[1:]
-        scores = np.asarray(ndimage.maximum(selection.probability, components, ids), dtype=np.float64)
+        # Label only inside the foreground's bounding box: int32 labels of the whole volume cost 4x it.
+        components, count = ndimage.label(mask[region], structure=structure)
+        del mask
+        foreground = components > 0
+        ids = components[foreground]
+        counts = np.bincount(ids, minlength=count + 1)
+        scores = np.zeros(count + 1, dtype=np.float64)
+        np.maximum.at(scores, ids, selection.probability[region][foreground])
+        del foreground, ids
         keep = (scores >= label.min_score) & (counts * voxel_mm3 >= label.min_volume_mm3)
-        kept = [int(i) for i in ids[keep]]
-        kept.sort(key=lambda i: (-scores[i - 1], -counts[i - 1], i))
+        keep[0] = False
+        kept = [int(i) for i in np.flatnonzero(keep)]
+        kept.sort(key=lambda i: (-scores[i], -counts[i], i))
         boxes = ndimage.find_objects(components)
         for component in kept[: label.max_findings]:
-            box = boxes[component - 1]
-            assert box is not None  # every id in 1..count has voxels
-            mask = components[box] == component
-            label_map[box][mask] = label.value
+            local = boxes[component - 1]
+            assert local is not None  # every id in 1..count has voxels
+            box = tuple(
+                slice(outer.start + inner.start, outer.start + inner.stop)
+                for outer, inner in zip(region, local, strict=True)
+            )
+            piece = components[local] == component
+            label_map[box][piece] = label.value
             candidates.append(
                 _measure(
                     label,
-                    mask=mask,
+                    mask=piece,
                     box=box,
-                    score=float(scores[component - 1]),
+                    score=float(scores[component]),
                     voxel_mm3=voxel_mm3,
                     volume=volume,
                 )
@@ -125,6 +138,18 @@ def extract_findings(
         for number, c in enumerate(candidates, start=1)
     )
     return findings, label_map
+
+
+def _bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask``; None when there is none."""
+    box: list[slice] = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def _measure(

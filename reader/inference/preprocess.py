@@ -24,6 +24,7 @@ __all__ = [
     "pad_value",
     "patch_starts",
     "resample",
+    "resample_above",
     "sliding_window",
     "target_shape",
 ]
@@ -61,6 +62,65 @@ def resample(array: Array, shape: tuple[int, ...], order: int = 1) -> Array:
     if result.shape != shape:  # zoom rounds in*factor; guard against a float rounding surprise
         raise ValueError(f"resampling gave {result.shape}, expected {shape}")
     return np.asarray(result, dtype=np.float32)
+
+
+def resample_above(array: Array, shape: tuple[int, ...], threshold: float) -> Array:
+    """Like :func:`resample` (linear), but computed only where the result can reach ``threshold``.
+
+    A linearly interpolated voxel is a convex combination of its neighbours on the coarse grid, so
+    it can reach ``threshold`` only next to a coarse voxel that does. Around each such region the
+    native voxels are computed exactly; everywhere else the result is 0. The zeros are never
+    written, so a negative series costs neither the full upsampling nor its memory.
+    """
+    if array.shape == shape:
+        return array
+    candidates = array >= np.float32(threshold)
+    out = np.zeros(shape, dtype=np.float32)
+    if not candidates.any():
+        return out
+    grown = ndimage.binary_dilation(
+        candidates, structure=ndimage.generate_binary_structure(array.ndim, array.ndim)
+    )
+    regions, _ = ndimage.label(grown)
+    del candidates, grown
+    scale = [
+        (size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        for size, out_size in zip(array.shape, shape, strict=True)
+    ]
+    for box in ndimage.find_objects(regions):
+        if box is None:
+            continue
+        native = _native_span(box, scale, shape)
+        if native is None:
+            continue
+        offset = [n.start * s - b.start for n, b, s in zip(native, box, scale, strict=True)]
+        out[native] = ndimage.affine_transform(
+            array[box],
+            np.asarray(scale),
+            offset=offset,
+            output_shape=tuple(n.stop - n.start for n in native),
+            order=1,
+            mode="nearest",
+            prefilter=False,
+        )
+    return out
+
+
+def _native_span(
+    box: tuple[slice, ...], scale: list[float], shape: tuple[int, ...]
+) -> tuple[slice, ...] | None:
+    """Native indices whose coarse-grid coordinate (index * scale) lies inside ``box``."""
+    span: list[slice] = []
+    for b, s, size in zip(box, scale, shape, strict=True):
+        if s == 0.0:
+            span.append(slice(0, size))
+            continue
+        low = max(0, math.ceil(b.start / s - 1e-9))
+        high = min(size - 1, math.floor((b.stop - 1) / s + 1e-9))
+        if high < low:
+            return None
+        span.append(slice(low, high + 1))
+    return tuple(span)
 
 
 def normalize_inplace(image: Array, pre: Preprocessing) -> None:

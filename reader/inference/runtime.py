@@ -216,7 +216,7 @@ def _native_channels(
 ) -> Iterator[tuple[LabelSpec, npt.NDArray[np.float32]]]:
     """Each label's probabilities resampled to the native grid, one map alive at a time."""
     for index, label in enumerate(labels):
-        yield label, preprocess.resample(probabilities[index], native)
+        yield label, preprocess.resample_above(probabilities[index], native, label.threshold)
 
 
 def _open_session(path: Path, providers: Sequence[str]) -> tuple[ort.InferenceSession, str]:
@@ -263,7 +263,8 @@ def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np
             )
         for axis, (dim, size) in enumerate(zip(shape[2:], patch, strict=True)):
             if isinstance(dim, int) and dim != size:
-                raise ManifestError(f"preprocessing.patch_size[{axis}]", f"the graph fixes this axis to {dim}")
+                key = f"preprocessing.patch_size[{axis}]"
+                raise ManifestError(key, f"the graph fixes this axis to {dim}")
     out_shape = list(outputs[manifest.output.tensor].shape or [])
     if manifest.output.kind == "probabilities" and len(out_shape) >= 2:
         channels = out_shape[1]

@@ -1,7 +1,7 @@
 """Repair patient/study attributes that highdicom copies from a defective source header.
 
 highdicom copies every root attribute of the source's Patient and Study IE modules (PS3.3 C.7.1,
-C.7.2) into a derived object, defects included. The shared LIDC/TCIA CT, for example, carries a
+C.7.2) into a derived object, defects included. The shared Lung-PET-CT-Dx CT (TCIA), for example, carries a
 Referenced Study Sequence whose item lacks the Type 1 Referenced SOP Class UID (PS3.3 Table 10-11,
 SOP Instance Reference Macro), which dciodvfy reports as an error in every derived object.
 

@@ -7,7 +7,7 @@ Content tree (PS3.16 TID 1500 rows in brackets)::
         device observer = the algorithm (TID 1002/1004)
       Procedure reported, from the modality (CID 100)                  [4]
       CONTAINER Imaging Measurements (only when there are findings)    [6]
-        one TID 1411 Volumetric ROI group per finding                  [9]
+        one TID 1411 Volumetric ROI group per finding                  [8]
           Tracking Identifier "finding <n>" + Tracking UID (TID 4108)
           Finding category (CID 7150), Finding (CID 7151), Finding site
           Algorithm Identification (TID 4019)
@@ -20,7 +20,8 @@ Content tree (PS3.16 TID 1500 rows in brackets)::
 A negative study has no row 6 (TID 1500 needs at least one of rows 6, 10 and 12; an empty row 6
 container would lack the Content Sequence that readers such as highdicom expect) and states the
 negative result in row 12. The optional Image Library (row 5, TID 1600) is left out: the evidence
-sequence already lists every source image, and building 64 library entries tripled encoding time. The document is PARTIAL, UNVERIFIED and PRELIMINARY: AI output for review.
+sequence already lists every source image, and building 64 library entries tripled encoding time.
+The document is PARTIAL, UNVERIFIED and PRELIMINARY: AI output for review.
 """
 
 from __future__ import annotations

@@ -1,0 +1,380 @@
+"""Result encoding (reader.results): SEG + TID 1500 SR on the shared CT, validated by dciodvfy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from structlog.testing import capture_logs
+
+from reader.errors import EncodingError
+from reader.findings import Code, FindingClass, InferenceResult
+from reader.results import ResultObjects, encode_results, result_uid
+from reader.results.clean import clean_copied_attributes
+from reader.results.seg import segment_numbers
+from reader.results.sr import AI_NOTICE, NO_FINDINGS
+from reader.volume import Volume
+from tests.results_helpers import (
+    ALGORITHM,
+    LESION,
+    Box,
+    dciodvfy_errors,
+    lesion_result,
+    load_series,
+    negative_result,
+    require_ct,
+    require_dciodvfy,
+    tumour_box,
+)
+
+# The shared CT's Patient's Name has a single component; highdicom warns about it on every object.
+pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
+
+# ---------------------------------------------------------------- fixtures (real CT, no model)
+
+
+@pytest.fixture(scope="module")
+def volume() -> Volume:
+    """The 64-slice shared CT as a Volume, loaded by the local test loader."""
+    return load_series(require_ct())
+
+
+@pytest.fixture(scope="module")
+def box(volume: Volume) -> Box:
+    """The radiologist's tumour box on that CT."""
+    return tumour_box(volume)
+
+
+@pytest.fixture(scope="module")
+def positive(volume: Volume, box: Box) -> InferenceResult:
+    """One finding filling the tumour box."""
+    return lesion_result(volume, box)
+
+
+@pytest.fixture(scope="module")
+def encoded(volume: Volume, positive: InferenceResult) -> ResultObjects:
+    """SEG + SR of the positive result."""
+    return encode_results(volume, positive)
+
+
+@pytest.fixture(scope="module")
+def written(encoded: ResultObjects, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The positive SEG and SR written as DICOM files (PS3.10), with strict value validation."""
+    folder = tmp_path_factory.mktemp("results")
+    assert encoded.seg is not None
+    paths = {"seg": folder / "seg.dcm", "sr": folder / "sr.dcm"}
+    _save(encoded.seg, paths["seg"])
+    _save(encoded.sr, paths["sr"])
+    return paths
+
+
+def _save(dataset: Dataset, path: Path) -> None:
+    """Write with the File Meta Information enforced and value validation raising."""
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    try:
+        dataset.save_as(path, enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode
+
+
+def _source(volume: Volume, index: int = 0) -> Dataset:
+    return pydicom.dcmread(volume.sources[index].path, stop_before_pixels=True)
+
+
+def _uid(volume: Volume, kind: str, version: int = 1) -> str:
+    return result_uid(volume.series_instance_uid, ALGORITHM.name, ALGORITHM.version, version, kind)
+
+
+# ---------------------------------------------------------------- validity (dciodvfy)
+
+
+def test_seg_and_sr_pass_dciodvfy(written: dict[str, Path]) -> None:
+    """The SEG and the SR of a positive result have zero dciodvfy errors."""
+    dciodvfy = require_dciodvfy()
+    for name, path in written.items():
+        assert dciodvfy_errors(dciodvfy, path) == [], name
+
+
+def test_source_defect_is_real_and_not_copied(volume: Volume, written: dict[str, Path]) -> None:
+    """The source's Referenced Study Sequence lacks a Type 1 UID (dciodvfy error); outputs drop it."""
+    dciodvfy = require_dciodvfy()
+    source_errors = dciodvfy_errors(dciodvfy, volume.sources[0].path)
+    assert any("ReferencedSOPClassUID" in line for line in source_errors)
+    assert "ReferencedSOPClassUID" not in _source(volume).ReferencedStudySequence[0]
+    for path in written.values():
+        assert "ReferencedStudySequence" not in pydicom.dcmread(path)
+
+
+def test_negative_result_gives_valid_sr_only(volume: Volume, tmp_path: Path) -> None:
+    """No findings: no SEG, and an SR with no measurement group that says so, zero dciodvfy errors."""
+    dciodvfy = require_dciodvfy()
+    objects = encode_results(volume, negative_result(volume))
+    assert objects.seg is None
+    assert objects.datasets == (objects.sr,)
+    path = tmp_path / "sr.dcm"
+    _save(objects.sr, path)
+    assert dciodvfy_errors(dciodvfy, path) == []
+    sr = hd.sr.srread(path)
+    assert _groups(sr) == []
+    texts = _texts(sr)
+    assert NO_FINDINGS in texts
+    assert AI_NOTICE in texts
+    assert sr.StudyInstanceUID == volume.study_instance_uid
+
+
+# ---------------------------------------------------------------- read back
+
+
+def test_seg_reads_back_with_the_box(
+    volume: Volume, box: Box, encoded: ResultObjects, written: dict[str, Path]
+) -> None:
+    """segread finds one AUTOMATIC segment whose frames cover exactly the box slices and voxels."""
+    seg = hd.seg.segread(written["seg"])
+    assert seg.segment_numbers == [1]
+    description = seg.get_segment_description(1)
+    assert description.segment_label == LESION.name
+    assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    assert description.algorithm_identification is not None
+    assert description.algorithm_identification[0].AlgorithmName == ALGORITHM.name
+    assert seg.NumberOfFrames == box.slices[1] - box.slices[0] + 1  # empty frames omitted
+    assert seg.SeriesNumber == 9901
+    assert seg.SeriesDescription == "AI second reader SEG - for review"
+    assert seg.ContentLabel == "AI_FINDINGS"
+    assert seg.Manufacturer == ALGORITHM.source
+    assert "DERIVED" in seg.ImageType
+    middle = (box.slices[0] + box.slices[1]) // 2
+    mask = seg.get_pixels_by_source_instance(
+        [volume.sources[middle].sop_instance_uid], segment_numbers=[1], combine_segments=True
+    )[0]
+    expected = np.zeros(mask.shape, dtype=bool)
+    expected[box.rows[0] : box.rows[1] + 1, box.columns[0] : box.columns[1] + 1] = True
+    assert np.array_equal(mask.astype(bool), expected)
+
+
+def test_sr_reads_back_with_one_group(
+    volume: Volume, positive: InferenceResult, written: dict[str, Path]
+) -> None:
+    """srread gives one TID 1411 group with tracking UID, measurements and a reference to SEG segment 1."""
+    seg = pydicom.dcmread(written["seg"], stop_before_pixels=True)
+    sr = hd.sr.srread(written["sr"])
+    groups = _groups(sr)
+    assert len(groups) == 1
+    group = groups[0]
+    finding = positive.findings[0]
+    assert group.tracking_identifier == "finding 1"
+    assert group.tracking_uid == _uid(volume, "finding-1")
+    assert group.finding_type == codes.SCT.Nodule
+    values = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert values[codes.SCT.Volume.value][1] == "mm3"
+    assert values[codes.SCT.Volume.value][0] == pytest.approx(finding.volume_mm3, rel=1e-6)
+    assert values[codes.SCT.LongAxis.value][0] == pytest.approx(finding.longest_diameter_mm, rel=1e-6)
+    assert values[codes.DCM.CertaintyOfFinding.value][0] == pytest.approx(87.0)
+    assert values[codes.DCM.CertaintyOfFinding.value][1] == "%"
+    item, series = _segment_reference(group)
+    assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert item.ReferencedSegmentNumber == 1
+    assert series == volume.series_instance_uid
+    assert sr.CompletionFlag == "PARTIAL"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.SeriesNumber == 9902
+    assert sr.SeriesDescription == "AI second reader SR - for review"
+    assert AI_NOTICE in _texts(sr)
+
+
+def test_objects_join_the_source_study(volume: Volume, written: dict[str, Path]) -> None:
+    """SEG and SR carry the source's StudyInstanceUID and PatientID and the algorithm as Manufacturer."""
+    source = _source(volume)
+    for path in written.values():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.Manufacturer == ALGORITHM.source
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+# ---------------------------------------------------------------- identity and determinism
+
+
+def test_uids_are_deterministic_per_result_version(
+    volume: Volume, positive: InferenceResult, encoded: ResultObjects
+) -> None:
+    """Encoding again gives identical UIDs; another result_version gives different ones."""
+    again = encode_results(volume, positive)
+    other = encode_results(volume, positive, result_version=2)
+    assert encoded.seg is not None and again.seg is not None and other.seg is not None
+    for a, b, c in ((encoded.seg, again.seg, other.seg), (encoded.sr, again.sr, other.sr)):
+        assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
+        assert a.SeriesInstanceUID != c.SeriesInstanceUID
+        assert a.SOPInstanceUID != c.SOPInstanceUID
+    assert encoded.seg.SOPInstanceUID == _uid(volume, "seg-instance")
+    assert encoded.sr.SeriesInstanceUID == _uid(volume, "sr-series")
+
+
+def test_result_uid_is_a_stable_2_25_uid() -> None:
+    """result_uid is a valid "2.25." UID, equal for equal inputs, different when any input differs."""
+    base = ("1.2.3", "model", "1.0", 1, "seg-series")
+    uid = result_uid(*base)
+    assert uid.startswith("2.25.") and len(uid) <= 64
+    assert pydicom.uid.UID(uid).is_valid
+    assert result_uid(*base) == uid
+    variants = [("1.2.4", *base[1:]), ("1.2.3", "model", "1.1", 1, "seg-series"), (*base[:4], "sr-series")]
+    assert all(result_uid(*variant) != uid for variant in variants)
+    assert result_uid("1.2", "model", "3", 1, "k") != result_uid("1.2", "model3", "", 1, "k")
+    with pytest.raises(ValueError, match="result_version"):
+        result_uid("1.2.3", "model", "1.0", 0, "seg-series")
+
+
+# ---------------------------------------------------------------- segments and classes
+
+
+def test_segments_are_numbered_contiguously_and_referenced(volume: Volume, box: Box) -> None:
+    """Classes 2 and 5 become SEG segments 1 and 2, and each SR group references its class's segment."""
+    first = replace(LESION, label=2, name="Nodule A")
+    second = FindingClass(
+        label=5,
+        name="Mass B",
+        category=Code("49755003", "SCT", "Morphologically Abnormal Structure"),
+        property_type=Code("4147007", "SCT", "Mass"),
+        site=None,
+    )
+    base = lesion_result(volume, box)
+    finding = base.findings[0]
+    label_map = np.zeros_like(base.label_map)
+    label_map[base.label_map > 0] = 2
+    s = box.slices[0]
+    label_map[s : s + 2, 10:20, 10:20] = 5
+    findings = (
+        replace(finding, finding_class=first),
+        replace(
+            finding,
+            number=2,
+            finding_class=second,
+            score=0.6,
+            voxel_count=200,
+            volume_mm3=100.0,
+            slice_indices=(s, s + 1),
+        ),
+    )
+    result = replace_result(base, (first, second), findings, label_map)
+    assert segment_numbers(result) == {2: 1, 5: 2}
+    objects = encode_results(volume, result)
+    assert objects.seg is not None
+    assert [d.SegmentNumber for d in objects.seg.SegmentSequence] == [1, 2]
+    numbers = {
+        g.tracking_identifier: _segment_reference(g)[0].ReferencedSegmentNumber for g in _groups(objects.sr)
+    }
+    assert numbers == {"finding 1": 1, "finding 2": 2}
+
+
+def replace_result(
+    base: InferenceResult,
+    classes: tuple[FindingClass, ...],
+    findings: tuple[object, ...],
+    label_map: np.ndarray,
+) -> InferenceResult:
+    """InferenceResult is eq=False and frozen: build a new one from parts."""
+    return InferenceResult(
+        algorithm=base.algorithm,
+        finding_classes=classes,
+        findings=findings,  # type: ignore[arg-type]
+        label_map=label_map,
+        provider=base.provider,
+    )
+
+
+def test_label_without_finding_is_an_encoding_error(volume: Volume, positive: InferenceResult) -> None:
+    """Voxels of a label that no finding reports make encoding fail instead of silently vanishing."""
+    label_map = positive.label_map.copy()
+    label_map[0, 0:4, 0:4] = 7
+    result = replace_result(positive, positive.finding_classes, positive.findings, label_map)
+    with pytest.raises(EncodingError, match=r"\[7\]"):
+        encode_results(volume, result)
+
+
+# ---------------------------------------------------------------- cleaning (no data needed)
+
+
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning", "ignore:Invalid value for VR:UserWarning")
+def test_clean_fixes_only_copied_defects() -> None:
+    """Broken references and invalid Type 3 values are removed, Type 2 emptied, identity kept."""
+    source = Dataset()
+    source.PatientID = "X" * 70  # LO > 64: invalid but identity
+    source.PatientBirthDate = "19xx0101"  # invalid DA, Type 2
+    source.EthnicGroup = "Y" * 20  # SH > 16, Type 3
+    source.StudyDescription = "Chest"  # valid
+    ref = Dataset()
+    ref.ReferencedSOPInstanceUID = "1.2.3"
+    source.ReferencedStudySequence = [ref]
+    derived = Dataset()
+    for element in source:
+        derived.add(element)
+    derived.SeriesDescription = "ours"
+    with capture_logs() as logs:
+        repairs = clean_copied_attributes(derived, source)
+    actions = {r.attribute: r.action for r in repairs}
+    assert actions == {
+        "PatientID": "kept-invalid",
+        "PatientBirthDate": "emptied",
+        "EthnicGroup": "removed",
+        "ReferencedStudySequence": "removed",
+    }
+    assert derived.PatientID == "X" * 70
+    assert derived.PatientBirthDate in (None, "")
+    assert "EthnicGroup" not in derived and "ReferencedStudySequence" not in derived
+    assert derived.StudyDescription == "Chest" and derived.SeriesDescription == "ours"
+    assert all("X" * 70 not in str(event) for event in logs)
+
+
+def test_logs_carry_no_patient_identity(volume: Volume, positive: InferenceResult) -> None:
+    """Encoding logs timing and counts but never the patient's name or ID."""
+    source = _source(volume)
+    with capture_logs() as logs:
+        encode_results(volume, positive)
+    assert any(event["event"] == "results.encoded" for event in logs)
+    text = repr(logs)
+    assert str(source.PatientID) not in text
+    assert str(source.PatientName) not in text
+
+
+def test_encoding_is_quick(volume: Volume, positive: InferenceResult) -> None:
+    """Encoding SEG + SR for 64 slices stays well under a few seconds (measured ~0.7 s here)."""
+    started = time.perf_counter()
+    encode_results(volume, positive)
+    assert time.perf_counter() - started < 5.0
+
+
+def _groups(sr: Dataset) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """The TID 1411 groups of an SR (written or read back)."""
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    return list(report.get_volumetric_roi_measurement_groups())
+
+
+def _segment_reference(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> tuple[Dataset, str]:
+    """The Referenced SOP item (SEG instance + segment number) and the source series UID of a group."""
+    reference = group.referenced_segment
+    assert reference is not None
+    return reference[0].ReferencedSOPSequence[0], str(reference[1].UID)
+
+
+def _texts(sr: Dataset) -> list[str]:
+    """All TEXT values anywhere in an SR content tree."""
+    found: list[str] = []
+
+    def walk(items: Dataset) -> None:
+        for item in items.get("ContentSequence", []):
+            if item.ValueType == "TEXT":
+                found.append(str(item.TextValue))
+            walk(item)
+
+    walk(sr)
+    return found
