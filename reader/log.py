@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -29,8 +31,20 @@ def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -
     return event_dict
 
 
+def _warning_event(  # noqa: PLR0917 - the signature of warnings.showwarning
+    message: Warning | str, category: type[Warning], filename: str, lineno: int,
+    file: TextIO | None = None, line: str | None = None,
+) -> None:
+    """Library warnings (pydicom, highdicom) quote header values, a patient name among them:
+    log only the warning's category and origin, never its text."""
+    structlog.get_logger("warnings").info("library.warning", category=category.__name__,
+                                          module=Path(filename).stem, line=lineno)
+
+
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog for the process: JSON lines with ISO timestamps on ``stream``."""
+    """Configure structlog for the process: JSON lines with ISO timestamps on ``stream``, and
+    Python warnings turned into PHI-free ``library.warning`` events."""
+    warnings.showwarning = _warning_event
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(message)s")
     structlog.configure(
         processors=[

@@ -9,6 +9,8 @@ SEG (PS3.3 C.8.20) and TID 1500 SR encoding. ``run`` is safe to call from severa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -226,15 +228,26 @@ def _open_session(path: Path, providers: Sequence[str]) -> tuple[ort.InferenceSe
     if not candidates:
         raise ModelError(f"none of the providers {list(providers)} is available (have {sorted(available)})")
     failures: list[str] = []
+    # onnxruntime-gpu lists CUDA/TensorRT even where their libraries are absent, and then prints
+    # library-load errors and an "EP Error" banner while falling back: expected on a CPU-only
+    # machine, so they are silenced here and reported once as model.provider_skipped.
+    ort.set_default_logger_severity(4)
     for first in range(len(candidates)):
         attempt = candidates[first:]
         try:
-            session = ort.InferenceSession(str(path), providers=attempt)
+            with contextlib.redirect_stdout(io.StringIO()):
+                session = ort.InferenceSession(str(path), providers=attempt)
         except ORT_ERRORS as err:
             log.warning("model.provider_failed", graph=path.name, providers=attempt, error=str(err))
             failures.append(f"{attempt[0]}: {err}")
             continue
-        return session, str(session.get_providers()[0])
+        finally:
+            ort.set_default_logger_severity(2)
+        running = str(session.get_providers()[0])
+        skipped = attempt[: attempt.index(running)] if running in attempt else []
+        if skipped:
+            log.info("model.provider_skipped", graph=path.name, providers=skipped, running=running)
+        return session, running
     raise ModelError(f"cannot open {path.name} on any provider: {'; '.join(failures)}")
 
 
