@@ -112,6 +112,7 @@ class NodeConfig:
     models: tuple[ModelRef, ...] = ()
     routes: tuple[Route, ...] = ()
     max_associations: int = 16
+    min_free_disk_bytes: int = 512 * 1024 * 1024  # below it C-STORE answers Out of Resources
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -152,7 +153,8 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations"})
     node = _table(raw, "node")
-    _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations"})
+    _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
+                           "min_free_disk_mb"})
     models = _models(raw, base) if "models" in raw else defaults.models
     routes = _routes(raw, models) if "routes" in raw else defaults.routes
     return NodeConfig(
@@ -162,6 +164,8 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         data_dir=_path(node.get("data_dir", str(defaults.data_dir)), "node.data_dir", base),
         max_associations=_int(node.get("max_associations", defaults.max_associations),
                               "node.max_associations", 1, 1000),
+        min_free_disk_bytes=_int(node.get("min_free_disk_mb", defaults.min_free_disk_bytes // 2**20),
+                                 "node.min_free_disk_mb", 0, 2**30) * 2**20,
         destinations=tuple(_destination(d, f"destinations[{i}]")
                            for i, d in enumerate(_list(raw.get("destinations", []), "destinations"))),
         completion=_completion(_table(raw, "completion")),

@@ -48,7 +48,7 @@ class Node:
 
     def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage]) -> None:
         self.config = config
-        self.spool = Spool(config.data_dir)
+        self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
         self.jobs = JobStore(self.spool)
         self.tracker = CompletionTracker(config.completion)
         self.scp = StorageSCP(config, self.spool, self.tracker)

@@ -56,7 +56,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
     created = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
     tmp = Path(tmp_name)
     try:
@@ -82,6 +82,8 @@ class Spool:
     min_free_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.chmod(0o700)  # instances carry patient data: the service user alone reads them
         for sub in ("tmp", "incoming", "state/series", "state/jobs", "state/sends", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
