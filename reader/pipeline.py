@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import structlog
 
 from reader.assemble import summarize_series
@@ -65,7 +66,8 @@ class Pipeline:
             t2 = time.perf_counter()
             result = model.run(volume)
             t3 = time.perf_counter()
-            objects = encode_results(volume, result, result_version=job.version)
+            objects = encode_results(volume, result, result_version=job.version,
+                                     previous_sr=self._previous_sr(job))
             t4 = time.perf_counter()
         except InputRejected as exc:
             bound.warning("series.rejected", reason=exc.reason, detail=exc.detail)
@@ -94,6 +96,14 @@ class Pipeline:
                    seconds_inference=round(t3 - t2, 3), seconds_encode=round(t4 - t3, 3),
                    seconds_write=round(t5 - t4, 3), seconds_total=round(time.perf_counter() - t0, 3))
         return SeriesStatus.DONE
+
+    def _previous_sr(self, job: ProcessJob) -> pydicom.Dataset | None:
+        """The SR of the latest earlier result version of the series, which this one supersedes."""
+        for version in range(job.version - 1, 0, -1):
+            path = self.spool.result_path(job.series_uid, version, "sr")
+            if path.is_file():
+                return pydicom.dcmread(path, stop_before_pixels=True)
+        return None
 
     def _queue_sends(self, job: ProcessJob, paths: list[Path]) -> None:
         if not self.config.destinations:

@@ -28,7 +28,16 @@ from reader.jobs import SendState, SeriesStatus
 from reader.node import Node
 from reader.send import Destination
 from tests.onnx_fixtures import manifest_dict, write_package
-from tests.peers import LOCALHOST, Orthanc, free_port, require_data, require_tool, storescu, wait_until
+from tests.peers import (
+    LOCALHOST,
+    Orthanc,
+    dciodvfy,
+    free_port,
+    require_data,
+    require_tool,
+    storescu,
+    wait_until,
+)
 
 DEADLINE_S = 120.0
 
@@ -106,8 +115,8 @@ def test_series_is_processed_after_release_and_results_kept(running: Node, ct_sl
 
 
 def test_late_instance_gives_a_superseding_version(running: Node, ct_slices: list[Path]) -> None:
-    """An instance arriving after processing yields result version 2 with new UIDs; resending the
-    same instances again changes nothing."""
+    """An instance arriving after processing yields result version 2 with new UIDs whose SR names
+    version 1 as its predecessor document; resending the same instances again changes nothing."""
     series_uid = _series_uid(ct_slices)
     _send(running, ct_slices[:-1])
     _wait_status(running, series_uid, 1, SeriesStatus.DONE)
@@ -117,6 +126,9 @@ def test_late_instance_gives_a_superseding_version(running: Node, ct_slices: lis
     v2 = pydicom.dcmread(running.spool.result_path(series_uid, 2, "sr"))
     assert v1.SOPInstanceUID != v2.SOPInstanceUID
     assert v1.StudyInstanceUID == v2.StudyInstanceUID
+    predecessor = v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == v1.SOPInstanceUID
+    assert dciodvfy(running.spool.result_path(series_uid, 2, "sr")) == []
     _send(running, ct_slices)
     wait_until(lambda: running.tracker.tracked() == 0 and not running.jobs.pending_jobs(), DEADLINE_S,
                "the resent series to be judged complete")

@@ -56,8 +56,13 @@ def _source_headers(volume: Volume) -> list[Dataset]:
     return headers
 
 
-def encode_results(volume: Volume, result: InferenceResult, result_version: int = 1) -> ResultObjects:
-    """Encode ``result`` on ``volume`` as SEG (if any finding) and TID 1500 SR; raises EncodingError."""
+def encode_results(volume: Volume, result: InferenceResult, result_version: int = 1,
+                   previous_sr: Dataset | None = None) -> ResultObjects:
+    """Encode ``result`` on ``volume`` as SEG (if any finding) and TID 1500 SR; raises EncodingError.
+
+    ``previous_sr`` is the SR of the result version this one supersedes: it is referenced in the
+    new SR's Predecessor Documents Sequence (PS3.3 C.17.2, SR Document General Module).
+    """
     started = time.perf_counter()
     sources = _source_headers(volume)
     algorithm = result.algorithm
@@ -76,7 +81,7 @@ def encode_results(volume: Volume, result: InferenceResult, result_version: int 
             sop_instance_uid=uid("seg-instance"),
         )
         clean_copied_attributes(seg, sources[0])
-    sr = build_report(volume, result, sources, seg=seg, numbers=numbers, uid=uid)
+    sr = build_report(volume, result, sources, seg=seg, numbers=numbers, uid=uid, previous=previous_sr)
     clean_copied_attributes(sr, sources[0])
     log.info(
         "results.encoded",

@@ -198,6 +198,7 @@ def build_report(
     seg: Dataset | None,
     numbers: Mapping[int, int],
     uid: Callable[[str], str],
+    previous: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for ``result``; ``seg`` is required when there are findings, ``uid(kind)`` makes UIDs."""
     if result.findings and seg is None:
@@ -236,6 +237,7 @@ def build_report(
             is_complete=False,
             is_final=False,
             is_verified=False,
+            previous_versions=[previous] if previous is not None else None,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"highdicom rejected the SR: {exc}") from exc
