@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -73,6 +74,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _serve(config: NodeConfig) -> int:
+    os.umask(0o077)  # everything the node writes carries patient data: owner-only
     from reader.node import Node, load_models  # noqa: PLC0415 - onnxruntime loads only for serve
 
     try:

@@ -16,8 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from reader.access import AccessPolicy, AllowedCaller, parse_network
 from reader.errors import ConfigError
 from reader.send import Destination
+from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -26,6 +28,7 @@ __all__ = [
     "ModelRef",
     "NodeConfig",
     "Route",
+    "SecurityConfig",
     "SendingConfig",
     "bundled_models_dir",
     "default_config",
@@ -98,6 +101,17 @@ class Route:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Who may associate (``reader.access``) and TLS on the listening port (``reader.tls``).
+
+    ``tls`` None serves plain DICOM; otherwise the port speaks only TLS (PS3.15 B.9).
+    """
+
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    tls: TlsServerConfig | None = None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything ``reader serve`` needs; built by :func:`load_config` or :func:`default_config`."""
 
@@ -113,6 +127,11 @@ class NodeConfig:
     routes: tuple[Route, ...] = ()
     max_associations: int = 16
     min_free_disk_bytes: int = 512 * 1024 * 1024  # below it C-STORE answers Out of Resources
+    max_pdu_bytes: int = 1024 * 1024  # largest PDU we tell peers to send us (PS3.8 D.1); 0 = no limit
+    acse_timeout: timedelta = timedelta(seconds=30)  # A-ASSOCIATE-RQ and A-RELEASE wait (accepting)
+    dimse_timeout: timedelta = timedelta(seconds=60)  # wait for the next DIMSE message
+    network_timeout: timedelta = timedelta(seconds=60)  # idle association, TLS handshake, stalled reads
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -151,10 +170,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
-    _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations"})
+    _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
+                     "security"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
-                           "min_free_disk_mb"})
+                           "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
+                           "dimse_timeout_seconds", "network_timeout_seconds"})
     models = _models(raw, base) if "models" in raw else defaults.models
     routes = _routes(raw, models) if "routes" in raw else defaults.routes
     return NodeConfig(
@@ -166,7 +187,16 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
                               "node.max_associations", 1, 1000),
         min_free_disk_bytes=_int(node.get("min_free_disk_mb", defaults.min_free_disk_bytes // 2**20),
                                  "node.min_free_disk_mb", 0, 2**30) * 2**20,
-        destinations=tuple(_destination(d, f"destinations[{i}]")
+        max_pdu_bytes=_max_pdu(node.get("max_pdu_bytes", defaults.max_pdu_bytes), "node.max_pdu_bytes"),
+        acse_timeout=_seconds(node.get("acse_timeout_seconds", defaults.acse_timeout.total_seconds()),
+                              "node.acse_timeout_seconds", 1, 3600),
+        dimse_timeout=_seconds(node.get("dimse_timeout_seconds", defaults.dimse_timeout.total_seconds()),
+                               "node.dimse_timeout_seconds", 1, 3600),
+        network_timeout=_seconds(node.get("network_timeout_seconds",
+                                          defaults.network_timeout.total_seconds()),
+                                 "node.network_timeout_seconds", 1, 3600),
+        security=_security(_table(raw, "security"), base),
+        destinations=tuple(_destination(d, f"destinations[{i}]", base)
                            for i, d in enumerate(_list(raw.get("destinations", []), "destinations"))),
         completion=_completion(_table(raw, "completion")),
         sending=_sending(_table(raw, "sending")),
@@ -188,7 +218,7 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
         changes["data_dir"] = Path(overrides["data_dir"])
     if overrides.get("destinations"):
         changes["destinations"] = tuple(
-            _destination(d, "--send-to") for d in overrides["destinations"]
+            _destination(d, "--send-to", Path.cwd()) for d in overrides["destinations"]
         )
     return replace(config, **changes)
 
@@ -290,20 +320,77 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
     return tuple(routes)
 
 
-def _destination(value: Any, key: str) -> Destination:
+def _destination(value: Any, key: str, base: Path) -> Destination:
     if isinstance(value, str):
         try:
             return Destination.parse(value)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from exc
     if isinstance(value, Mapping):
-        _known(value, key + ".", {"ae_title", "host", "port"})
+        _known(value, key + ".", {"ae_title", "host", "port", "tls", "certificate", "private_key",
+                                  "ca_certificates", "server_name"})
         return Destination(
             ae_title=_ae_title(value.get("ae_title"), key + ".ae_title"),
             host=_str(value.get("host"), key + ".host"),
             port=_port(value.get("port"), key + ".port"),
+            tls=_client_tls(value, key, base),
         )
     raise ConfigError(key, "must be 'AE@HOST:PORT' or a table with ae_title, host, port")
+
+
+def _client_tls(t: Mapping[str, Any], key: str, base: Path) -> TlsClientConfig | None:
+    """A destination's TLS settings; the files are loaded once here so a bad one fails at start."""
+    enabled = _bool(t.get("tls", False), key + ".tls")
+    extra = sorted(k for k in ("certificate", "private_key", "ca_certificates", "server_name") if k in t)
+    if not enabled:
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]}", "is only used with tls = true")
+        return None
+    tls = TlsClientConfig(
+        ca_certificates=_opt_path(t.get("ca_certificates"), key + ".ca_certificates", base),
+        certificate=_opt_path(t.get("certificate"), key + ".certificate", base),
+        private_key=_opt_path(t.get("private_key"), key + ".private_key", base),
+        server_name=_str(t["server_name"], key + ".server_name") if "server_name" in t else None,
+    )
+    client_context(tls, key=key)
+    return tls
+
+
+def _security(t: Mapping[str, Any], base: Path) -> SecurityConfig:
+    _known(t, "security.", {"allowed_callers", "tls"})
+    callers = []
+    for i, entry in enumerate(_list(t.get("allowed_callers", []), "security.allowed_callers")):
+        key = f"security.allowed_callers[{i}]"
+        if isinstance(entry, str):
+            entry = {"ae_title": entry}  # noqa: PLW2901 - a bare AE title is the short form of the table
+        if not isinstance(entry, Mapping):
+            raise ConfigError(key, "must be a table with ae_title and optional addresses, or an AE title")
+        _known(entry, key + ".", {"ae_title", "addresses"})
+        networks = []
+        for j, text in enumerate(_strs(entry.get("addresses", []), key + ".addresses")):
+            try:
+                networks.append(parse_network(text))
+            except ValueError as exc:
+                raise ConfigError(f"{key}.addresses[{j}]",
+                                  f"{text!r} is not an IP address or network (CIDR): {exc}") from exc
+        callers.append(AllowedCaller(_ae_title(entry.get("ae_title"), key + ".ae_title"), tuple(networks)))
+    tls_table = _table(t, "tls")
+    _known(tls_table, "security.tls.", {"enabled", "certificate", "private_key", "ca_certificates",
+                                        "require_client_certificate"})
+    tls = None
+    if _bool(tls_table.get("enabled", False), "security.tls.enabled"):
+        for required in ("certificate", "private_key"):
+            if required not in tls_table:
+                raise ConfigError(f"security.tls.{required}", "is required when enabled = true")
+        tls = TlsServerConfig(
+            certificate=_path(tls_table["certificate"], "security.tls.certificate", base),
+            private_key=_path(tls_table["private_key"], "security.tls.private_key", base),
+            ca_certificates=_opt_path(tls_table.get("ca_certificates"), "security.tls.ca_certificates", base),
+            require_client_certificate=_bool(tls_table.get("require_client_certificate", False),
+                                             "security.tls.require_client_certificate"),
+        )
+        server_context(tls)
+    return SecurityConfig(access=AccessPolicy(tuple(callers)), tls=tls)
 
 
 def _known(table: Mapping[str, Any], prefix: str, keys: set[str]) -> None:
@@ -351,6 +438,19 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     return value
 
 
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, "must be true or false")
+    return value
+
+
+def _max_pdu(value: Any, key: str) -> int:
+    size = _int(value, key, 0, 2**32 - 1)
+    if 0 < size < 4096:
+        raise ConfigError(key, f"must be 0 (no limit) or at least 4096 bytes, got {size}")
+    return size
+
+
 def _opt_int(value: Any, key: str) -> int | None:
     return None if value is None else _int(value, key, 0, 1_000_000)
 
@@ -380,3 +480,7 @@ def _seconds(value: Any, key: str, low: float, high: float) -> timedelta:
 def _path(value: Any, key: str, base: Path) -> Path:
     p = Path(_str(value, key)).expanduser()
     return p if p.is_absolute() else base / p
+
+
+def _opt_path(value: Any, key: str, base: Path) -> Path | None:
+    return None if value is None else _path(value, key, base)

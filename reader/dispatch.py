@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,11 +31,15 @@ class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
     def __init__(self, jobs: JobStore, scu: StoreSCU, config: SendingConfig,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 destinations: Mapping[str, Destination] | None = None) -> None:
+        """``destinations`` maps a ticket's ``AE@HOST:PORT`` to the configured destination, which
+        carries its TLS settings; a ticket naming no configured destination is sent as parsed."""
         self._jobs = jobs
         self._scu = scu
         self._config = config
         self._rng = rng or random.Random()
+        self._destinations = dict(destinations or {})
 
     def due(self, now: float) -> list[SendTicket]:
         """Pending tickets whose next attempt is due."""
@@ -46,12 +51,21 @@ class Dispatcher:
         return max(0.0, min(times) - now) if times else None
 
     def attempt(self, ticket: SendTicket) -> SendTicket:
-        """Make one delivery attempt and durably record its outcome."""
+        """Make one delivery attempt and durably record its outcome.
+
+        The ticket is read again first: one superseded (or re-queued) since ``due`` listed it is
+        returned as it now stands, unsent.
+        """
+        current = self._jobs.send(ticket.name)
+        if current is None or current.state is not SendState.PENDING:
+            return current or ticket
+        ticket = current
         attempts = ticket.attempts + 1
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
         try:
-            report = self._scu.send(Destination.parse(ticket.destination), [Path(f) for f in ticket.files])
+            destination = self._destinations.get(ticket.destination) or Destination.parse(ticket.destination)
+            report = self._scu.send(destination, [Path(f) for f in ticket.files])
         except PermanentSendError as exc:
             updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
                               last_status=exc.status)

@@ -202,8 +202,17 @@ class JobStore:
         return sorted(tickets, key=lambda t: t.created_at)
 
     def update_send(self, ticket: SendTicket) -> None:
-        """Durably record a send ticket's new state."""
+        """Durably record a send ticket's new state.
+
+        A ticket superseded meanwhile (a newer result version was queued while this one was being
+        attempted) stays superseded unless the attempt delivered it: a stale copy must not put it
+        back in the queue, or the older version could reach the PACS after the newer one.
+        """
         with self._lock:
+            current = self.send(ticket.name)
+            if (current is not None and current.state is SendState.SUPERSEDED
+                    and ticket.state is not SendState.DONE):
+                ticket = replace(ticket, state=SendState.SUPERSEDED)
             self._write_send(ticket)
 
     def _write_send(self, ticket: SendTicket) -> None:

@@ -23,7 +23,7 @@ from reader.dispatch import Dispatcher
 from reader.errors import StorageError
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, SeriesStatus
-from reader.pipeline import Pipeline
+from reader.pipeline import Pipeline, destination_key
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
@@ -53,8 +53,11 @@ class Node:
         self.tracker = CompletionTracker(config.completion)
         self.scp = StorageSCP(config, self.spool, self.tracker)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
-        scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout)
-        self.dispatcher = Dispatcher(self.jobs, scu, config.sending)
+        scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
+                       dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
+                       max_pdu=config.max_pdu_bytes)
+        by_key = {destination_key(d.ae_title, d.host, d.port): d for d in config.destinations}
+        self.dispatcher = Dispatcher(self.jobs, scu, config.sending, destinations=by_key)
         self._stopping = threading.Event()
         self._work = threading.Event()
         self._sends = threading.Event()
@@ -85,13 +88,15 @@ class Node:
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def _resume(self) -> None:
+        partial = self.spool.remove_partial_writes()
         for study_uid, series_uid in self.spool.stored_series():
             state = self.jobs.series_state(series_uid)
             stored = tuple(sorted(p.stem for p in self.spool.series_instances(study_uid, series_uid)))
             if state is None or state.instances != stored:
                 self.tracker.resume(study_uid, series_uid)
         pending = self.jobs.pending_jobs()
-        log.info("node.resumed", collecting=self.tracker.tracked(), queued=len(pending))
+        log.info("node.resumed", collecting=self.tracker.tracked(), queued=len(pending),
+                 partial_writes_removed=partial)
 
     def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

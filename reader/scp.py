@@ -3,6 +3,11 @@
 The C-STORE handler only stores: it checks the UIDs it needs for the file name, writes the peer's
 encoded bytes atomically (``reader.spool``) and answers Success; it never decodes pixel data, runs a
 model or opens a connection. Typed errors become a named DIMSE status here, at the edge.
+
+Who gets in: with TLS configured the port speaks only TLS (``reader.tls``, PS3.15 B.9), and the
+handshake runs in the association's thread before anything DICOM is read. When the A-ASSOCIATE-RQ
+arrives, the allow-list (``reader.access``) is applied; a caller it refuses gets A-ASSOCIATE-RJ
+"calling AE title not recognized" (PS3.8 9.3.4) and no presentation context is negotiated.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -44,7 +50,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from reader import dimse
+from reader import dimse, tls
+from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
@@ -123,6 +130,44 @@ def _handle_accepted(event: evt.Event) -> None:
              address=event.assoc.requestor.address)
 
 
+# A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
+_RJ_PERMANENT = 0x01
+_RJ_SOURCE_SERVICE_USER = 0x01
+_RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
+
+
+def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
+    """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
+    assoc = event.assoc
+    address = str(assoc.requestor.address)
+    try:
+        request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        decision = policy.decide(str(request.calling_ae_title), address)
+    except Exception:  # a handler error must refuse, not admit: pynetdicom would carry on
+        log.exception("association.check_failed", address=address)
+        decision = AccessDecision(Verdict.UNKNOWN_CALLING_AE, "", address)
+    if decision.accepted:
+        return
+    log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
+                address=address)
+    assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
+    assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
+
+
+def _handle_conn_open(event: evt.Event) -> None:
+    """Transport open: finish the TLS handshake here, in the connection's own thread.
+
+    On failure the connection is closed and the association given no time to wait for an
+    A-ASSOCIATE-RQ, so a refused peer does not hold one of ``max_associations`` for the ACSE timeout.
+    """
+    transport = event.assoc.dul.socket
+    if transport is None or transport.socket is None:
+        return
+    if not tls.handshake(transport.socket, str(event.assoc.requestor.address)):
+        transport.close()
+        event.assoc.acse_timeout = 0
+
+
 def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
     tracker.association_ended(id(event.assoc))
 
@@ -141,14 +186,18 @@ class StorageSCP:
         cfg = self._config
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
-        ae.maximum_pdu_size = 0  # no limit: senders may use large PDUs
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
+        ae.maximum_pdu_size = cfg.max_pdu_bytes  # advertised to peers (PS3.8 D.1); 0 = no limit
+        ae.acse_timeout = cfg.acse_timeout.total_seconds()
+        ae.dimse_timeout = cfg.dimse_timeout.total_seconds()
+        ae.network_timeout = cfg.network_timeout.total_seconds()
+        policy = cfg.security.access
+        if not policy.is_open:  # a second lock: pynetdicom's own check runs after _handle_requested
+            ae.require_calling_aet = list(policy.ae_titles)
         ae.add_supported_context(Verification)
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, _handle_requested, [policy]),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker]),
             (evt.EVT_ACCEPTED, _handle_accepted),
@@ -156,8 +205,15 @@ class StorageSCP:
             (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
             (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),
         ]
-        self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
-        log.info("scp.listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.port)
+        context = None
+        if cfg.security.tls is not None:
+            context = tls.server_context(cfg.security.tls,
+                                         handshake_timeout_s=cfg.network_timeout.total_seconds())
+            handlers.append((evt.EVT_CONN_OPEN, _handle_conn_open))
+        self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers,
+                                       ssl_context=context)
+        log.info("scp.listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.port,
+                 tls=context is not None, allow_list=len(policy.callers))
 
     @property
     def port(self) -> int:

@@ -27,7 +27,8 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from reader import dimse
-from reader.errors import PermanentSendError, StorageError, TransientSendError
+from reader.errors import ConfigError, PermanentSendError, StorageError, TransientSendError
+from reader.tls import TlsClientConfig, client_context
 
 __all__ = ["Destination", "SendReport", "StoreSCU", "validate_ae_title"]
 
@@ -68,11 +69,16 @@ def validate_ae_title(value: str, what: str = "AE title") -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE SCP to send to: its AE title and TCP address."""
+    """A C-STORE SCP to send to: its AE title, TCP address and, when set, TLS (PS3.15 B.9).
+
+    ``tls`` is not part of the ``AE@HOST:PORT`` text form; a send ticket finds it again through
+    the configured destination with the same address (``reader.dispatch``).
+    """
 
     ae_title: str
     host: str
     port: int
+    tls: TlsClientConfig | None = None
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title, "destination AE title")
@@ -203,6 +209,7 @@ class StoreSCU:
                 destination_ae=destination.ae_title,
                 host=destination.host,
                 port=destination.port,
+                tls=destination.tls is not None,
                 contexts=len(pairs),
                 count=len(metas),
                 seconds=round(time.monotonic() - started, 4),
@@ -238,12 +245,20 @@ class StoreSCU:
         ae.network_timeout = self._network_s
         ae.maximum_pdu_size = self._max_pdu
         contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        tls_args = None
+        if destination.tls is not None:
+            try:  # loaded per association, so renewed certificates are picked up without a restart
+                context = client_context(destination.tls, key=f"destination {destination}")
+            except ConfigError as exc:
+                raise TransientSendError(f"TLS settings for {destination} do not load: {exc}") from exc
+            tls_args = (context, destination.tls.server_name or destination.host)
         assoc = ae.associate(
             destination.host,
             destination.port,
             contexts=contexts,
             ae_title=destination.ae_title,
             max_pdu=self._max_pdu,
+            tls_args=tls_args,
         )
         if assoc.is_established:
             # pynetdicom never sets TCP_NODELAY; without it each C-STORE waits on Nagle (~4x slower).
@@ -258,9 +273,8 @@ class StoreSCU:
                 f"{destination} accepted none of the {len(pairs)} proposed presentation contexts",
                 dimse.SOP_CLASS_NOT_SUPPORTED,
             )
-        raise TransientSendError(
-            f"no association with {destination}: connection refused, timed out or aborted"
-        )
+        what = "refused, timed out or aborted" + (", or the TLS handshake failed" if tls_args else "")
+        raise TransientSendError(f"no association with {destination}: connection {what}")
 
     def _check_contexts(self, assoc: Association, destination: Destination, metas: list[_FileMeta]) -> None:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}

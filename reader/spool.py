@@ -55,8 +55,9 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    created = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    for folder in reversed(missing):  # mkdir(parents=True) would give the parents default modes
+        folder.mkdir(mode=0o700, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
     tmp = Path(tmp_name)
     try:
@@ -70,8 +71,8 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
             tmp.unlink()
         raise StorageError(f"cannot write {path.name}: {exc.strerror}") from exc
     _fsync_dir(path.parent)
-    if created:  # the new folder's own entry must be durable too
-        _fsync_dir(path.parent.parent)
+    for folder in missing:  # each new folder's entry must be durable too
+        _fsync_dir(folder.parent)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,19 @@ class Spool:
         self.root.chmod(0o700)  # instances carry patient data: the service user alone reads them
         for sub in ("tmp", "incoming", "state/series", "state/jobs", "state/sends", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def remove_partial_writes(self) -> int:
+        """Delete what writes interrupted by a crash left in ``tmp/``; returns how many.
+
+        Only the node calls this, at start-up, before anything writes: ``reader status`` opens
+        the same spool while a node may be writing.
+        """
+        removed = 0
+        for leftover in (self.root / "tmp").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+        return removed
 
     # --- instances -------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

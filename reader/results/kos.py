@@ -1,0 +1,146 @@
+"""A flagged study's Key Object Selection document (PS3.3 A.35.4, Key Object Selection Document IOD).
+
+Content tree (PS3.16 TID 2010 Key Object Selection)::
+
+    CONTAINER (128201, DCM, "For Physician Review")       document title, CID 7010
+      observation context: the algorithm as device (TID 1002/1004)
+      TEXT (113012, DCM, "Key Object Description")       why it was flagged, AI notice
+      IMAGE   the source slices each triggering finding touches, in slice order
+      IMAGE   the SEG (an image object: it has Rows and Columns)
+      COMPOSITE the TID 1500 SR
+
+"For Physician Review" is the CID 7010 title that says what the flag asks for; (113000, DCM,
+"Of Interest") would be the generic alternative. Only triggering findings make key images: the KOS
+points the radiologist at what the rule flagged, the SR and SEG hold everything. UIDs are derived
+like the SEG's and SR's (:func:`reader.results.uids.result_uid`, kinds ``kos-series`` and
+``kos-instance``), so a re-send replaces the document instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import structlog
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+
+from reader.errors import EncodingError
+from reader.findings import Finding, InferenceResult
+from reader.flag import FlagDecision
+from reader.results.clean import clean_copied_attributes
+from reader.results.sr import AI_NOTICE
+from reader.results.uids import device_observer_uid, result_uid
+from reader.volume import Volume
+
+__all__ = ["KOS_SERIES_DESCRIPTION", "KOS_SERIES_NUMBER", "KOS_TITLE", "encode_kos", "kos_description"]
+
+log = structlog.get_logger(__name__)
+
+KOS_SERIES_NUMBER = 9903
+KOS_SERIES_DESCRIPTION = "AI second reader KOS - flagged for review"
+KOS_TITLE = codes.cid7010.ForPhysicianReview  # (128201, DCM, "For Physician Review")
+_DESCRIPTION_MAX = 1024  # a short text for the viewer's key-image panel; the SR has the details
+
+
+def kos_description(decision: FlagDecision, findings: Sequence[Finding]) -> str:
+    """The Key Object Description text: the rule, the triggering findings and the AI notice."""
+    by_number = {finding.number: finding for finding in findings}
+    parts = []
+    for number in decision.triggering_findings:
+        finding = by_number[number]
+        parts.append(
+            f"finding {number} ({finding.finding_class.name}, {finding.longest_diameter_mm:.1f} mm, "
+            f"score {finding.score:.2f})"
+        )
+    text = f"Flagged by AI second reader ({decision.rule}): {'; '.join(parts)}. {AI_NOTICE}"
+    return text if len(text) <= _DESCRIPTION_MAX else text[: _DESCRIPTION_MAX - 3] + "..."
+
+
+def _key_image_headers(volume: Volume, result: InferenceResult, decision: FlagDecision) -> list[Dataset]:
+    """Headers (no Pixel Data) of the distinct source instances the triggering findings touch."""
+    by_number = {finding.number: finding for finding in result.findings}
+    unknown = [n for n in decision.triggering_findings if n not in by_number]
+    if unknown:
+        raise EncodingError(f"the flag decision names findings the result lacks: {unknown}")
+    slices = sorted({i for n in decision.triggering_findings for i in by_number[n].slice_indices})
+    if slices and not 0 <= slices[0] <= slices[-1] < len(volume.sources):
+        raise EncodingError(f"finding slice indices outside 0..{len(volume.sources) - 1}")
+    paths: list[Path] = list(dict.fromkeys(volume.sources[i].path for i in slices))
+    headers: list[Dataset] = []
+    for path in paths:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError) as exc:
+            raise EncodingError(f"cannot read source header {path.name}: {exc}") from exc
+    return headers
+
+
+def _observer(result: InferenceResult) -> hd.sr.ObserverContext:
+    """The algorithm as device observer (TID 1004), as in the SR."""
+    algorithm = result.algorithm
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(algorithm.name, algorithm.version, algorithm.source),
+            name=algorithm.name,
+            manufacturer_name=algorithm.source,
+            model_name=f"{algorithm.name} {algorithm.version}",
+        ),
+    )
+
+
+def encode_kos(
+    volume: Volume,
+    result: InferenceResult,
+    *,
+    seg: Dataset | None,
+    sr: Dataset,
+    result_version: int,
+    decision: FlagDecision,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """The KOS of a flagged result; raises EncodingError for an unflagged decision or a missing SEG."""
+    if not decision.flagged:
+        raise EncodingError("a KOS is only made for a flagged study")
+    if seg is None:
+        raise EncodingError("a flagged study has findings, so its SEG is required")
+    started = time.perf_counter()
+    key_images = _key_image_headers(volume, result, decision)
+    algorithm = result.algorithm
+    referenced = [*key_images, seg, sr]
+    try:
+        content = hd.ko.KeyObjectSelection(
+            document_title=KOS_TITLE,
+            referenced_objects=referenced,
+            observer_device_context=_observer(result),
+            description=kos_description(decision, result.findings),
+        )
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=referenced,
+            content=content,
+            series_instance_uid=result_uid(
+                volume.series_instance_uid, algorithm.name, algorithm.version, result_version, "kos-series"
+            ),
+            series_number=KOS_SERIES_NUMBER,
+            sop_instance_uid=result_uid(
+                volume.series_instance_uid, algorithm.name, algorithm.version, result_version, "kos-instance"
+            ),
+            instance_number=1,
+            manufacturer=algorithm.source,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise EncodingError(f"highdicom rejected the KOS: {exc}") from exc
+    kos.SeriesDescription = KOS_SERIES_DESCRIPTION
+    clean_copied_attributes(kos, key_images[0])
+    log.info(
+        "results.kos_encoded",
+        series_uid=volume.series_instance_uid,
+        key_images=len(key_images),
+        findings=len(decision.triggering_findings),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return kos
