@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 
 from reader.config import CompletionConfig
 from reader.errors import InputRejected
 
-__all__ = ["CompletionTracker", "SeriesSummary", "summarize_series"]
+__all__ = ["CompleteSeries", "CompletionTracker", "SeriesSummary", "summarize_series"]
 
 
 @dataclass
@@ -34,6 +35,15 @@ class _Activity:
     last_event: float
     last_instance: float
     open_associations: set[int] = field(default_factory=set)
+    stat: bool = False
+
+
+class CompleteSeries(NamedTuple):
+    """A series whose completion was just inferred; ``stat`` when a sender marked it urgent."""
+
+    study_uid: str
+    series_uid: str
+    stat: bool = False
 
 
 class CompletionTracker:
@@ -47,14 +57,17 @@ class CompletionTracker:
         self._by_association: dict[int, set[str]] = {}
         self._changed = threading.Condition()
 
-    def instance_stored(self, association_id: int, study_uid: str, series_uid: str) -> None:
-        """An instance of ``series_uid`` was stored on association ``association_id``."""
+    def instance_stored(self, association_id: int, study_uid: str, series_uid: str,
+                        stat: bool = False) -> None:
+        """An instance of ``series_uid`` was stored on association ``association_id``; ``stat``
+        when the C-STORE request had Priority HIGH (PS3.7 9.1.1.1)."""
         now = self._clock()
         with self._changed:
             act = self._series.get(series_uid)
             if act is None:
                 act = self._series[series_uid] = _Activity(study_uid, now, now)
             act.last_event = act.last_instance = now
+            act.stat = act.stat or stat
             act.open_associations.add(association_id)
             self._by_association.setdefault(association_id, set()).add(series_uid)
             self._changed.notify_all()
@@ -77,12 +90,14 @@ class CompletionTracker:
             self._series.setdefault(series_uid, _Activity(study_uid, now, now))
             self._changed.notify_all()
 
-    def pop_complete(self) -> list[tuple[str, str]]:
-        """(study UID, series UID) of series complete now; they stop being tracked."""
+    def pop_complete(self) -> list[CompleteSeries]:
+        """Series complete now, STAT ones first; they stop being tracked."""
         now = self._clock()
         with self._changed:
             done = [uid for uid, act in self._series.items() if self._deadline(act) <= now]
-            return [(self._series.pop(uid).study_uid, uid) for uid in done]
+            popped = [(uid, self._series.pop(uid)) for uid in done]
+            return sorted((CompleteSeries(a.study_uid, uid, a.stat) for uid, a in popped),
+                          key=lambda c: not c.stat)
 
     def wait(self, timeout: float) -> None:
         """Block until activity is reported, the next series may complete, or ``timeout`` passes."""

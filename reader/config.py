@@ -8,6 +8,7 @@ and the problem, before a port opens. Durations are :class:`datetime.timedelta`,
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,9 @@ from typing import Any
 
 from reader.access import AccessPolicy, AllowedCaller, parse_network
 from reader.errors import ConfigError
+from reader.flag import FlagRule, parse_flag_rule
+from reader.notify.hl7 import MllpEndpoint
+from reader.notify.webhook import WebhookEndpoint
 from reader.send import Destination
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
@@ -98,6 +102,36 @@ class Route:
     max_instances: int | None = None
     min_slice_thickness_mm: float | None = None
     max_slice_thickness_mm: float | None = None
+    flag: FlagRule = field(default_factory=FlagRule.any_finding)  # docs/worklist.md
+
+
+@dataclass(frozen=True)
+class Hl7Target:
+    """A RIS/worklist receiving an HL7 v2.5.1 ORU^R01 per processed study (docs/worklist.md)."""
+
+    endpoint: MllpEndpoint
+    receiving_application: str
+    receiving_facility: str
+    send_negative: bool = True  # also report studies reviewed without a flag
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A URL receiving a signed JSON event per processed study (docs/worklist.md)."""
+
+    endpoint: WebhookEndpoint
+    send_negative: bool = True
+
+
+@dataclass(frozen=True)
+class WorklistConfig:
+    """Flag delivery beyond the PACS: HL7 to the RIS, webhooks, and what counts as STAT."""
+
+    sending_application: str = "SECONDREADER"
+    sending_facility: str = "RADIOLOGY"
+    hl7: tuple[Hl7Target, ...] = ()
+    webhooks: tuple[WebhookTarget, ...] = ()
+    stat_accession_prefixes: tuple[str, ...] = ()  # plus C-STORE Priority HIGH (PS3.7 9.1.1.1.5)
 
 
 @dataclass(frozen=True)
@@ -132,6 +166,7 @@ class NodeConfig:
     dimse_timeout: timedelta = timedelta(seconds=60)  # wait for the next DIMSE message
     network_timeout: timedelta = timedelta(seconds=60)  # idle association, TLS handshake, stalled reads
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    worklist: WorklistConfig = field(default_factory=WorklistConfig)
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -171,7 +206,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security"})
+                     "security", "hl7", "webhooks", "priority"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -203,6 +238,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         inference=_inference(_table(raw, "inference")),
         models=models,
         routes=routes,
+        worklist=_worklist(raw, base),
     )
 
 
@@ -291,7 +327,7 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
             raise ConfigError(key, "must be a table")
         _known(entry, key + ".", {"name", "model", "modalities", "sop_classes", "body_parts",
                                   "series_description", "min_instances", "max_instances",
-                                  "min_slice_thickness_mm", "max_slice_thickness_mm"})
+                                  "min_slice_thickness_mm", "max_slice_thickness_mm", "flag"})
         model = _str(entry.get("model"), key + ".model")
         if model not in names:
             raise ConfigError(key + ".model", f"no model named {model!r} in [models]")
@@ -316,8 +352,82 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
                                               key + ".min_slice_thickness_mm"),
             max_slice_thickness_mm=_opt_float(entry.get("max_slice_thickness_mm"),
                                               key + ".max_slice_thickness_mm"),
+            flag=parse_flag_rule(_table(entry, "flag"), key + ".flag") if "flag" in entry
+            else FlagRule.any_finding(),
         ))
     return tuple(routes)
+
+
+def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
+    d = WorklistConfig()
+    hl7 = _table(raw, "hl7")
+    _known(hl7, "hl7.", {"sending_application", "sending_facility", "endpoints"})
+    priority = _table(raw, "priority")
+    _known(priority, "priority.", {"stat_accession_prefixes"})
+    return WorklistConfig(
+        sending_application=_str(hl7.get("sending_application", d.sending_application),
+                                 "hl7.sending_application"),
+        sending_facility=_str(hl7.get("sending_facility", d.sending_facility), "hl7.sending_facility"),
+        hl7=tuple(_hl7_target(e, f"hl7.endpoints[{i}]")
+                  for i, e in enumerate(_list(hl7.get("endpoints", []), "hl7.endpoints"))),
+        webhooks=tuple(_webhook_target(e, f"webhooks[{i}]", base)
+                       for i, e in enumerate(_list(raw.get("webhooks", []), "webhooks"))),
+        stat_accession_prefixes=_strs(priority.get("stat_accession_prefixes", []),
+                                      "priority.stat_accession_prefixes"),
+    )
+
+
+def _entry(value: Any, key: str, keys: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be a table")
+    _known(value, key + ".", keys)
+    return value
+
+
+def _hl7_target(value: Any, key: str) -> Hl7Target:
+    t = _entry(value, key, {"host", "port", "receiving_application", "receiving_facility",
+                            "timeout_seconds", "transient_ack_codes", "send_negative"})
+    timeout = _seconds(t.get("timeout_seconds", 30), key + ".timeout_seconds", 0.1, 600)
+    mllp = MllpEndpoint(
+        host=_str(t.get("host"), key + ".host"), port=_port(t.get("port"), key + ".port"),
+        timeout_s=timeout.total_seconds(),
+        transient_ack_codes=frozenset(_strs(t.get("transient_ack_codes", ["AR", "CE"]),
+                                            key + ".transient_ack_codes", upper=True)),
+    )
+    return Hl7Target(
+        mllp,
+        receiving_application=_str(t.get("receiving_application", "RIS"), key + ".receiving_application"),
+        receiving_facility=_str(t.get("receiving_facility", "RADIOLOGY"), key + ".receiving_facility"),
+        send_negative=_bool(t.get("send_negative", True), key + ".send_negative"),
+    )
+
+
+def _webhook_target(value: Any, key: str, base: Path) -> WebhookTarget:
+    t = _entry(value, key, {"url", "secret_env", "secret_file", "timeout_seconds", "send_negative"})
+    timeout = _seconds(t.get("timeout_seconds", 30), key + ".timeout_seconds", 0.1, 600)
+    try:
+        hook = WebhookEndpoint(url=_str(t.get("url"), key + ".url"), secret=_secret(t, key, base),
+                               timeout_s=timeout.total_seconds())
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
+    return WebhookTarget(hook, send_negative=_bool(t.get("send_negative", True), key + ".send_negative"))
+
+
+def _secret(t: Mapping[str, Any], key: str, base: Path) -> bytes:
+    """A webhook secret from an environment variable or a file, never from the config itself."""
+    if ("secret_env" in t) == ("secret_file" in t):
+        raise ConfigError(key + ".secret_env", "give exactly one of secret_env and secret_file")
+    if "secret_env" in t:
+        name = _str(t["secret_env"], key + ".secret_env")
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(key + ".secret_env", f"environment variable {name} is not set")
+        return value.encode()
+    path = _path(t["secret_file"], key + ".secret_file", base)
+    try:
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(key + ".secret_file", f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _destination(value: Any, key: str, base: Path) -> Destination:

@@ -1,6 +1,9 @@
-"""Dispatch: deliver send tickets to their destinations, with durable retries.
+"""Dispatch: deliver send tickets to their targets, with durable retries.
 
-Each attempt is one association (``reader.send.StoreSCU``). The outcome is classified:
+A ticket names its target by key: ``AE@HOST:PORT`` for a DICOM destination (one association per
+attempt, ``reader.send.StoreSCU``), ``mllp://HOST:PORT`` for an HL7 listener
+(``reader.notify.hl7``), an ``http(s)://`` URL for a webhook (``reader.notify.webhook``); targets
+register by key (:class:`Delivery`). Every kind raises the same typed errors, classified alike:
 success -> done; transient failure -> retried with exponential backoff and jitter until
 ``max_attempts``, then parked; permanent failure (PS3.4 C-STORE failure statuses such as
 0xA9xx/0xCxxx/0x0122, or a rejected calling AE) -> parked at once with the reason. Parked tickets
@@ -11,35 +14,93 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
 from reader.config import SendingConfig
 from reader.errors import PermanentSendError, SendError, TransientSendError
 from reader.jobs import JobStore, SendState, SendTicket, backoff
+from reader.notify.hl7 import MllpEndpoint, send_oru
+from reader.notify.webhook import WebhookEndpoint, post_event
 from reader.send import Destination, StoreSCU
 
-__all__ = ["Dispatcher"]
+__all__ = ["Delivery", "DicomDelivery", "Dispatcher", "MllpDelivery", "WebhookDelivery"]
 
 log = structlog.get_logger(__name__)
+
+
+class Delivery(Protocol):
+    """One target of send tickets: delivers a ticket's files or raises a SendError."""
+
+    def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
+        """Deliver ``files``; returns fields for the ``result.sent`` event."""
+        ...
+
+
+@dataclass(frozen=True)
+class DicomDelivery:
+    """C-STORE of result objects to a DICOM destination (TLS settings included)."""
+
+    scu: StoreSCU
+    destination: Destination
+
+    def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
+        """Store every file on one association."""
+        report = self.scu.send(self.destination, list(files))
+        return {"instances": len(report.sent), "warnings": len(report.warnings),
+                "seconds": round(report.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class MllpDelivery:
+    """An ORU^R01, rendered at queue time, to an HL7 listener."""
+
+    endpoint: MllpEndpoint
+
+    def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
+        """Send each rendered message and read its ACK."""
+        acks = [send_oru(self.endpoint, Path(f).read_text(encoding="utf-8")) for f in files]
+        return {"acks": acks}
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A signed JSON event, rendered at queue time, to a URL."""
+
+    endpoint: WebhookEndpoint
+
+    def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
+        """POST each rendered event."""
+        return {"http_status": [post_event(self.endpoint, Path(f).read_bytes()) for f in files]}
 
 
 class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
-    def __init__(self, jobs: JobStore, scu: StoreSCU, config: SendingConfig,
-                 rng: random.Random | None = None,
-                 destinations: Mapping[str, Destination] | None = None) -> None:
-        """``destinations`` maps a ticket's ``AE@HOST:PORT`` to the configured destination, which
-        carries its TLS settings; a ticket naming no configured destination is sent as parsed."""
+    def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
+                 scu: StoreSCU, rng: random.Random | None = None) -> None:
+        """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
+        configured is still sent, as parsed, with ``scu``; another unknown key is parked."""
         self._jobs = jobs
-        self._scu = scu
         self._config = config
+        self._targets = dict(targets)
+        self._scu = scu
         self._rng = rng or random.Random()
-        self._destinations = dict(destinations or {})
+
+    def _target(self, key: str) -> Delivery:
+        target = self._targets.get(key)
+        if target is not None:
+            return target
+        if "://" in key:
+            raise PermanentSendError(f"{key} is no longer configured")
+        try:
+            return DicomDelivery(self._scu, Destination.parse(key))
+        except ValueError as exc:
+            raise PermanentSendError(f"unusable destination {key!r}: {exc}") from exc
 
     def due(self, now: float) -> list[SendTicket]:
         """Pending tickets whose next attempt is due."""
@@ -64,8 +125,7 @@ class Dispatcher:
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
         try:
-            destination = self._destinations.get(ticket.destination) or Destination.parse(ticket.destination)
-            report = self._scu.send(destination, [Path(f) for f in ticket.files])
+            sent = self._target(ticket.destination).deliver([Path(f) for f in ticket.files])
         except PermanentSendError as exc:
             updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
                               last_status=exc.status)
@@ -86,7 +146,6 @@ class Dispatcher:
         else:
             updated = replace(ticket, state=SendState.DONE, attempts=attempts, last_error="",
                               last_status=None)
-            bound.info("result.sent", instances=len(report.sent), warnings=len(report.warnings),
-                       seconds=round(report.seconds, 3))
+            bound.info("result.sent", **sent)
         self._jobs.update_send(updated)
         return updated

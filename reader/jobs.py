@@ -55,6 +55,7 @@ class SeriesState:
     status: SeriesStatus
     reason: str = ""
     updated_at: float = 0.0
+    flag: dict[str, Any] | None = None  # reader.flag.FlagDecision.as_record() of a processed series
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class JobStore:
             study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
             instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
+            flag=raw.get("flag"),
         )
 
     def record_series(self, state: SeriesState) -> None:
@@ -155,13 +157,14 @@ class JobStore:
                 jobs.append(ProcessJob(**raw))
         return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
 
-    def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "") -> None:
+    def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
+                   flag: dict[str, Any] | None = None) -> None:
         """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
         with self._lock:
             if not self.job_is_current(job):
                 return  # a newer version is queued; its own outcome will be recorded
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
-                                           status, reason))
+                                           status, reason, flag=flag))
             self.spool.delete_state("jobs", job.series_uid)
 
     def job_is_current(self, job: ProcessJob) -> bool:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
+import pydicom
 import structlog
 
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
-from reader.dispatch import Dispatcher
+from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, WebhookDelivery
 from reader.errors import StorageError
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, SeriesStatus
@@ -32,6 +34,9 @@ __all__ = ["Node", "load_models"]
 
 log = structlog.get_logger(__name__)
 
+PRIORITY_ROUTINE = 0
+PRIORITY_STAT = 1  # processed before routine work already queued (reader.jobs orders by priority)
+
 
 def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
     """Load every model a route refers to, once; raises ModelError (ManifestError) on a bad package."""
@@ -41,6 +46,15 @@ def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
                                 fp16=config.inference.fp16)
         for name in names
     }
+
+
+def _targets(config: NodeConfig, scu: StoreSCU) -> dict[str, Delivery]:
+    """Every configured send target by the key its tickets carry."""
+    targets: dict[str, Delivery] = {
+        destination_key(d.ae_title, d.host, d.port): DicomDelivery(scu, d) for d in config.destinations}
+    targets.update({h.endpoint.key: MllpDelivery(h.endpoint) for h in config.worklist.hl7})
+    targets.update({w.endpoint.key: WebhookDelivery(w.endpoint) for w in config.worklist.webhooks})
+    return targets
 
 
 class Node:
@@ -56,8 +70,7 @@ class Node:
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
-        by_key = {destination_key(d.ae_title, d.host, d.port): d for d in config.destinations}
-        self.dispatcher = Dispatcher(self.jobs, scu, config.sending, destinations=by_key)
+        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu)
         self._stopping = threading.Event()
         self._work = threading.Event()
         self._sends = threading.Event()
@@ -112,14 +125,24 @@ class Node:
     def _completion_loop(self) -> None:
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            for study_uid, series_uid in self.tracker.pop_complete():
-                instances = tuple(p.stem for p in self.spool.series_instances(study_uid, series_uid))
-                job = self.jobs.enqueue_if_changed(study_uid, series_uid, instances)
+            for study_uid, series_uid, stat in self.tracker.pop_complete():
+                files = self.spool.series_instances(study_uid, series_uid)
+                priority = PRIORITY_STAT if stat or self._stat_by_rule(files) else PRIORITY_ROUTINE
+                job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
+                                                   priority=priority)
                 log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
-                         instances=len(instances), queued=job is not None,
+                         instances=len(files), queued=job is not None, priority=priority,
                          version=job.version if job else None)
                 if job is not None:
                     self._work.set()
+
+    def _stat_by_rule(self, files: list[Path]) -> bool:
+        """True when the series' accession number has a configured STAT prefix (e.g. "ED")."""
+        prefixes = self.config.worklist.stat_accession_prefixes
+        if not prefixes or not files:
+            return False
+        header = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["AccessionNumber"])
+        return str(header.get("AccessionNumber", "")).startswith(prefixes)
 
     def _processing_loop(self) -> None:
         while not self._stopping.is_set():

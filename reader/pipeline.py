@@ -7,6 +7,7 @@ are *skipped* with the reason, model and encoder failures *failed* with the reas
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Mapping
@@ -19,9 +20,14 @@ import structlog
 from reader.assemble import summarize_series
 from reader.config import NodeConfig
 from reader.errors import EncodingError, InputRejected, ModelError
+from reader.flag import decide
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
+from reader.notify.hl7 import build_oru, message_control_id
+from reader.notify.summary import StudyReport
+from reader.notify.webhook import event_json
 from reader.results import encode_results
+from reader.results.kos import encode_kos
 from reader.routing import Skip, route_series
 from reader.spool import Spool
 from reader.volume import load_volume
@@ -53,13 +59,14 @@ class Pipeline:
         files = [p for p in self.spool.series_instances(job.study_uid, job.series_uid) if p.stem in wanted]
         try:
             summary = summarize_series(job.study_uid, job.series_uid, files)
-            decision = route_series(self.config.routes, summary)
-            if isinstance(decision, Skip):
-                bound.info("series.skipped", reason=decision.reason)
-                self.jobs.finish_job(job, SeriesStatus.SKIPPED, decision.reason)
+            routed = route_series(self.config.routes, summary)
+            if isinstance(routed, Skip):
+                bound.info("series.skipped", reason=routed.reason)
+                self.jobs.finish_job(job, SeriesStatus.SKIPPED, routed.reason)
                 return SeriesStatus.SKIPPED
-            model = self.models[decision.route.model]
-            bound.info("series.routed", route=decision.route.name, model=model.manifest.model.name,
+            route = routed.route
+            model = self.models[route.model]
+            bound.info("series.routed", route=route.name, model=model.manifest.model.name,
                        instances=len(files))
             t1 = time.perf_counter()
             volume = load_volume(files)
@@ -68,6 +75,11 @@ class Pipeline:
             t3 = time.perf_counter()
             objects = encode_results(volume, result, result_version=job.version,
                                      previous_sr=self._previous_sr(job))
+            flag = decide(route.flag, result.findings)
+            kos = None
+            if flag.flagged:
+                kos = encode_kos(volume, result, seg=objects.seg, sr=objects.sr,
+                                 result_version=job.version, decision=flag)
             t4 = time.perf_counter()
         except InputRejected as exc:
             bound.warning("series.rejected", reason=exc.reason, detail=exc.detail)
@@ -77,25 +89,57 @@ class Pipeline:
             bound.error("series.failed", error=type(exc).__name__, detail=str(exc))
             self.jobs.finish_job(job, SeriesStatus.FAILED, f"{type(exc).__name__}: {exc}")
             return SeriesStatus.FAILED
-        bound.info("inference.summary", provider=result.provider, findings=len(result.findings),
-                   positive=result.positive)
-        paths = []
-        for kind, ds in (("seg", objects.seg), ("sr", objects.sr)):
-            if ds is not None:
-                buffer = io.BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                paths.append(self.spool.write_result(job.series_uid, job.version, kind, buffer.getvalue()))
+        encoded = [(kind, ds) for kind, ds in (("SEG", objects.seg), ("SR", objects.sr), ("KOS", kos))
+                   if ds is not None]
+        paths = [self._write_dataset(job, kind.lower(), ds) for kind, ds in encoded]
+        report = StudyReport.build(
+            source=pydicom.dcmread(volume.sources[0].path, stop_before_pixels=True),
+            series_instance_uid=job.series_uid, decision=flag, findings=result.findings,
+            algorithm=result.algorithm, result_version=job.version, objects=encoded)
+        notifications = self._render_notifications(job, report)
         t5 = time.perf_counter()
         if not self.jobs.job_is_current(job):
             bound.info("series.superseded")
             return SeriesStatus.DONE
         self._queue_sends(job, paths)
-        self.jobs.finish_job(job, SeriesStatus.DONE)
-        bound.info("series.processed", findings=len(result.findings), route=decision.route.name,
+        for key, path in notifications:
+            self.jobs.add_send(job.series_uid, job.version, key, [path])
+        self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record())
+        bound.info("series.processed", findings=len(result.findings), flag=flag.state.value,
+                   route=route.name, provider=result.provider,
                    seconds_route=round(t1 - t0, 3), seconds_volume=round(t2 - t1, 3),
                    seconds_inference=round(t3 - t2, 3), seconds_encode=round(t4 - t3, 3),
                    seconds_write=round(t5 - t4, 3), seconds_total=round(time.perf_counter() - t0, 3))
         return SeriesStatus.DONE
+
+    def _write_dataset(self, job: ProcessJob, kind: str, ds: pydicom.Dataset) -> Path:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return self.spool.write_result(job.series_uid, job.version, kind, buffer.getvalue())
+
+    def _render_notifications(self, job: ProcessJob, report: StudyReport) -> list[tuple[str, Path]]:
+        """Render each HL7 message and the webhook event once, durably, so every retry sends the
+        same bytes; returns (ticket destination key, file) pairs. Negative studies go only to
+        targets that want them (``send_negative``)."""
+        worklist = self.config.worklist
+        out: list[tuple[str, Path]] = []
+        for hl7 in worklist.hl7:
+            if report.flagged or hl7.send_negative:
+                key = hl7.endpoint.key
+                message = build_oru(report, sending_app=worklist.sending_application,
+                                    sending_facility=worklist.sending_facility,
+                                    receiving_app=hl7.receiving_application,
+                                    receiving_facility=hl7.receiving_facility,
+                                    control_id=message_control_id(job.series_uid, job.version, key))
+                name = "hl7-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+                out.append((key, self.spool.write_result(job.series_uid, job.version, name,
+                                                         message.encode("utf-8"), suffix=".hl7")))
+        hooks = [w for w in worklist.webhooks if report.flagged or w.send_negative]
+        if hooks:
+            path = self.spool.write_result(job.series_uid, job.version, "webhook", event_json(report),
+                                           suffix=".json")
+            out.extend((w.endpoint.key, path) for w in hooks)
+        return out
 
     def _previous_sr(self, job: ProcessJob) -> pydicom.Dataset | None:
         """The SR of the latest earlier result version of the series, which this one supersedes."""

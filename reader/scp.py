@@ -61,6 +61,8 @@ __all__ = ["IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP"]
 
 log = structlog.get_logger(__name__)
 
+PRIORITY_HIGH = 0x0001  # C-STORE-RQ Priority (0000,0700): LOW 0x0002, MEDIUM 0x0000, HIGH 0x0001 (PS3.7)
+
 IMAGE_STORAGE_CLASSES = (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -115,7 +117,7 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) ->
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
         return dimse.OUT_OF_RESOURCES
-    tracker.instance_stored(id(event.assoc), study_uid, series_uid)
+    tracker.instance_stored(id(event.assoc), study_uid, series_uid, stat=request.Priority == PRIORITY_HIGH)
     log.debug("instance.stored", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
               seconds=round(time.perf_counter() - started, 5))
     return dimse.SUCCESS

@@ -136,13 +136,15 @@ class Spool:
             raise OutOfResources(f"{free} bytes free, watermark {self.min_free_bytes}")
 
     # --- results ---------------------------------------------------------------------------
-    def result_path(self, series_uid: str, version: int, kind: str) -> Path:
-        """Where result object ``kind`` ("seg", "sr") of a result version is kept."""
-        return self.root / "results" / series_uid / f"v{version}" / f"{kind}.dcm"
+    def result_path(self, series_uid: str, version: int, kind: str, suffix: str = ".dcm") -> Path:
+        """Where result ``kind`` of a result version is kept: "seg", "sr", "kos" (DICOM), or a
+        rendered notification ("hl7-...", suffix ".hl7"; "webhook", suffix ".json")."""
+        return self.root / "results" / series_uid / f"v{version}" / f"{kind}{suffix}"
 
-    def write_result(self, series_uid: str, version: int, kind: str, data: bytes) -> Path:
-        """Durably store an encoded result object."""
-        path = self.result_path(series_uid, version, kind)
+    def write_result(self, series_uid: str, version: int, kind: str, data: bytes,
+                     suffix: str = ".dcm") -> Path:
+        """Durably store an encoded result object or rendered notification."""
+        path = self.result_path(series_uid, version, kind, suffix)
         atomic_write(path, data, self.root / "tmp")
         return path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from reader.assemble import CompletionTracker
+from reader.assemble import CompleteSeries, CompletionTracker
 from reader.config import CompletionConfig
 
 
@@ -34,7 +34,7 @@ def test_series_completes_grace_after_release() -> None:
     clock.now += 1.9
     assert t.pop_complete() == []
     clock.now += 0.2
-    assert t.pop_complete() == [("st", "se")]
+    assert t.pop_complete() == [CompleteSeries("st", "se")]
     assert t.tracked() == 0
 
 
@@ -46,7 +46,7 @@ def test_open_association_completes_after_idle_timeout() -> None:
     clock.now += 29.9
     assert t.pop_complete() == []
     clock.now += 0.2
-    assert t.pop_complete() == [("st", "se")]
+    assert t.pop_complete() == [CompleteSeries("st", "se")]
 
 
 def test_series_split_over_associations_waits_for_all() -> None:
@@ -60,7 +60,7 @@ def test_series_split_over_associations_waits_for_all() -> None:
     assert t.pop_complete() == []
     t.association_ended(2)
     clock.now += 2.1
-    assert t.pop_complete() == [("st", "se")]
+    assert t.pop_complete() == [CompleteSeries("st", "se")]
 
 
 def test_new_instance_restarts_the_grace() -> None:
@@ -75,7 +75,7 @@ def test_new_instance_restarts_the_grace() -> None:
     clock.now += 1.5
     assert t.pop_complete() == []
     clock.now += 0.6
-    assert t.pop_complete() == [("st", "se")]
+    assert t.pop_complete() == [CompleteSeries("st", "se")]
 
 
 def test_series_are_independent() -> None:
@@ -86,4 +86,17 @@ def test_series_are_independent() -> None:
     t.association_ended(1)
     t.instance_stored(2, "st", "b")
     clock.now += 2.5
-    assert t.pop_complete() == [("st", "a")]
+    assert t.pop_complete() == [CompleteSeries("st", "a")]
+
+
+def test_stat_series_come_first_and_say_so() -> None:
+    """A series with an instance stored at C-STORE Priority HIGH is reported STAT, ahead of routine ones."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "routine")
+    t.instance_stored(2, "st", "urgent", stat=True)
+    t.instance_stored(2, "st", "urgent")
+    t.association_ended(1)
+    t.association_ended(2)
+    clock.now += 2.5
+    assert t.pop_complete() == [CompleteSeries("st", "urgent", stat=True), CompleteSeries("st", "routine")]

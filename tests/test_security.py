@@ -26,7 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from reader.access import AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig, SendingConfig, load_config
-from reader.dispatch import Dispatcher
+from reader.dispatch import DicomDelivery, Dispatcher
 from reader.errors import ConfigError, TransientSendError
 from reader.jobs import JobStore, SendState
 from reader.pipeline import destination_key
@@ -367,7 +367,8 @@ def test_dispatcher_finds_tls_settings_by_ticket_key(orthanc_factory: OrthancFac
     key = destination_key(dest.ae_title, dest.host, dest.port)
     jobs = JobStore(Spool(tmp_path / "data"))
     ticket = jobs.add_send(series.series_uid, 1, key, series.files)
-    dispatcher = Dispatcher(jobs, StoreSCU("SECONDREADER"), SendingConfig(), destinations={key: dest})
+    scu = StoreSCU("SECONDREADER")
+    dispatcher = Dispatcher(jobs, SendingConfig(), {key: DicomDelivery(scu, dest)}, scu)
     done = dispatcher.attempt(ticket)
     assert done.state is SendState.DONE, done.last_error
     assert len(orthanc.instances()) == 1
