@@ -5,13 +5,9 @@ The listener is tests/mllp_listener.py, started as a subprocess on an ephemeral 
 
 from __future__ import annotations
 
-import select
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import hl7  # type: ignore[import-untyped]  # python-hl7 ships no type information
 import pytest
@@ -24,9 +20,8 @@ from reader.notify import MllpEndpoint, StudyReport, build_oru, message_control_
 from reader.notify.summary import AI_PENDING_REVIEW, PatientIdentity, ResultObject
 from tests.peers import LOCALHOST, free_port, wait_until
 from tests.results_helpers import ALGORITHM, LESION
+from tests.worklist_peers import Listener
 
-LISTENER = Path(__file__).resolve().parent / "mllp_listener.py"
-_START_S = 20.0
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.2"
 PATIENT = PatientIdentity(
@@ -61,56 +56,6 @@ def oru(study: StudyReport, endpoint: MllpEndpoint) -> str:
         receiving_facility="HOSPITAL",
         control_id=message_control_id(study.series_instance_uid, study.result_version, endpoint.key),
     )
-
-
-class Listener:
-    """A running tests/mllp_listener.py: its port and the messages it recorded."""
-
-    def __init__(self, process: subprocess.Popen[str], port: int, folder: Path) -> None:
-        self.process = process
-        self.port = port
-        self.folder = folder
-
-    @property
-    def endpoint(self) -> MllpEndpoint:
-        """The listener as an endpoint with a short timeout."""
-        return MllpEndpoint(LOCALHOST, self.port, timeout_s=10.0)
-
-    def messages(self) -> list[str]:
-        """Recorded messages, oldest first."""
-        paths = sorted(self.folder.glob("*.hl7"), key=lambda p: int(p.stem))
-        return [p.read_bytes().decode("utf-8") for p in paths]
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
-    """Start listeners (``--ack CODE [--err-code N]``) on ephemeral ports; stop them at teardown."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(ack: str = "AA", err_code: str | None = None) -> Listener:
-        folder = tmp_path / f"listener-{len(started)}"
-        args = [sys.executable, str(LISTENER), "--record", str(folder), "--ack", ack]
-        if err_code is not None:
-            args += ["--err-code", err_code]
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started.append(process)
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], _START_S)
-        line = process.stdout.readline() if ready else ""
-        if not line.startswith("LISTENING "):
-            process.kill()
-            _, err = process.communicate(timeout=10)
-            raise AssertionError(f"MLLP listener did not start within {_START_S} s: {err[-2000:]}")
-        return Listener(process, int(line.split()[1]), folder)
-
-    yield start
-    for process in started:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _parsed(listener: Listener) -> hl7.Message:

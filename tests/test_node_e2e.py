@@ -8,19 +8,33 @@ Diagnosis [Data set]. The Cancer Imaging Archive. https://doi.org/10.7937/TCIA.2
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import hl7  # type: ignore[import-untyped]  # python-hl7 ships no type information
 import numpy as np
 import pydicom
 import pytest
 
+from reader.notify import verify_signature
 from tests.node_process import ReaderNode
-from tests.peers import Orthanc, dciodvfy, free_port, require_data, require_tool, storescu, wait_until
+from tests.peers import (
+    LOCALHOST,
+    Orthanc,
+    dciodvfy,
+    free_port,
+    require_data,
+    require_tool,
+    storescu,
+    wait_until,
+)
+from tests.worklist_peers import Listener, Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +46,9 @@ idle_timeout_seconds = 30
 retry_initial_seconds = 1
 retry_max_seconds = 5
 """
-RESULT_DEADLINE_S = 600.0  # inference on 2 busy CPU cores, plus encoding and sending
+RESULT_DEADLINE_S = 600.0
+ACCESSION = "ACC-A0001-2"
+WEBHOOK_SECRET = b"e2e-webhook-secret-0123456789"  # inference on 2 busy CPU cores, plus encoding and sending
 
 
 def _study_series(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
@@ -46,7 +62,7 @@ def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset
     out: dict[str, list[pydicom.Dataset]] = {}
     for series in _study_series(orthanc, study_uid):
         modality = series["MainDicomTags"].get("Modality")
-        if modality in ("SR", "SEG"):
+        if modality in ("SR", "SEG", "KO"):
             for instance in series["Instances"]:
                 out.setdefault(modality, []).append(pydicom.dcmread(io.BytesIO(orthanc.download(instance))))
     return out
@@ -123,6 +139,7 @@ def test_modality_push_returns_valid_sr_and_seg_to_the_pacs(orthanc: Orthanc, tm
                    "the node's SR in Orthanc")
         results = _check_results(orthanc, tmp_path, source)
         assert "SEG" in results, "the model found nothing in a CT with a known adenocarcinoma"
+        assert len(results.get("KO", [])) == 1, "a flagged study gets exactly one KOS"
         assert _overlaps_tumour(results["SEG"][0], boxes), "no SEG segment overlaps the radiologist's box"
         completes = node.events("series.complete")
         assert completes and completes[0]["instances"] == 64
@@ -136,26 +153,57 @@ def test_modality_push_returns_valid_sr_and_seg_to_the_pacs(orthanc: Orthanc, tm
     assert '"done": 1' in status.stdout
 
 
-def test_pacs_routing_returns_results_into_the_same_study(orthanc_factory: Any, tmp_path: Path) -> None:
+def test_pacs_routing_returns_results_and_flags_the_worklist(
+    orthanc_factory: Any, listener: Callable[..., Listener], receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
     """A study stored in Orthanc and routed by Orthanc itself (REST /modalities/{id}/store) comes back
-    with an SR in the same study, valid with zero dciodvfy errors."""
+    with SR, SEG and KOS in the same study (zero dciodvfy errors); the RIS's MLLP listener receives and
+    ACKs an ORU^R01 with the accession number and the flag, and the webhook receives a signed event."""
     require_tool("dciodvfy")
     series_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-standard-kernel")
-    files = sorted(series_dir.glob("*.dcm"))
+    files = []
+    for f in sorted(series_dir.glob("*.dcm")):  # the sample has no accession number: give it one
+        ds = pydicom.dcmread(f)
+        ds.AccessionNumber = ACCESSION
+        files.append(tmp_path / "ct" / f.name)
+        files[-1].parent.mkdir(exist_ok=True)
+        ds.save_as(files[-1], enforce_file_format=True)
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ris = listener(ack="AA")
+    monkeypatch.setenv("READER_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET.decode())
+    worklist = (f'[hl7]\nsending_facility = "TESTHOSP"\n[[hl7.endpoints]]\nhost = "{LOCALHOST}"\n'
+                f'port = {ris.port}\nreceiving_application = "RIS"\n'
+                f'[[webhooks]]\nurl = "{receiver.url()}"\nsecret_env = "READER_TEST_WEBHOOK_SECRET"\n')
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"reader": ("SECONDREADER", "127.0.0.1", node_port)})
     for f in files:
         orthanc.upload(f)
     node = ReaderNode(tmp_path / "node", port=node_port,
-                      destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"], config_text=FAST)
+                      destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"],
+                      config_text=FAST + worklist)
     try:
         studies = orthanc.studies()
         assert len(studies) == 1
         orthanc.store_to_modality("reader", studies)
         wait_until(lambda: _has_sr(orthanc, source.StudyInstanceUID, node), RESULT_DEADLINE_S,
                    "the node's SR in Orthanc after Orthanc routed the study")
-        _check_results(orthanc, tmp_path, source)
+        results = _check_results(orthanc, tmp_path, source)
         assert orthanc.studies() == studies, "results must join the source study, not make a new one"
+        assert "SEG" in results and len(results.get("KO", [])) == 1
+        wait_until(lambda: len(ris.messages()) == 1 and len(receiver.received) == 1, 60.0,
+                   "the ORU^R01 at the MLLP listener and the event at the webhook")
+        message = hl7.parse(ris.messages()[0].replace("\n", "\r"))
+        assert str(message.segment("MSH")[9]) == "ORU^R01^ORU_R01"
+        assert str(message.segment("OBR")[3]) == ACCESSION
+        assert "flagged" in ris.messages()[0].lower()
+        event = receiver.received[0]
+        assert verify_signature(WEBHOOK_SECRET, event.body, event.headers)
+        body = json.loads(event.body)
+        assert body["study"]["accession_number"] == ACCESSION
+        assert body["flag"]["state"] == "flagged"
+        assert {r["kind"] for r in body["results"]} == {"SR", "SEG", "KOS"}
+        sent = node.events("result.sent")
+        assert any(e.get("acks") == ["AA"] for e in sent), "the RIS's ACK must be read"
     finally:
         assert node.stop() == 0, node.log_tail()

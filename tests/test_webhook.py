@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from structlog.testing import capture_logs
@@ -17,64 +14,9 @@ from reader.notify import SCHEMA_VERSION, WebhookEndpoint, event_json, post_even
 from reader.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, event_id
 from tests.peers import LOCALHOST, free_port
 from tests.test_hl7 import PATIENT, SERIES_UID, STUDY_UID, report
+from tests.worklist_peers import Receiver
 
 SECRET = b"0123456789abcdef-test-secret"
-
-
-@dataclass
-class Received:
-    """One request the server got: path, headers (lower-case names) and body."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """A loopback HTTP server that records POSTs and answers ``status`` (or stalls when ``stall``)."""
-
-    server: ThreadingHTTPServer
-    status: int = 204
-    stall: threading.Event | None = None
-    received: list[Received] = field(default_factory=list)
-
-    def url(self, path: str = "/hooks/reader?token=abc") -> str:
-        """The URL of ``path`` on this server."""
-        return f"http://{LOCALHOST}:{self.server.server_address[1]}{path}"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """A running receiver; shut down at teardown."""
-    holder: list[Receiver] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            state = holder[0]
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            state.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-            if state.stall is not None:
-                state.stall.wait(10.0)
-            self.send_response(state.status)
-            if 300 <= state.status < 400:
-                self.send_header("Location", "/elsewhere")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            """Keep the test output quiet."""
-
-    server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
-    holder.append(Receiver(server))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield holder[0]
-    if holder[0].stall is not None:
-        holder[0].stall.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 def test_flagged_event_is_signed_and_delivered(receiver: Receiver) -> None:
