@@ -55,6 +55,7 @@ from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
+from reader.receiver import tune_association
 from reader.spool import Spool, check_uid
 
 __all__ = ["IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP"]
@@ -170,6 +171,11 @@ def _handle_conn_open(event: evt.Event) -> None:
         event.assoc.acse_timeout = 0
 
 
+def _handle_conn_open_tune(event: evt.Event) -> None:
+    """Transport open, before the association's threads start: tune its receive path."""
+    tune_association(event.assoc)
+
+
 def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
     tracker.association_ended(id(event.assoc))
 
@@ -212,6 +218,7 @@ class StorageSCP:
             context = tls.server_context(cfg.security.tls,
                                          handshake_timeout_s=cfg.network_timeout.total_seconds())
             handlers.append((evt.EVT_CONN_OPEN, _handle_conn_open))
+        handlers.append((evt.EVT_CONN_OPEN, _handle_conn_open_tune))
         self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers,
                                        ssl_context=context)
         log.info("scp.listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.port,

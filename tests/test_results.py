@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from reader.errors import EncodingError
 from reader.findings import Code, FindingClass, InferenceResult
 from reader.results import ResultObjects, encode_results, result_uid
-from reader.results.clean import clean_copied_attributes
+from reader.results.clean import clean_copied_attributes, prepare_source
 from reader.results.seg import segment_numbers
 from reader.results.sr import AI_NOTICE, NO_FINDINGS
 from reader.volume import Volume
@@ -331,6 +331,17 @@ def test_clean_fixes_only_copied_defects() -> None:
     assert "EthnicGroup" not in derived and "ReferencedStudySequence" not in derived
     assert derived.StudyDescription == "Chest" and derived.SeriesDescription == "ours"
     assert all("X" * 70 not in str(event) for event in logs)
+
+
+def test_missing_or_malformed_type2_source_attributes_are_prepared() -> None:
+    """Absent Type 2 patient/study attributes are added empty and malformed dates emptied, so that
+    highdicom can copy them (it fails, quoting the value, otherwise)."""
+    source = Dataset()
+    source.PatientName = "Doe^Jane"
+    source.StudyDate = "2020-01-02"  # not a DA
+    prepared = prepare_source(source)
+    assert prepared.PatientBirthDate == "" and prepared.PatientSex == "" and prepared.StudyDate == ""
+    assert prepared.PatientName == "Doe^Jane"
 
 
 def test_logs_carry_no_patient_identity(volume: Volume, positive: InferenceResult) -> None:

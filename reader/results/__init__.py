@@ -11,17 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-import pydicom
 import structlog
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 
-from reader.errors import EncodingError
 from reader.findings import InferenceResult
 from reader.results.clean import clean_copied_attributes
 from reader.results.seg import build_segmentation, segment_numbers
+from reader.results.sources import read_source_headers
 from reader.results.sr import build_report
 from reader.results.uids import result_uid
 from reader.volume import Volume
@@ -46,14 +43,7 @@ class ResultObjects:
 
 def _source_headers(volume: Volume) -> list[Dataset]:
     """Source headers without Pixel Data, one per distinct file, in slice order."""
-    paths: list[Path] = list(dict.fromkeys(source.path for source in volume.sources))
-    headers: list[Dataset] = []
-    for path in paths:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except (OSError, InvalidDicomError) as exc:
-            raise EncodingError(f"cannot read source header {path.name}: {exc}") from exc
-    return headers
+    return read_source_headers(source.path for source in volume.sources)
 
 
 def encode_results(volume: Volume, result: InferenceResult, result_version: int = 1,

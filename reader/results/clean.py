@@ -27,7 +27,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import validate_value
 
-__all__ = ["Repair", "clean_copied_attributes"]
+__all__ = ["Repair", "clean_copied_attributes", "prepare_source"]
 
 log = structlog.get_logger(__name__)
 
@@ -130,3 +130,23 @@ def clean_copied_attributes(derived: Dataset, source: Dataset) -> tuple[Repair, 
             log.info("results.clean.repaired", attribute=repair.attribute, action=repair.action,
                      reason=repair.reason)
     return tuple(repairs)
+
+
+def prepare_source(ds: Dataset) -> Dataset:
+    """Make a source header safe for highdicom to copy from, in place, and return it.
+
+    highdicom reads the Type 2 Patient and General Study attributes (PS3.3 C.7.1.1, C.7.2.1) of the
+    source and fails when one is absent or, for dates and times, malformed; its error text then
+    quotes the value, a birth date say. Absent ones are added empty and invalid ones emptied
+    (PS3.5 7.4.3), so encoding neither fails on them nor copies the defect.
+    """
+    for keyword in sorted(_TYPE_2):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+            continue
+        element = ds[keyword]
+        if _invalid_value(element) is not None:
+            element.value = ""
+            log.info("results.clean.repaired", attribute=keyword, action="emptied",
+                     reason="source value invalid for its VR")
+    return ds

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import highdicom as hd
-import pydicom
 import structlog
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
 from reader.errors import EncodingError
 from reader.findings import Finding, InferenceResult
 from reader.flag import FlagDecision
 from reader.results.clean import clean_copied_attributes
+from reader.results.sources import read_source_headers
 from reader.results.sr import AI_NOTICE
 from reader.results.uids import device_observer_uid, result_uid
 from reader.volume import Volume
@@ -70,14 +68,7 @@ def _key_image_headers(volume: Volume, result: InferenceResult, decision: FlagDe
     slices = sorted({i for n in decision.triggering_findings for i in by_number[n].slice_indices})
     if slices and not 0 <= slices[0] <= slices[-1] < len(volume.sources):
         raise EncodingError(f"finding slice indices outside 0..{len(volume.sources) - 1}")
-    paths: list[Path] = list(dict.fromkeys(volume.sources[i].path for i in slices))
-    headers: list[Dataset] = []
-    for path in paths:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except (OSError, InvalidDicomError) as exc:
-            raise EncodingError(f"cannot read source header {path.name}: {exc}") from exc
-    return headers
+    return read_source_headers(volume.sources[i].path for i in slices)
 
 
 def _observer(result: InferenceResult) -> hd.sr.ObserverContext:
@@ -133,7 +124,8 @@ def encode_kos(
             manufacturer=algorithm.source,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"highdicom rejected the KOS: {exc}") from exc
+        # the library\'s text may quote header values (PHI): name the error type only
+        raise EncodingError(f"highdicom rejected the KOS: {type(exc).__name__}") from exc
     kos.SeriesDescription = KOS_SERIES_DESCRIPTION
     clean_copied_attributes(kos, key_images[0])
     log.info(

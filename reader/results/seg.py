@@ -139,6 +139,7 @@ def build_segmentation(
             omit_empty_frames=True,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"highdicom rejected the segmentation: {exc}") from exc
+        # the library\'s text may quote header values (PHI): name the error type only
+        raise EncodingError(f"highdicom rejected the segmentation: {type(exc).__name__}") from exc
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
     return seg

@@ -240,7 +240,8 @@ def build_report(
             previous_versions=[previous] if previous is not None else None,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"highdicom rejected the SR: {exc}") from exc
+        # the library\'s text may quote header values (PHI): name the error type only
+        raise EncodingError(f"highdicom rejected the SR: {type(exc).__name__}") from exc
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     sr.ManufacturerModelName = algorithm.name
     sr.SoftwareVersions = algorithm.version

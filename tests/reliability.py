@@ -1,0 +1,235 @@
+"""Helpers for the reliability tests on real processes (crash, outage, back-pressure, load, privacy).
+
+- :func:`write_fixture_model` writes a fast model package (a pointwise ONNX graph from
+  ``tests/onnx_fixtures.py`` with coarse resampling), so that these tests measure the node and not
+  a network; :func:`serve_config` writes the TOML a ``reader serve`` subprocess reads.
+- :func:`write_study` writes a synthetic CT study (``tests/dicom_factory.ct_series``) as Part 10
+  files and returns what a test needs to know about it.
+- :func:`peak_rss_bytes` reads a process's peak resident set (``VmHWM`` of ``/proc/PID/status``).
+- :func:`pacs_results` lists the SR and SEG instances a PACS (Orthanc) holds for a series, in the
+  order it received them (Orthanc's change log), with the result version each UID encodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reader.results.uids import result_uid
+from tests.dicom_factory import SeriesIds, ct_series, write_datasets
+from tests.node_process import ReaderNode
+from tests.onnx_fixtures import manifest_dict, sigmoid_model, write_package
+from tests.peers import LOCALHOST, Orthanc, free_port, peer_env, require_tool, wait_until
+
+__all__ = [
+    "MODEL_NAME",
+    "MODEL_VERSION",
+    "PacsResult",
+    "ServeProcess",
+    "Study",
+    "pacs_results",
+    "peak_rss_bytes",
+    "serve_config",
+    "store_responses",
+    "write_fixture_model",
+    "write_study",
+]
+
+MODEL_NAME = "test-blobs"
+MODEL_VERSION = "0.0.1"
+
+
+def write_fixture_model(folder: Path, *, findings: bool = True) -> Path:
+    """A model package that runs in well under a second on a small series.
+
+    With ``findings`` the sigmoid model marks every voxel above about -300 HU (in a
+    ``write_study`` series: every slice from the ninth on), one finding, so a SEG is made; without,
+    the cut is far above any stored value and the SR says "no findings" (no SEG to encode).
+    """
+    manifest = manifest_dict()
+    manifest["preprocessing"]["patch_size"] = [16, 64, 64]
+    manifest["preprocessing"]["target_spacing_mm"] = [8.0, 8.0, 8.0]
+    manifest["labels"][0]["max_findings"] = 1
+    model = sigmoid_model() if findings else sigmoid_model(offset=50.0)
+    return write_package(folder, manifest, model)
+
+
+def serve_config(model_dir: Path, *, grace_seconds: float = 0.5, retry_initial_seconds: float = 0.2,
+                 retry_max_seconds: float = 1.0, max_attempts: int = 1000,
+                 min_free_disk_mb: int | None = None) -> str:
+    """The TOML for ``reader serve --config``: the fixture model, one CT route, fast completion and
+    fast retries, CPU inference only. Destinations are given as ``--send-to`` flags."""
+    node = f"[node]\nmin_free_disk_mb = {min_free_disk_mb}\n" if min_free_disk_mb is not None else ""
+    return f"""{node}
+[completion]
+grace_seconds = {grace_seconds}
+idle_timeout_seconds = 60
+
+[sending]
+retry_initial_seconds = {retry_initial_seconds}
+retry_max_seconds = {retry_max_seconds}
+max_attempts = {max_attempts}
+association_timeout_seconds = 5
+
+[inference]
+providers = ["CPUExecutionProvider"]
+fp16 = false
+
+[models.blob]
+path = {json.dumps(str(model_dir))}
+
+[[routes]]
+name = "ct"
+model = "blob"
+modalities = ["CT"]
+"""
+
+
+class ServeProcess(ReaderNode):
+    """:class:`tests.node_process.ReaderNode` with a chosen ``--log-level`` (``instance.stored`` is a
+    debug event); the log file is per workdir, so a restart on the same port gets a fresh one."""
+
+    def __init__(self, workdir: Path, *, log_level: str = "info", ae_title: str = "SECONDREADER",
+                 destinations: Sequence[str] = (), config_text: str | None = None,
+                 data_dir: Path | None = None, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.host = LOCALHOST
+        self.port = port or free_port()
+        self.data_dir = data_dir or workdir / "reader-data"
+        self.log_path = workdir / "reader.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "reader.cli", "serve", "--bind", LOCALHOST, "--port", str(self.port),
+               "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir), "--log-level", log_level]
+        if config_text is not None:
+            config = workdir / "reader.toml"
+            config.write_text(config_text, encoding="utf-8")
+            cmd += ["--config", os.fspath(config)]
+        for dest in destinations:
+            cmd += ["--send-to", dest]
+        self.command = cmd
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=Path(__file__).resolve().parents[1])
+        try:
+            wait_until(self._ready, 60.0, f"reader serve listening on {LOCALHOST}:{self.port}")
+        except BaseException:
+            self.kill()
+            raise
+
+
+@dataclass(frozen=True)
+class Study:
+    """A synthetic one-series CT study written as files."""
+
+    study_uid: str
+    series_uid: str
+    sop_uids: tuple[str, ...]
+    files: tuple[Path, ...]
+    folder: Path
+
+
+def write_study(folder: Path, n_slices: int = 20, *, rows: int = 64, columns: int = 64,
+                patient_name: str = "Synthetic^Phantom", patient_id: str = "SYNTH-0001",
+                birth_date: str = "") -> Study:
+    """Write one synthetic CT series (fresh UIDs) into ``folder``, one Part 10 file per slice."""
+    datasets = ct_series(n_slices, ids=SeriesIds(), rows=rows, columns=columns)
+    for ds in datasets:
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = birth_date  # Type 2 (PS3.3 C.7.1.1): present, maybe empty
+        ds.PatientSex = ""
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101500", ""
+        ds.ReferringPhysicianName, ds.StudyID = "", "1"
+    files = write_datasets(datasets, folder)
+    return Study(study_uid=str(datasets[0].StudyInstanceUID), series_uid=str(datasets[0].SeriesInstanceUID),
+                 sop_uids=tuple(sorted(str(ds.SOPInstanceUID) for ds in datasets)), files=tuple(files),
+                 folder=folder)
+
+
+def store_responses(host: str, port: int, called_ae: str, files: Sequence[Path], *,
+                    timeout_s: float = 300.0) -> list[str]:
+    """Send ``files`` with ``storescu -v`` on one association; the text of each C-STORE response
+    in order (``"Success"``, ``"Refused: OutOfResources"``...), one per file that got an answer."""
+    exe = require_tool("storescu")
+    done = subprocess.run([exe, "-v", "-nh", "-aet", "MODALITY", "-aec", called_ae, "-to", "10", "-ta", "10",
+                           "-td", "60", host, str(port), *(os.fspath(f) for f in files)],
+                          capture_output=True, text=True, timeout=timeout_s, env=peer_env(), check=False)
+    prefix = "I: Received Store Response ("
+    return [line.strip().removeprefix(prefix).rstrip(")")
+            for line in (done.stdout + done.stderr).splitlines() if line.startswith(prefix)]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident set size of a running process (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+@dataclass(frozen=True)
+class PacsResult:
+    """One SR or SEG instance as the PACS holds it."""
+
+    modality: str
+    sop_uid: str
+    version: int | None  # the result version its UID encodes; None: not a UID of ours for this series
+    received_seq: int  # position in Orthanc's change log: higher arrived later
+    orthanc_id: str
+
+
+def _version_of(sop_uid: str, series_uid: str, kind: str, max_version: int) -> int | None:
+    for version in range(1, max_version + 1):
+        if result_uid(series_uid, MODEL_NAME, MODEL_VERSION, version, kind) == sop_uid:
+            return version
+    return None
+
+
+def _arrivals(orthanc: Orthanc) -> dict[str, int]:
+    """Orthanc instance id -> sequence number of its (last) NewInstance change."""
+    seq: dict[str, int] = {}
+    since = 0
+    while True:
+        page: dict[str, Any] = orthanc.rest_get(f"/changes?since={since}&limit=1000")
+        for change in page["Changes"]:
+            if change["ChangeType"] == "NewInstance":
+                seq[str(change["ID"])] = int(change["Seq"])
+        since = int(page["Last"])
+        if page["Done"]:
+            return seq
+
+
+def pacs_results(orthanc: Orthanc, study_uid: str, series_uid: str, *,
+                 max_version: int = 50) -> list[PacsResult]:
+    """The SR and SEG instances in ``study_uid`` at the PACS, oldest arrival first.
+
+    Versions are recognised by recomputing the node's deterministic result UIDs
+    (``reader.results.uids.result_uid``) for versions 1..``max_version`` of ``series_uid``.
+    """
+    arrivals = _arrivals(orthanc)
+    found: list[PacsResult] = []
+    answer = orthanc.rest_post("/tools/find", {"Level": "Instance", "Expand": True,
+                                               "Query": {"StudyInstanceUID": study_uid}})
+    for instance in answer:
+        sop_uid = str(instance["MainDicomTags"]["SOPInstanceUID"])
+        series = orthanc.rest_get(f"/instances/{instance['ID']}/series")
+        modality = str(series["MainDicomTags"].get("Modality", ""))
+        if modality not in ("SR", "SEG"):
+            continue
+        kind = "sr-instance" if modality == "SR" else "seg-instance"
+        found.append(PacsResult(modality, sop_uid, _version_of(sop_uid, series_uid, kind, max_version),
+                                arrivals.get(str(instance["ID"]), -1), str(instance["ID"])))
+    return sorted(found, key=lambda r: r.received_seq)
+
+
+def replace_files(study: Study, files: Sequence[Path]) -> Study:
+    """The same study with a different file list (e.g. all but the last slice)."""
+    return dataclasses.replace(study, files=tuple(files))
