@@ -81,6 +81,10 @@ def _rejecting_peer(result: int, source: int, reason: int) -> Iterator[Destinati
             conn.settimeout(10)
             header = _recv_exact(conn, 6)
             _recv_exact(conn, int.from_bytes(header[2:6], "big"))
+            # A real peer answers after a network round trip. Answering within microseconds races
+            # pynetdicom's requestor: its DUL can close the transport on the A-ASSOCIATE-RJ before the
+            # requestor thread checks that the connection is up, and the rejection reads as an abort.
+            threading.Event().wait(0.05)
             conn.sendall(bytes([0x03, 0x00]) + (4).to_bytes(4, "big") + bytes([0x00, result, source, reason]))
             conn.recv(1)  # until the requestor closes the connection
 
