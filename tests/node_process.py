@@ -25,20 +25,21 @@ _STOP_S = 60.0
 
 
 class ReaderNode:
-    """A started node; :meth:`stop` sends SIGTERM and returns the exit code."""
+    """A started node; :meth:`stop` sends SIGTERM and returns the exit code. ``log_level`` "debug"
+    adds the per-instance ``instance.stored`` events."""
 
     def __init__(self, workdir: Path, *, ae_title: str = "SECONDREADER", destinations: Sequence[str] = (),
                  config_text: str | None = None, data_dir: Path | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, log_level: str = "info") -> None:
         self.workdir = workdir
         self.ae_title = ae_title
         self.host = LOCALHOST
         self.port = port or free_port()
         self.data_dir = data_dir or workdir / "reader-data"
-        self.log_path = workdir / f"reader-{self.port}.log"
+        self.log_path = workdir / "reader.log"  # one per workdir: a restart in a new workdir starts afresh
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "reader.cli", "serve", "--bind", LOCALHOST, "--port", str(self.port),
-               "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir)]
+               "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir), "--log-level", log_level]
         if config_text is not None:
             config = workdir / "reader.toml"
             config.write_text(config_text, encoding="utf-8")

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,14 @@ from typing import Any
 
 from reader.results.uids import result_uid
 from tests.dicom_factory import SeriesIds, ct_series, write_datasets
-from tests.node_process import ReaderNode
 from tests.onnx_fixtures import manifest_dict, sigmoid_model, write_package
-from tests.peers import LOCALHOST, Orthanc, free_port, peer_env, require_tool, wait_until
+from tests.peers import Orthanc, peer_env, require_tool
 
 __all__ = [
     "MODEL_NAME",
     "MODEL_VERSION",
     "PacsResult",
-    "ServeProcess",
+
     "Study",
     "pacs_results",
     "peak_rss_bytes",
@@ -90,39 +88,6 @@ name = "ct"
 model = "blob"
 modalities = ["CT"]
 """
-
-
-class ServeProcess(ReaderNode):
-    """:class:`tests.node_process.ReaderNode` with a chosen ``--log-level`` (``instance.stored`` is a
-    debug event); the log file is per workdir, so a restart on the same port gets a fresh one."""
-
-    def __init__(self, workdir: Path, *, log_level: str = "info", ae_title: str = "SECONDREADER",
-                 destinations: Sequence[str] = (), config_text: str | None = None,
-                 data_dir: Path | None = None, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.ae_title = ae_title
-        self.host = LOCALHOST
-        self.port = port or free_port()
-        self.data_dir = data_dir or workdir / "reader-data"
-        self.log_path = workdir / "reader.log"
-        workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "reader.cli", "serve", "--bind", LOCALHOST, "--port", str(self.port),
-               "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir), "--log-level", log_level]
-        if config_text is not None:
-            config = workdir / "reader.toml"
-            config.write_text(config_text, encoding="utf-8")
-            cmd += ["--config", os.fspath(config)]
-        for dest in destinations:
-            cmd += ["--send-to", dest]
-        self.command = cmd
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=Path(__file__).resolve().parents[1])
-        try:
-            wait_until(self._ready, 60.0, f"reader serve listening on {LOCALHOST}:{self.port}")
-        except BaseException:
-            self.kill()
-            raise
 
 
 @dataclass(frozen=True)

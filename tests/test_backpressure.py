@@ -20,9 +20,9 @@ import pytest
 
 from reader.jobs import JobStore, SeriesStatus
 from reader.spool import Spool
+from tests.node_process import ReaderNode
 from tests.peers import echoscu, require_tool, storescu, wait_until
 from tests.reliability import (
-    ServeProcess,
     peak_rss_bytes,
     serve_config,
     store_responses,
@@ -60,7 +60,7 @@ def test_low_disk_refuses_with_out_of_resources_and_recovers(tmp_path: Path) -> 
         _missing(f"needs {3 * MARGIN_MIB} MiB free under {tmp_path}, has {free_mib}")
     model = write_fixture_model(tmp_path / "model")
     watermark_mib = free_mib - MARGIN_MIB
-    node = ServeProcess(tmp_path / "node", config_text=serve_config(model, min_free_disk_mb=watermark_mib))
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model, min_free_disk_mb=watermark_mib))
     ballast = tmp_path / "ballast"
     try:
         before = write_study(tmp_path / "before", 4)
@@ -96,7 +96,7 @@ def test_thousand_slice_series_peak_memory(tmp_path: Path) -> None:
     require_tool("storescu")
     model = write_fixture_model(tmp_path / "model", findings=False)
     study = write_study(tmp_path / "big", BIG_SLICES, rows=512, columns=512)
-    node = ServeProcess(tmp_path / "node", config_text=serve_config(model, min_free_disk_mb=0))
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model, min_free_disk_mb=0))
     try:
         idle_rss = peak_rss_bytes(node.process.pid)
         sent = storescu(node.host, node.port, node.ae_title, [study.folder], timeout_s=BIG_DEADLINE_S)

@@ -33,7 +33,6 @@ from reader.spool import Spool
 from tests.node_process import ReaderNode
 from tests.peers import Orthanc, free_port, peer_env, require_tool, wait_until
 from tests.reliability import (
-    ServeProcess,
     Study,
     pacs_results,
     serve_config,
@@ -206,7 +205,7 @@ def test_sigkill_at_many_moments_loses_and_duplicates_nothing(
     last_events: list[str] = []
 
     def start(name: str) -> ReaderNode:
-        return ServeProcess(tmp_path / name, config_text=config, data_dir=data_dir, port=port,
+        return ReaderNode(tmp_path / name, config_text=config, data_dir=data_dir, port=port,
                             destinations=[destination], log_level="debug")
 
     for i, moment in enumerate(MOMENTS):

@@ -45,8 +45,9 @@ from reader.jobs import JobStore, SeriesStatus
 from reader.spool import Spool, check_uid
 from reader.volume import load_volume
 from tests.dicom_factory import ct_series, write_datasets
+from tests.node_process import ReaderNode
 from tests.peers import wait_until
-from tests.reliability import ServeProcess, Study, serve_config, write_fixture_model, write_study
+from tests.reliability import Study, serve_config, write_fixture_model, write_study
 
 DEADLINE_S = 60.0
 MPEG2_MAIN_PROFILE = UID("1.2.840.10008.1.2.4.100")
@@ -153,16 +154,16 @@ def test_damaged_series_load_or_are_rejected(tmp_path: Path, mutations: list[Cal
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReaderNode]:
     """One ``reader serve`` without destinations (results kept), for this module's network tests."""
     workdir = tmp_path_factory.mktemp("fuzz-node")
     model = write_fixture_model(workdir / "model")
-    served = ServeProcess(workdir / "node", config_text=serve_config(model, min_free_disk_mb=0))
+    served = ReaderNode(workdir / "node", config_text=serve_config(model, min_free_disk_mb=0))
     yield served
     assert served.stop() == 0, served.log_tail()
 
 
-def _associate(node: ServeProcess, *contexts: tuple[str, str]) -> Association:
+def _associate(node: ReaderNode, *contexts: tuple[str, str]) -> Association:
     ae = AE(ae_title="FUZZER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for abstract, transfer in contexts:
@@ -181,7 +182,7 @@ _UID_TEXT = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(study_uid=_UID_TEXT, series_uid=_UID_TEXT)
-def test_store_answers_success_only_for_valid_uids(node: ServeProcess, study_uid: str,
+def test_store_answers_success_only_for_valid_uids(node: ReaderNode, study_uid: str,
                                                    series_uid: str) -> None:
     """C-STORE answers Success exactly when Study and Series Instance UIDs are valid, 0xC000
     otherwise, and a stored instance lands under incoming/<study>/<series>/ only."""
@@ -208,7 +209,7 @@ def test_store_answers_success_only_for_valid_uids(node: ServeProcess, study_uid
         assert path.resolve().is_relative_to(node.data_dir.resolve())
 
 
-def _send_all(node: ServeProcess, datasets: list[Dataset],
+def _send_all(node: ReaderNode, datasets: list[Dataset],
               transfer: str = ExplicitVRLittleEndian) -> list[int]:
     assoc = _associate(node, (CTImageStorage, transfer))
     try:
@@ -217,18 +218,18 @@ def _send_all(node: ServeProcess, datasets: list[Dataset],
         assoc.release()
 
 
-def _state(node: ServeProcess, series_uid: str) -> tuple[SeriesStatus, str] | None:
+def _state(node: ReaderNode, series_uid: str) -> tuple[SeriesStatus, str] | None:
     state = JobStore(Spool(node.data_dir)).series_state(series_uid)
     return None if state is None or state.status is SeriesStatus.QUEUED else (state.status, state.reason)
 
 
-def _valid_study_processed(node: ServeProcess, study: Study) -> None:
+def _valid_study_processed(node: ReaderNode, study: Study) -> None:
     assert _send_all(node, [pydicom.dcmread(f) for f in study.files]) == [dimse.SUCCESS] * len(study.files)
     wait_until(lambda: _state(node, study.series_uid) is not None, DEADLINE_S, "a valid study processed")
     assert _state(node, study.series_uid) == (SeriesStatus.DONE, "")
 
 
-def test_hostile_datasets_get_clear_answers_and_valid_studies_survive(node: ServeProcess,
+def test_hostile_datasets_get_clear_answers_and_valid_studies_survive(node: ReaderNode,
                                                                       tmp_path: Path) -> None:
     """Truncated pixels, absurd dimensions, missing, mismatched and escaping UIDs, mixed geometry,
     an unsupported transfer syntax and non-image SOP classes each get a named DIMSE status, a

@@ -17,9 +17,9 @@ import pytest
 
 from reader.jobs import JobStore, SeriesStatus
 from reader.spool import Spool
+from tests.node_process import ReaderNode
 from tests.peers import require_tool, wait_until
 from tests.reliability import (
-    ServeProcess,
     Study,
     peak_rss_bytes,
     serve_config,
@@ -42,7 +42,7 @@ def test_eight_concurrent_senders_all_stored_and_processed(tmp_path: Path) -> No
     require_tool("storescu")
     model = write_fixture_model(tmp_path / "model", findings=False)
     studies = [write_study(tmp_path / f"series-{i}", SLICES, rows=512, columns=512) for i in range(SENDERS)]
-    node = ServeProcess(tmp_path / "node", config_text=serve_config(model, grace_seconds=1.0,
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model, grace_seconds=1.0,
                                                                     min_free_disk_mb=0))
     jobs = JobStore(Spool(node.data_dir))
 

@@ -22,14 +22,15 @@ from reader.dispatch import Dispatcher
 from reader.jobs import JobStore, SendState
 from reader.send import StoreSCU
 from reader.spool import Spool
+from tests.node_process import ReaderNode
 from tests.peers import Orthanc, free_port, require_tool, storescu, wait_until
-from tests.reliability import ServeProcess, pacs_results, serve_config, write_fixture_model, write_study
+from tests.reliability import pacs_results, serve_config, write_fixture_model, write_study
 
 DEADLINE_S = 120.0
 RETRIES_WHILE_DOWN = 3
 
 
-def _has_current(orthanc: Orthanc, study_uid: str, series_uid: str, node: ServeProcess) -> bool:
+def _has_current(orthanc: Orthanc, study_uid: str, series_uid: str, node: ReaderNode) -> bool:
     if node.process.poll() is not None:
         raise AssertionError(f"reader serve died:\n{node.log_tail()}")
     kinds = {(r.modality, r.version) for r in pacs_results(orthanc, study_uid, series_uid)}
@@ -51,7 +52,7 @@ def test_results_made_during_a_pacs_outage_arrive_after_it_returns(tmp_path: Pat
     pacs_port = free_port()
     orthanc = Orthanc.start(tmp_path / "pacs", extra_config={"DicomPort": pacs_port})
     model = write_fixture_model(tmp_path / "model")
-    node = ServeProcess(tmp_path / "node", config_text=serve_config(model, retry_initial_seconds=0.3,
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model, retry_initial_seconds=0.3,
                                                                     retry_max_seconds=2.0),
                         destinations=[f"{orthanc.aet}@127.0.0.1:{pacs_port}"])
     try:

@@ -16,9 +16,9 @@ import pytest
 
 from reader.jobs import JobStore, SeriesStatus
 from reader.spool import Spool
+from tests.node_process import ReaderNode
 from tests.peers import Orthanc, require_tool, wait_until
 from tests.reliability import (
-    ServeProcess,
     pacs_results,
     serve_config,
     store_responses,
@@ -44,7 +44,7 @@ def _run(tmp_path: Path, orthanc: Orthanc, *, birth_date: str) -> str:
     """Send a valid and a mixed-geometry study of the patient; return the node's whole output."""
     require_tool("storescu")
     model = write_fixture_model(tmp_path / "model")
-    node = ServeProcess(tmp_path / "node", config_text=serve_config(model), log_level="debug",
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model), log_level="debug",
                         destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"])
     try:
         good = write_study(tmp_path / "good", patient_name=PATIENT_NAME, patient_id=PATIENT_ID,
