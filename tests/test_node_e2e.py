@@ -68,10 +68,11 @@ def _results(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset
     return out
 
 
-def _has_sr(orthanc: Orthanc, study_uid: str, node: ReaderNode) -> bool:
+def _delivered(node: ReaderNode) -> bool:
+    """True once the node logged the C-STORE of its results (SEG, SR, KOS on one association)."""
     if node.process.poll() is not None:
         raise AssertionError(f"reader serve died:\n{node.log_tail()}")
-    return any(s["MainDicomTags"].get("Modality") == "SR" for s in _study_series(orthanc, study_uid))
+    return any("instances" in e for e in node.events("result.sent"))
 
 
 def _tumour_boxes(annotations: Path) -> dict[str, tuple[int, int, int, int]]:
@@ -135,8 +136,7 @@ def test_modality_push_returns_valid_sr_and_seg_to_the_pacs(orthanc: Orthanc, tm
     try:
         sent = storescu(node.host, node.port, node.ae_title, [series_dir])
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(lambda: _has_sr(orthanc, source.StudyInstanceUID, node), RESULT_DEADLINE_S,
-                   "the node's SR in Orthanc")
+        wait_until(lambda: _delivered(node), RESULT_DEADLINE_S, "the node's results sent to Orthanc")
         results = _check_results(orthanc, tmp_path, source)
         assert "SEG" in results, "the model found nothing in a CT with a known adenocarcinoma"
         assert len(results.get("KO", [])) == 1, "a flagged study gets exactly one KOS"
@@ -186,8 +186,8 @@ def test_pacs_routing_returns_results_and_flags_the_worklist(
         studies = orthanc.studies()
         assert len(studies) == 1
         orthanc.store_to_modality("reader", studies)
-        wait_until(lambda: _has_sr(orthanc, source.StudyInstanceUID, node), RESULT_DEADLINE_S,
-                   "the node's SR in Orthanc after Orthanc routed the study")
+        wait_until(lambda: _delivered(node), RESULT_DEADLINE_S,
+                   "the node's results sent to Orthanc after Orthanc routed the study")
         results = _check_results(orthanc, tmp_path, source)
         assert orthanc.studies() == studies, "results must join the source study, not make a new one"
         assert "SEG" in results and len(results.get("KO", [])) == 1

@@ -58,9 +58,11 @@ def _segment_array(
         )
     if len(volume.sources) != label_map.shape[0]:
         raise EncodingError(f"{len(volume.sources)} sources for {label_map.shape[0]} slices")
-    present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=_LABEL_VALUES))
-    unreported = sorted(int(v) for v in present if v != 0 and int(v) not in numbers)
-    if unreported:
+    reported = np.zeros(_LABEL_VALUES, dtype=bool)
+    reported[[0, *numbers]] = True
+    stray = ~reported[label_map]  # one byte per voxel; bincount would take eight
+    if stray.any():
+        unreported = sorted(int(v) for v in np.unique(label_map[stray]))
         raise EncodingError(f"label map has voxels of labels without a finding: {unreported}")
     lut = np.zeros(_LABEL_VALUES, dtype=np.uint8)
     for label, number in numbers.items():
