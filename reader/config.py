@@ -53,7 +53,7 @@ def bundled_models_dir() -> Path:
 class CompletionConfig:
     """When a series counts as complete (see ``reader.assemble``)."""
 
-    grace: timedelta = timedelta(seconds=2)  # after the last association that carried it is released
+    grace: timedelta = timedelta(seconds=1.5)  # after the last association that carried it is released
     idle_timeout: timedelta = timedelta(seconds=30)  # since its last instance, associations still open
 
 

@@ -1,0 +1,242 @@
+"""Train lung-lesion-unet: a compact 3-D U-Net on the synthetic patch cache written by synth.py.
+
+Reproducible: one seed drives patch order, crops and augmentation; deterministic algorithms on CPU.
+Uses CUDA when available. Run ``nice -n 10 python models/training/train.py`` (see models/README.md);
+the default schedule finishes within 90 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WINDOW_HU = (-1000.0, 400.0)  # must equal model.toml [preprocessing] window
+TRAIN_PATCH = (16, 64, 64)
+CHANNELS = (8, 16, 32, 64)
+IGNORE = 255
+
+
+class Block(nn.Module):
+    """Two 3x3x3 convolutions, each with batch norm and leaky ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm3d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm3d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # type: ignore[no-any-return]
+
+
+class UNet3D(nn.Module):
+    """U-Net with len(channels)-1 poolings by 2; spatial dims must be multiples of 2**(levels-1).
+
+    Input (N, 1, D, H, W) window-normalized CT; output (N, 1, D, H, W) logits (``sigmoid`` in export).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = CHANNELS) -> None:
+        super().__init__()
+        self.down = nn.ModuleList()
+        cin = 1
+        for c in channels:
+            self.down.append(Block(cin, c))
+            cin = c
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for c in reversed(channels[:-1]):
+            self.up.append(nn.ConvTranspose3d(cin, c, 2, stride=2))
+            self.merge.append(Block(2 * c, c))
+            cin = c
+        self.head = nn.Conv3d(cin, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool3d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge, strict=True):
+            x = up(x)
+            x = merge(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """All cached patches in memory: images int16 HU, labels uint8, lesion flags."""
+
+    images: npt.NDArray[np.int16]
+    labels: npt.NDArray[np.uint8]
+    has_lesion: npt.NDArray[np.bool_]
+    source: npt.NDArray[np.int_]  # index of the cache folder each patch came from
+
+
+def load_cache(folders: list[Path]) -> Cache:
+    """Every ``*.npz`` patch file of the cache folders, concatenated."""
+    images, labels, sources = [], [], []
+    for index, folder in enumerate(folders):
+        for path in sorted(folder.glob("*.npz")):
+            with np.load(path) as data:
+                images.append(data["image"])
+                labels.append(data["label"])
+                sources.append(np.full(len(data["label"]), index))
+    image = np.concatenate(images)
+    label = np.concatenate(labels)
+    return Cache(image, label, (label == 1).reshape(len(label), -1).any(axis=1), np.concatenate(sources))
+
+
+def batch(
+    cache: Cache, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch: about 2/3 lesion patches; random crop, flips and intensity jitter.
+
+    With ``extra_fraction`` > 0, that fraction of the patches comes from the second and later
+    cache folders (stage 2: patches anywhere in the body).
+    """
+    positives = np.flatnonzero(cache.has_lesion)
+    extra = np.flatnonzero(cache.source > 0)
+    xs, ys = [], []
+    for _ in range(size):
+        if extra_fraction > 0 and extra.size and rng.random() < extra_fraction:
+            pool = extra
+        elif positives.size and rng.random() < 0.67:
+            pool = positives
+        else:
+            pool = np.arange(len(cache.labels))
+        k = int(pool[int(rng.integers(0, len(pool)))])
+        image, label = cache.images[k], cache.labels[k]
+        if cache.has_lesion[k] and rng.random() < 0.8:  # crop that keeps lesion voxels in view
+            pts = np.argwhere(label == 1)
+            centre = pts[int(rng.integers(0, len(pts)))]
+            starts = [
+                int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
+                for c, p, n in zip(centre, TRAIN_PATCH, image.shape, strict=True)
+            ]
+        else:
+            starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, image.shape, strict=True)]
+        region = tuple(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True))
+        x = image[region].astype(np.float32)
+        y = label[region]
+        if rng.random() < 0.5:
+            x, y = x[:, :, ::-1], y[:, :, ::-1]
+        if rng.random() < 0.2:
+            x, y = x[:, ::-1, :], y[:, ::-1, :]
+        if rng.random() < 0.3:
+            x, y = x[::-1], y[::-1]
+        x = x * float(rng.uniform(0.96, 1.04)) + float(rng.uniform(-25, 25))
+        x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
+        xs.append(np.ascontiguousarray(x))
+        ys.append(np.ascontiguousarray(y))
+    return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus batch soft Dice, both over the voxels that are not ignored."""
+    valid = (labels != IGNORE).float()
+    target = (labels == 1).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum") / valid.sum()
+    prob = torch.sigmoid(logits) * valid
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
+    """Train and save the checkpoint (state dict and the options it was trained with)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, nargs="+", default=[Path("/tmp/lung-synth/train")])
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (stage 2)")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--extra-fraction", type=float, default=0.0, help="share of patches from --cache[1:]")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lung-train/model.pt"))
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=20261122)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=85.0, help="stop early (and save) past this")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many steps (schedule unchanged)"
+    )
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+    cache = load_cache(args.cache)
+    print(
+        f"cache {len(cache.labels)} patches, {int(cache.has_lesion.sum())} with lesions, device {device}",
+        flush=True,
+    )
+    model = UNet3D().to(device)
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=True)["state"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    warmup = args.warmup
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return float((step + 1) / warmup)
+        span = max(1, args.iterations - warmup)
+        return float(0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * 0.97 + 0.03)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    running = 0.0
+    step = 0
+    for step in range(args.iterations):
+        x, y = batch(cache, args.batch, rng, args.extra_fraction)
+        x, y = x.to(device), y.to(device)
+        model.train()
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        scheduler.step()
+        value = loss.item()
+        running = 0.98 * running + 0.02 * value if step else value
+        minutes = (time.perf_counter() - started) / 60
+        if step % 25 == 0 or step == args.iterations - 1:
+            print(
+                f"step {step} loss {running:.4f} lr {scheduler.get_last_lr()[0]:.2e} {minutes:.1f} min",
+                flush=True,
+            )
+        if step % 200 == 199:
+            torch.save({"state": model.state_dict(), "step": step, "channels": CHANNELS}, args.out)
+        if args.stop_after is not None and step + 1 >= args.stop_after:
+            print(f"stopping after step {step} (--stop-after)", flush=True)
+            break
+        if minutes > args.max_minutes:
+            print(f"stopping at step {step}: {minutes:.1f} min", flush=True)
+            break
+    torch.save({"state": model.state_dict(), "step": step, "channels": CHANNELS}, args.out)
+    print(
+        f"saved {args.out} after {step + 1} steps, {(time.perf_counter() - started) / 60:.1f} min", flush=True
+    )
+
+
+if __name__ == "__main__":
+    main()
