@@ -12,6 +12,7 @@ shape into a cache folder and reused.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -47,6 +48,15 @@ DEFAULT_WORK = Path(os.environ.get("READER_BENCH_WORK", "/tmp/reader-bench"))
 RESULTS = REPO / "bench" / "results"
 REFERENCE_MODEL = REPO / "models" / "lung-lesion-unet"
 _POLL_S = 0.02
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every bench script shares: ``--model DIR`` and ``--work DIR``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help="model package (default: models/lung-lesion-unet, else a fixture model)")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder for data and peers")
+    return p
 
 if str(REPO) not in sys.path:  # the scripts run as files: make ``reader`` and ``tests`` importable
     sys.path.insert(0, str(REPO))

@@ -12,7 +12,6 @@ silently replaced by another: the package reports which provider actually runs t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,9 @@ _VARIANTS = (
 
 def main() -> None:
     """Run every provider variant, print the table, write bench/results/inference.json."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
+    parser = common.parser(__doc__)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
     args = parser.parse_args()
     work: Path = args.work
     info = common.machine()

@@ -59,13 +59,10 @@ def _concurrent(server: common.Server, folders: list[Path]) -> tuple[float, list
 
 
 def _arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--senders", type=int, default=4)
-    parser.add_argument("--model", type=Path, default=None, help="model package the node loads")
-    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
     parser.add_argument("--targets", default="node,storescp,orthanc",
                         help="comma-separated: node, storescp, orthanc, and node variants "
                              "node-no-tune, node-no-fsync, node-no-fsync-no-tune, node-2proc")

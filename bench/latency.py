@@ -23,7 +23,6 @@ from the node's own JSON events (ISO timestamps and the per-stage seconds they c
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -75,12 +74,9 @@ def _stages(events: list[dict[str, Any]], series_uid: str, sent: dict[str, float
 
 def main() -> None:
     """Run the latency benchmark, print the table, write bench/results/latency.json."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
     args = parser.parse_args()
     netns = common.enter_private_netns()
     work: Path = args.work

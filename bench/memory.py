@@ -11,7 +11,6 @@ the series added. The target compares the peak with the series' pixel bytes (sli
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,8 @@ _MIB = 1024 * 1024
 
 def main() -> None:
     """Measure each size in a fresh node, print the table, write bench/results/memory.json."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--sizes", default="64,300,1000")
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
     args = parser.parse_args()
     netns = common.enter_private_netns()
     work: Path = args.work

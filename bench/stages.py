@@ -10,7 +10,6 @@ through ``/proc/self/clear_refs``) and the functions with the most own time (cPr
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -41,12 +40,9 @@ def _reset_peak() -> None:
 
 def main() -> None:
     """Profile each stage, print a table and the top functions, write bench/results/stages.json."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
+    parser = common.parser(__doc__)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK)
     args = parser.parse_args()
     work: Path = args.work
     info = common.machine()

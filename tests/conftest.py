@@ -1,7 +1,8 @@
 """Shared fixtures: real Orthanc (tests/peers.py), MLLP listener and webhook receiver
-(tests/worklist_peers.py)."""
+(tests/worklist_peers.py), and the shared CT with a tumour finding (tests/results_helpers.py)."""
 
 from tests.peers import orthanc, orthanc_factory
+from tests.results_helpers import box, positive, volume
 from tests.worklist_peers import listener, receiver
 
-__all__ = ["listener", "orthanc", "orthanc_factory", "receiver"]
+__all__ = ["box", "listener", "orthanc", "orthanc_factory", "positive", "receiver", "volume"]

@@ -183,3 +183,21 @@ def dciodvfy_errors(dciodvfy: str, path: Path) -> list[str]:
     completed = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (completed.stdout + completed.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def volume() -> Volume:
+    """The 64-slice shared CT as a Volume."""
+    return load_series(require_ct())
+
+
+@pytest.fixture(scope="module")
+def box(volume: Volume) -> Box:
+    """The radiologist's tumour box on that CT."""
+    return tumour_box(volume)
+
+
+@pytest.fixture(scope="module")
+def positive(volume: Volume, box: Box) -> InferenceResult:
+    """One finding filling the tumour box, score 0.87."""
+    return lesion_result(volume, box)

@@ -27,35 +27,14 @@ from tests.results_helpers import (
     Box,
     dciodvfy_errors,
     lesion_result,
-    load_series,
     negative_result,
-    require_ct,
     require_dciodvfy,
-    tumour_box,
 )
 
 # The shared CT's Patient's Name has a single component; highdicom warns about it on every object.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
 
 # ---------------------------------------------------------------- fixtures (real CT, no model)
-
-
-@pytest.fixture(scope="module")
-def volume() -> Volume:
-    """The 64-slice shared CT as a Volume, loaded by the local test loader."""
-    return load_series(require_ct())
-
-
-@pytest.fixture(scope="module")
-def box(volume: Volume) -> Box:
-    """The radiologist's tumour box on that CT."""
-    return tumour_box(volume)
-
-
-@pytest.fixture(scope="module")
-def positive(volume: Volume, box: Box) -> InferenceResult:
-    """One finding filling the tumour box."""
-    return lesion_result(volume, box)
 
 
 @pytest.fixture(scope="module")
