@@ -98,6 +98,7 @@ class LabelSpec:
     min_score: float  # a component is reported only if its max probability reaches this
     min_volume_mm3: float  # ... and its volume reaches this
     max_findings: int  # at most this many findings of this label per series
+    min_lung_fraction: float = 0.0  # ... and at least this fraction of it lies in the lung field
 
     @property
     def finding_class(self) -> FindingClass:
@@ -292,7 +293,7 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
             raise ManifestError(f"labels[{i}]", "must be a table ([[labels]])")
         t = cast(Mapping[str, object], entry)
         allowed = {"value", "name", "category", "type", "site", "threshold", "min_score"}
-        _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings"})
+        _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings", "min_lung_fraction"})
         value = _int(t, "value", p)
         if not 1 <= value <= 255:
             raise ManifestError(p + "value", f"must be in 1..255, got {value}")
@@ -316,6 +317,7 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
                 min_score=_unit(t, "min_score", p),
                 min_volume_mm3=min_volume,
                 max_findings=max_findings,
+                min_lung_fraction=_unit(t, "min_lung_fraction", p) if "min_lung_fraction" in t else 0.0,
             )
         )
     return tuple(labels)

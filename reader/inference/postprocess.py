@@ -69,12 +69,14 @@ def extract_findings(
     labels: Iterable[LabelSpec],
     volume: Volume,
     in_plane_only: bool,
+    lung: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[tuple[Finding, ...], npt.NDArray[np.uint8]]:
     """Connected components of each label, filtered, measured and numbered by descending score.
 
     Components connect with 26-connectivity, or 8-connectivity within a slice when
     ``in_plane_only`` (2-D models). A component is kept when its maximum probability reaches
-    ``min_score`` and its volume ``min_volume_mm3``; then the ``max_findings`` best per label.
+    ``min_score`` and its volume ``min_volume_mm3`` (and, with a ``lung`` field and a label's
+    ``min_lung_fraction``, enough of it lies in the lungs); then the ``max_findings`` best per label.
     Returns the findings and a uint8 label map holding only the kept components.
     """
     structure = ndimage.generate_binary_structure(3, 3)
@@ -99,6 +101,9 @@ def extract_findings(
         np.maximum.at(scores, ids, selection.probability[region][foreground])
         del foreground, ids
         keep = (scores >= label.min_score) & (counts * voxel_mm3 >= label.min_volume_mm3)
+        if lung is not None and label.min_lung_fraction > 0.0:
+            inside = np.bincount(components[lung[region]], minlength=count + 1)
+            keep &= inside >= label.min_lung_fraction * counts
         keep[0] = False
         kept = [int(i) for i in np.flatnonzero(keep)]
         kept.sort(key=lambda i: (-scores[i], -counts[i], i))

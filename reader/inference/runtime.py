@@ -24,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
-from reader.inference import postprocess, preprocess
+from reader.inference import anatomy, postprocess, preprocess
 from reader.inference.manifest import LabelSpec, ModelManifest, load_manifest
 from reader.volume import Volume
 
@@ -140,8 +140,11 @@ class ModelPackage:
 
         selection = postprocess.select_labels(_native_channels(probabilities, m.labels, native), native)
         del probabilities
+        lung = None
+        if any(label.min_lung_fraction > 0.0 for label in m.labels):
+            lung = anatomy.lung_field(voxels, volume.spacing_mm)
         findings, label_map = postprocess.extract_findings(
-            selection, m.labels, volume, in_plane_only=m.input.dimensions == 2
+            selection, m.labels, volume, in_plane_only=m.input.dimensions == 2, lung=lung
         )
         finished = time.perf_counter()
         log.info(
