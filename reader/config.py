@@ -22,7 +22,7 @@ from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
 from reader.notify.webhook import WebhookEndpoint
-from reader.send import Destination
+from reader.send import Destination, validate_ae_title
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = "lung-lesion-unet"
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE VR: no backslash, no control chars
 
 
 def bundled_models_dir() -> Path:
@@ -534,10 +533,10 @@ def _strs(value: Any, key: str, *, upper: bool = False) -> tuple[str, ...]:
 
 
 def _ae_title(value: Any, key: str) -> str:
-    text = _str(value, key)
-    if not _AE_RE.match(text) or not text.strip():
-        raise ConfigError(key, f"{text!r} is not a valid AE title (1-16 characters, no backslash)")
-    return text.strip()
+    try:
+        return validate_ae_title(_str(value, key))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
 
 
 def _int(value: Any, key: str, low: int, high: int) -> int:
