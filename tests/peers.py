@@ -35,6 +35,7 @@ __all__ = [
     "dciodvfy",
     "echoscu",
     "free_port",
+    "missing",
     "orthanc",
     "orthanc_factory",
     "peer_env",
@@ -64,7 +65,7 @@ _ORTHANC_STOP_S = 10.0
 _HTTP_TIMEOUT_S = 60.0
 
 
-def _missing(message: str) -> NoReturn:
+def missing(message: str) -> NoReturn:
     """Fail under CI (``CI=true``), skip elsewhere: a missing prerequisite is never silent."""
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
@@ -77,7 +78,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name, path=search)
     if path is None:
         package = _DEBIAN_PACKAGE.get(name, "the package providing it")
-        _missing(f"program {name!r} not found on PATH: install the Debian package {package!r}")
+        missing(f"program {name!r} not found on PATH: install the Debian package {package!r}")
     return path
 
 
@@ -85,7 +86,7 @@ def require_data(relative: str) -> Path:
     """Return ``SHARED_DATA / relative``; fail under CI or skip if that path does not exist."""
     path = SHARED_DATA / relative
     if not path.exists():
-        _missing(f"shared test data missing: {path}")
+        missing(f"shared test data missing: {path}")
     return path
 
 

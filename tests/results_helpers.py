@@ -6,7 +6,6 @@ C.7.6.2) so that the result-encoding tests do not depend on ``reader.volume.load
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -16,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom import Dataset
 
 from reader.findings import AlgorithmIdentity, Code, Finding, FindingClass, InferenceResult
 from reader.volume import SourceInstance, Volume
+from tests.peers import missing
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lung-pet-ct-dx"
 CT_DIR = DATA_DIR / "ct-A0001-5mm-lung-kernel"
@@ -42,12 +43,8 @@ LESION = FindingClass(
 
 def require(condition: bool, what: str) -> None:
     """Fail when CI is "true", else skip, naming what is missing (never skip silently)."""
-    if condition:
-        return
-    message = f"missing: {what}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    if not condition:
+        missing(f"missing: {what}")
 
 
 def require_ct() -> Path:
@@ -201,3 +198,23 @@ def box(volume: Volume) -> Box:
 def positive(volume: Volume, box: Box) -> InferenceResult:
     """One finding filling the tumour box, score 0.87."""
     return lesion_result(volume, box)
+
+
+MASS = FindingClass(
+    label=2,
+    name="Mass",
+    category=Code("49755003", "SCT", "Morphologically Abnormal Structure"),
+    property_type=Code("4147007", "SCT", "Mass"),
+    site=None,
+)
+"""A second finding class (SCT 4147007 Mass), for tests with more than one class."""
+
+
+def save_strict(dataset: Dataset, path: Path) -> None:
+    """Write with the File Meta Information enforced and value validation raising."""
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    try:
+        dataset.save_as(path, enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode

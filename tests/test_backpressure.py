@@ -21,7 +21,7 @@ import pytest
 from reader.jobs import JobStore, SeriesStatus
 from reader.spool import Spool
 from tests.node_process import ReaderNode
-from tests.peers import echoscu, require_tool, storescu, wait_until
+from tests.peers import echoscu, missing, require_tool, storescu, wait_until
 from tests.reliability import (
     peak_rss_bytes,
     serve_config,
@@ -40,11 +40,6 @@ BIG_DEADLINE_S = 300.0
 PEAK_RSS_LIMIT_BYTES = 3 * 2**30  # the float32 volume alone is 1 GiB
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
 
 def _done(data_dir: Path, series_uid: str) -> bool:
     state = JobStore(Spool(data_dir)).series_state(series_uid)
@@ -57,7 +52,7 @@ def test_low_disk_refuses_with_out_of_resources_and_recovers(tmp_path: Path) -> 
     require_tool("storescu")
     free_mib = shutil.disk_usage(tmp_path).free // MIB
     if free_mib < 3 * MARGIN_MIB:
-        _missing(f"needs {3 * MARGIN_MIB} MiB free under {tmp_path}, has {free_mib}")
+        missing(f"needs {3 * MARGIN_MIB} MiB free under {tmp_path}, has {free_mib}")
     model = write_fixture_model(tmp_path / "model")
     watermark_mib = free_mib - MARGIN_MIB
     node = ReaderNode(tmp_path / "node", config_text=serve_config(model, min_free_disk_mb=watermark_mib))

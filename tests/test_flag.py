@@ -8,17 +8,9 @@ from dataclasses import replace
 import pytest
 
 from reader.errors import ConfigError
-from reader.findings import Code, Finding, FindingClass
+from reader.findings import Finding, FindingClass
 from reader.flag import FlagDecision, FlagRule, FlagState, decide, parse_flag_rule
-from tests.results_helpers import LESION
-
-MASS = FindingClass(
-    label=2,
-    name="Mass",
-    category=Code("49755003", "SCT", "Morphologically Abnormal Structure"),
-    property_type=Code("4147007", "SCT", "Mass"),
-    site=None,
-)
+from tests.results_helpers import LESION, MASS
 
 
 def finding(number: int, score: float, diameter_mm: float, finding_class: FindingClass = LESION) -> Finding:

@@ -21,6 +21,7 @@ from tests.results_helpers import (
     Box,
     dciodvfy_errors,
     require_dciodvfy,
+    save_strict,
 )
 
 # The shared CT's Patient's Name has a single component; highdicom warns about it on every object.
@@ -48,12 +49,7 @@ def kos(volume: Volume, positive: InferenceResult, objects: ResultObjects) -> Da
 def written(kos: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The KOS as a DICOM file (PS3.10), written with value validation raising."""
     path = tmp_path_factory.mktemp("kos") / "kos.dcm"
-    mode = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
-    try:
-        kos.save_as(path, enforce_file_format=True)
-    finally:
-        pydicom.config.settings.writing_validation_mode = mode
+    save_strict(kos, path)
     return path
 
 

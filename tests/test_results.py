@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from structlog.testing import capture_logs
 
 from reader.errors import EncodingError
-from reader.findings import Code, FindingClass, InferenceResult
+from reader.findings import FindingClass, InferenceResult
 from reader.results import ResultObjects, encode_results, result_uid
 from reader.results.clean import clean_copied_attributes, prepare_source
 from reader.results.seg import segment_numbers
@@ -24,11 +24,13 @@ from reader.volume import Volume
 from tests.results_helpers import (
     ALGORITHM,
     LESION,
+    MASS,
     Box,
     dciodvfy_errors,
     lesion_result,
     negative_result,
     require_dciodvfy,
+    save_strict,
 )
 
 # The shared CT's Patient's Name has a single component; highdicom warns about it on every object.
@@ -49,19 +51,10 @@ def written(encoded: ResultObjects, tmp_path_factory: pytest.TempPathFactory) ->
     folder = tmp_path_factory.mktemp("results")
     assert encoded.seg is not None
     paths = {"seg": folder / "seg.dcm", "sr": folder / "sr.dcm"}
-    _save(encoded.seg, paths["seg"])
-    _save(encoded.sr, paths["sr"])
+    save_strict(encoded.seg, paths["seg"])
+    save_strict(encoded.sr, paths["sr"])
     return paths
 
-
-def _save(dataset: Dataset, path: Path) -> None:
-    """Write with the File Meta Information enforced and value validation raising."""
-    mode = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
-    try:
-        dataset.save_as(path, enforce_file_format=True)
-    finally:
-        pydicom.config.settings.writing_validation_mode = mode
 
 
 def _source(volume: Volume, index: int = 0) -> Dataset:
@@ -99,7 +92,7 @@ def test_negative_result_gives_valid_sr_only(volume: Volume, tmp_path: Path) -> 
     assert objects.seg is None
     assert objects.datasets == (objects.sr,)
     path = tmp_path / "sr.dcm"
-    _save(objects.sr, path)
+    save_strict(objects.sr, path)
     assert dciodvfy_errors(dciodvfy, path) == []
     sr = hd.sr.srread(path)
     assert _groups(sr) == []
@@ -217,13 +210,7 @@ def test_result_uid_is_a_stable_2_25_uid() -> None:
 def test_segments_are_numbered_contiguously_and_referenced(volume: Volume, box: Box) -> None:
     """Classes 2 and 5 become SEG segments 1 and 2, and each SR group references its class's segment."""
     first = replace(LESION, label=2, name="Nodule A")
-    second = FindingClass(
-        label=5,
-        name="Mass B",
-        category=Code("49755003", "SCT", "Morphologically Abnormal Structure"),
-        property_type=Code("4147007", "SCT", "Mass"),
-        site=None,
-    )
+    second = replace(MASS, label=5, name="Mass B")
     base = lesion_result(volume, box)
     finding = base.findings[0]
     label_map = np.zeros_like(base.label_map)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import random
 import tracemalloc
 from collections.abc import Callable
@@ -29,31 +28,25 @@ from tests.dicom_factory import (
     slice_pixels,
     write_datasets,
 )
+from tests.peers import missing
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LUNG_CT = DATA / "lung-pet-ct-dx" / "ct-A0001-5mm-lung-kernel"
 INTERCEPT = -1024.0
 
 
-def _missing(what: str) -> None:
-    """Fail under CI, skip elsewhere, naming exactly what is missing."""
-    message = f"missing: {what}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
 
 def _lung_ct_files() -> list[Path]:
     files = sorted(LUNG_CT.glob("*.dcm"))
     if len(files) != 64:
-        _missing(f"64 CT slices (*.dcm) in {LUNG_CT}")
+        missing(f"missing: 64 CT slices (*.dcm) in {LUNG_CT}")
     return files
 
 
 def _testdata_file(name: str) -> Path:
     found = get_testdata_file(name)
     if found is None:
-        _missing(f"pydicom-data test file {name} (pip install pydicom-data)")
+        missing(f"missing: pydicom-data test file {name} (pip install pydicom-data)")
     return Path(str(found))
 
 
@@ -269,7 +262,7 @@ def test_one_slice_cr(
 def test_compressed_series_decodes_like_uncompressed(tmp_path: Path, transfer_syntax: UID, size: int) -> None:
     """A lossless-compressed series decodes to exactly the voxels of the uncompressed one."""
     if not get_encoder(transfer_syntax).is_available:
-        _missing(f"a pydicom encoder plugin for {transfer_syntax.name}")
+        missing(f"missing: a pydicom encoder plugin for {transfer_syntax.name}")
     datasets = ct_series(4, rows=size, columns=size)
     native = load_volume(write_datasets(datasets, tmp_path / "native"))
     packed = [compressed(ds, transfer_syntax) for ds in datasets]
