@@ -8,6 +8,7 @@ success -> done; transient failure -> retried with exponential backoff and jitte
 ``max_attempts``, then parked; permanent failure (PS3.4 C-STORE failure statuses such as
 0xA9xx/0xCxxx/0x0122, or a rejected calling AE) -> parked at once with the reason. Parked tickets
 wait for ``reader retry``. Attempts and the next retry time are on disk, so restarts keep the schedule.
+Only pending tickets are read on each pass (``JobStore.pending_sends``): settled ones are archived.
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ class Dispatcher:
 
     def due(self, now: float) -> list[SendTicket]:
         """Pending tickets whose next attempt is due."""
-        return [t for t in self._jobs.sends() if t.state is SendState.PENDING and t.next_attempt_at <= now]
+        return [t for t in self._jobs.pending_sends() if t.next_attempt_at <= now]
 
     def next_due_in(self, now: float) -> float | None:
         """Seconds until the next pending ticket is due, or None when nothing is pending."""
-        times = [t.next_attempt_at for t in self._jobs.sends() if t.state is SendState.PENDING]
+        times = [t.next_attempt_at for t in self._jobs.pending_sends()]
         return max(0.0, min(times) - now) if times else None
 
     def attempt(self, ticket: SendTicket) -> SendTicket:

@@ -2,7 +2,9 @@
 
 - :class:`SeriesState`: which instances of a series were last processed, as which result version.
 - :class:`ProcessJob`: a complete series waiting for route -> volume -> infer -> encode.
-- :class:`SendTicket`: result files owed to one destination, with attempts and the next retry.
+- :class:`SendTicket`: result files owed to one destination, with attempts and the next retry;
+  pending ones in ``state/sends/``, settled ones (done, superseded, parked) moved to
+  ``state/sends-archive/`` so that the dispatcher's frequent passes read only pending work.
 
 A ticket is written before the work it describes starts and updated after it ends, so a restart
 finds every piece of unfinished work. Later stages (worklist flags, HL7, webhooks) add ticket kinds
@@ -24,6 +26,10 @@ from typing import Any
 from reader.spool import Spool
 
 __all__ = ["JobStore", "ProcessJob", "SendState", "SendTicket", "SeriesState", "SeriesStatus", "backoff"]
+
+
+_SENDS = "sends"  # state/sends/: pending send tickets
+_ARCHIVE = "sends-archive"  # state/sends-archive/: settled ones (done, superseded, parked)
 
 
 class SeriesStatus(enum.StrEnum):
@@ -173,11 +179,17 @@ class JobStore:
         return raw is not None and int(raw["version"]) == job.version
 
     # --- send tickets ----------------------------------------------------------------------
+    # Pending tickets live in state/sends/; settled ones (done, superseded, parked) move to
+    # state/sends-archive/, so the dispatcher, which lists pending work every few seconds, never
+    # re-reads the years of tickets already settled. A move is: the new state written in
+    # state/sends/ (durable, atomic), a copy written in the archive, the original deleted; the
+    # reverse (``requeue_failed``) writes state/sends/ first and then deletes the archived copy.
+    # Where a crash leaves both copies, the one in state/sends/ is the truth.
     def add_send(self, series_uid: str, version: int, destination: str, files: list[Path]) -> SendTicket:
         """Create (idempotently) the ticket for sending a result version to a destination,
         superseding pending tickets of older versions of the same series to the same place."""
         with self._lock:
-            for old in self.sends():
+            for old in self._active():
                 if (old.series_uid == series_uid and old.destination == destination
                         and old.version < version and old.state is SendState.PENDING):
                     self._write_send(replace(old, state=SendState.SUPERSEDED))
@@ -191,18 +203,30 @@ class JobStore:
             return ticket
 
     def send(self, name: str) -> SendTicket | None:
-        """One send ticket by name."""
-        raw = self.spool.read_state("sends", name)
-        if raw is None:
-            return None
-        raw["files"] = tuple(raw["files"])
-        raw["state"] = SendState(raw["state"])
-        return SendTicket(**raw)
+        """One send ticket by name, pending or settled."""
+        return self._read_send(_SENDS, name) or self._read_send(_ARCHIVE, name)
 
     def sends(self) -> list[SendTicket]:
-        """All send tickets, oldest first."""
-        tickets = [t for n in self.spool.list_state("sends") if (t := self.send(n)) is not None]
-        return sorted(tickets, key=lambda t: t.created_at)
+        """All send tickets, settled ones included, oldest first (``reader status``)."""
+        active = {t.name: t for t in self._active()}  # listed first: a ticket moving is never missed
+        archived = [t for n in self.spool.list_state(_ARCHIVE)
+                    if n not in active and (t := self._read_send(_ARCHIVE, n)) is not None]
+        return sorted([*active.values(), *archived], key=lambda t: t.created_at)
+
+    def pending_sends(self) -> list[SendTicket]:
+        """Pending send tickets, oldest first; reads none of the settled ones. A settled ticket
+        still among the pending ones (a crash mid-move, or a data dir from before the archive)
+        is moved to the archive on the way."""
+        pending = []
+        for ticket in self._active():
+            if ticket.state is SendState.PENDING:
+                pending.append(ticket)
+            else:
+                with self._lock:
+                    current = self._read_send(_SENDS, ticket.name)
+                    if current is not None and current.state is not SendState.PENDING:
+                        self._archive(current)
+        return sorted(pending, key=lambda t: t.created_at)
 
     def update_send(self, ticket: SendTicket) -> None:
         """Durably record a send ticket's new state.
@@ -218,9 +242,6 @@ class JobStore:
                 ticket = replace(ticket, state=SendState.SUPERSEDED)
             self._write_send(ticket)
 
-    def _write_send(self, ticket: SendTicket) -> None:
-        self.spool.write_state("sends", ticket.name, _dump(ticket))
-
     def requeue_failed(self) -> list[SendTicket]:
         """Put parked (failed) send tickets back in the queue, attempts reset; returns them."""
         with self._lock:
@@ -231,3 +252,27 @@ class JobStore:
                     self._write_send(fresh)
                     requeued.append(fresh)
             return requeued
+
+    def _active(self) -> list[SendTicket]:
+        return [t for n in self.spool.list_state(_SENDS) if (t := self._read_send(_SENDS, n)) is not None]
+
+    def _read_send(self, kind: str, name: str) -> SendTicket | None:
+        raw = self.spool.read_state(kind, name)
+        if raw is None:
+            return None
+        raw["files"] = tuple(raw["files"])
+        raw["state"] = SendState(raw["state"])
+        return SendTicket(**raw)
+
+    def _write_send(self, ticket: SendTicket) -> None:
+        """Write the ticket's state where the dispatcher looks; a settled one then moves to the
+        archive, a pending one leaves it."""
+        self.spool.write_state(_SENDS, ticket.name, _dump(ticket))
+        if ticket.state is SendState.PENDING:
+            self.spool.delete_state(_ARCHIVE, ticket.name)
+        else:
+            self._archive(ticket)
+
+    def _archive(self, ticket: SendTicket) -> None:
+        self.spool.write_state(_ARCHIVE, ticket.name, _dump(ticket))
+        self.spool.delete_state(_SENDS, ticket.name)

@@ -1,20 +1,33 @@
-"""The running node: listener plus three workers handing over through durable tickets.
+"""The running node: a listener and five workers handing over through durable tickets and, between
+the processing stages, bounded in-memory hand-offs.
 
-    StorageSCP --(instances on disk + tracker)--> completion monitor --(ProcessJob)--> processing
-    worker --(results on disk + SendTicket)--> dispatcher --> destinations
+    StorageSCP --(instances on disk + tracker)--> completion --(ProcessJob on disk)--> loader
+    --(ready: a prepared volume)--> inference --(handed: a model result)--> finishing
+    --(results on disk + SendTicket)--> dispatch --> destinations
 
-Each worker is one thread that sleeps on an event until there is work; all state it needs to
-resume lives in the spool, so :meth:`Node.start` after a crash picks up collecting series,
-queued jobs and pending sends. :meth:`Node.stop` stops accepting, lets the job and the send in
-progress finish (everything else is already durable), and returns.
+The three processing workers run the stages of ``reader.pipeline.Pipeline`` one series each, so
+the next series is routed and decoded while the model runs, and the previous one is encoded and
+written beside the next inference; receiving and sending go on all along. Each hand-off holds one
+item (:class:`StageBoard`), so memory stays bounded: at most one decoded volume waits for the
+model, two only while a higher-priority (STAT) series overtakes one that was already decoded (set
+aside, it runs next). The inference worker always takes the highest-priority work: it waits for a
+STAT series being decoded rather than start routine work already decoded.
+
+All state needed to resume lives in the spool: a job's ticket is deleted only once its outcome is
+recorded (``reader.jobs.JobStore.finish_job``), so :meth:`Node.start` after a crash picks up
+collecting series, queued jobs (whichever stage held them) and pending sends. :meth:`Node.stop`
+stops accepting, lets the load, the inference and the encoding in progress end (the decoded volumes
+still waiting are dropped: their jobs stay queued on disk), and returns.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 import structlog
@@ -24,18 +37,22 @@ from reader.config import NodeConfig
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, WebhookDelivery
 from reader.errors import StorageError
 from reader.inference import ModelPackage
-from reader.jobs import JobStore, SeriesStatus
-from reader.pipeline import Pipeline, destination_key
+from reader.jobs import JobStore, ProcessJob, SeriesStatus
+from reader.pipeline import Inferred, Pipeline, Prepared, destination_key
+from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
 
-__all__ = ["Node", "load_models"]
+__all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
 
 log = structlog.get_logger(__name__)
 
 PRIORITY_ROUTINE = 0
 PRIORITY_STAT = 1  # processed before routine work already queued (reader.jobs orders by priority)
+
+_IDLE_POLL_S = 5.0  # the loader re-reads the queue on disk at least this often
+_T = TypeVar("_T")
 
 
 def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
@@ -57,6 +74,177 @@ def _targets(config: NodeConfig, scu: StoreSCU) -> dict[str, Delivery]:
     return targets
 
 
+def _rank(job: ProcessJob) -> tuple[int, float]:
+    """Queue order: highest priority first, then oldest first (as ``JobStore.pending_jobs``)."""
+    return -job.priority, job.created_at
+
+
+def _key(job: ProcessJob) -> tuple[str, int]:
+    return job.series_uid, job.version
+
+
+class StageBoard:
+    """Which job each processing stage holds, and the bounded hand-offs between the stages.
+
+    One condition variable guards it all; every change wakes every waiting worker. The queue of
+    jobs itself stays on disk: the board only knows the jobs the loader listed and the completion
+    worker submitted (``queued``), and which of them a stage has claimed.
+
+    - ``loading``: the job the loader is routing and decoding;
+    - ``ready``: prepared volumes waiting for the model; one, or two while a higher-priority job
+      overtakes (the loader may then decode it although one already waits);
+    - ``inferring``: the job the model runs on;
+    - ``handed``: one model result waiting for the finishing worker (capacity 1);
+    - ``finishing``: the job being encoded and written.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._closed = False
+        self._version = 0  # bumped on every change, so a waiter never misses one
+        self._queued: dict[str, ProcessJob] = {}  # series UID -> newest queued version
+        self._claimed: set[tuple[str, int]] = set()
+        self._loading: ProcessJob | None = None
+        self._ready: list[Prepared] = []
+        self._inferring: ProcessJob | None = None
+        self._handed: Inferred | None = None
+        self._finishing: ProcessJob | None = None
+
+    # --- the queue -------------------------------------------------------------------------
+    def add_queued(self, jobs: Iterable[ProcessJob]) -> None:
+        """Make queued jobs known (a listing of the queue on disk, or a job just queued); a newer
+        version of a series replaces the older one."""
+        with self._cond:
+            changed = False
+            for job in jobs:
+                known = self._queued.get(job.series_uid)
+                if known is None or job.version > known.version:
+                    self._queued[job.series_uid] = job
+                    changed = True
+            if changed:
+                self._changed()
+
+    def version(self) -> int:
+        """A counter that moves on every change; pass it to :meth:`wait_change`."""
+        with self._cond:
+            return self._version
+
+    def wait_change(self, seen: int, timeout: float) -> None:
+        """Wait until something changed since :meth:`version` returned ``seen``, or ``timeout`` s."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._version != seen or self._closed, timeout)
+
+    def close(self) -> None:
+        """Stop handing out work: waiting volumes are dropped (their jobs stay queued on disk);
+        the finishing worker still receives what the model is running on."""
+        with self._cond:
+            self._closed = True
+            for item in self._ready:
+                self._claimed.discard(_key(item.job))
+            self._ready.clear()
+            self._changed()
+
+    # --- loader ----------------------------------------------------------------------------
+    def claim_load(self) -> ProcessJob | None:
+        """The next job to decode, claimed, or None when there is none or no room for it: room is
+        an empty ``ready``, or one routine volume waiting and this job of a higher priority."""
+        with self._cond:
+            if self._closed or self._loading is not None:
+                return None
+            free = [j for j in self._queued.values() if _key(j) not in self._claimed]
+            if not free:
+                return None
+            job = min(free, key=_rank)
+            if self._ready and not (len(self._ready) == 1 and job.priority > self._ready[0].job.priority):
+                return None
+            self._claimed.add(_key(job))
+            self._loading = job
+            self._changed()
+            return job
+
+    def put_ready(self, prepared: Prepared) -> None:
+        """Hand a decoded volume to the inference worker (dropped if the board was closed)."""
+        with self._cond:
+            self._loading = None
+            if self._closed:
+                self._claimed.discard(_key(prepared.job))
+            else:
+                self._ready.append(prepared)
+            self._changed()
+
+    # --- inference -------------------------------------------------------------------------
+    def take_ready(self) -> Prepared | None:
+        """The highest-priority decoded volume once no higher-priority job is about to be decoded;
+        None once closed."""
+        with self._cond:
+            while not self._closed:
+                if self._ready:
+                    best = min(self._ready, key=lambda p: _rank(p.job))
+                    if not self._higher_coming(best.job):
+                        self._ready.remove(best)
+                        self._inferring = best.job
+                        self._changed()
+                        return best
+                self._cond.wait()
+            return None
+
+    def _higher_coming(self, job: ProcessJob) -> bool:
+        """A job of higher priority is being decoded, or is queued and the loader has room for it."""
+        if self._loading is not None and self._loading.priority > job.priority:
+            return True
+        return len(self._ready) < 2 and any(
+            j.priority > job.priority for j in self._queued.values() if _key(j) not in self._claimed)
+
+    def put_handed(self, inferred: Inferred) -> None:
+        """Hand a model result to the finishing worker; waits while the one slot is taken."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._handed is None)
+            self._handed = inferred
+            self._inferring = None
+            self._changed()
+
+    # --- finishing -------------------------------------------------------------------------
+    def take_handed(self) -> Inferred | None:
+        """The next model result; None once closed and nothing is left in inference."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._handed is not None
+                                or (self._closed and self._inferring is None))
+            inferred, self._handed = self._handed, None
+            if inferred is not None:
+                self._finishing = inferred.prepared.job
+                self._changed()
+            return inferred
+
+    # --- any stage -------------------------------------------------------------------------
+    def release(self, job: ProcessJob) -> None:
+        """A stage is done with ``job``: its outcome is recorded, it was dropped, or it failed
+        unrecorded (then it stays queued on disk and the loader finds it again)."""
+        with self._cond:
+            self._claimed.discard(_key(job))
+            known = self._queued.get(job.series_uid)
+            if known is not None and known.version <= job.version:
+                del self._queued[job.series_uid]
+            for stage in ("_loading", "_inferring", "_finishing"):
+                if getattr(self, stage) == job:
+                    setattr(self, stage, None)
+            self._changed()
+
+    def snapshot(self) -> dict[str, list[str]]:
+        """Series UIDs per stage (``loading``, ``ready``, ``inferring``, ``handed``, ``finishing``)."""
+        with self._cond:
+            return {
+                "loading": [self._loading.series_uid] if self._loading else [],
+                "ready": [p.job.series_uid for p in self._ready],
+                "inferring": [self._inferring.series_uid] if self._inferring else [],
+                "handed": [self._handed.prepared.job.series_uid] if self._handed else [],
+                "finishing": [self._finishing.series_uid] if self._finishing else [],
+            }
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._cond.notify_all()
+
+
 class Node:
     """The second-reader node; construct, :meth:`start`, later :meth:`stop`."""
 
@@ -67,19 +255,21 @@ class Node:
         self.tracker = CompletionTracker(config.completion)
         self.scp = StorageSCP(config, self.spool, self.tracker)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
+        self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
         self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu)
         self._stopping = threading.Event()
-        self._work = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
+        load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
         self._resume()
-        for name, target in (("completion", self._completion_loop), ("processing", self._processing_loop),
+        for name, target in (("completion", self._completion_loop), ("loader", self._loader_loop),
+                             ("inference", self._inference_loop), ("finishing", self._finishing_loop),
                              ("dispatch", self._dispatch_loop)):
             t = threading.Thread(target=self._guard(name, target), name=f"reader-{name}", daemon=True)
             t.start()
@@ -89,11 +279,12 @@ class Node:
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Graceful stop: no new associations, finish the job and send in progress, return."""
+        """Graceful stop: no new associations; the load, inference, encoding and send in progress
+        end, volumes still waiting are dropped (their jobs stay queued); then return."""
         log.info("node.stopping")
         self.scp.stop()
         self._stopping.set()
-        self._work.set()
+        self.board.close()
         self._sends.set()
         self.tracker.wake()
         for t in self._threads:
@@ -134,7 +325,7 @@ class Node:
                          instances=len(files), queued=job is not None, priority=priority,
                          version=job.version if job else None)
                 if job is not None:
-                    self._work.set()
+                    self.board.add_queued([job])
 
     def _stat_by_rule(self, files: list[Path]) -> bool:
         """True when the series' accession number has a configured STAT prefix (e.g. "ED")."""
@@ -144,22 +335,61 @@ class Node:
         header = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["AccessionNumber"])
         return str(header.get("AccessionNumber", "")).startswith(prefixes)
 
-    def _processing_loop(self) -> None:
+    # --- processing: three stages, one series each ------------------------------------------
+    def _loader_loop(self) -> None:
+        """Route and decode the highest-priority queued job whenever there is room for it."""
         while not self._stopping.is_set():
-            self._work.clear()
-            pending = self.jobs.pending_jobs()
-            if not pending:
-                self._work.wait(timeout=5.0)
+            seen = self.board.version()
+            self.board.add_queued(self.jobs.pending_jobs())
+            job = self.board.claim_load()
+            if job is None:
+                self.board.wait_change(seen, _IDLE_POLL_S)
                 continue
-            job = pending[0]
             try:
-                status = self.pipeline.process(job)
-            except Exception as exc:
-                log.exception("series.failed", series_uid=job.series_uid, error=type(exc).__name__)
-                self.jobs.finish_job(job, SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
-                continue
+                prepared = None  # a job finished or superseded since it was listed is dropped
+                if self.jobs.job_is_current(job):
+                    prepared = self._stage(job, "prepare", partial(self.pipeline.prepare, job))
+            except BaseException:
+                self.board.release(job)
+                raise
+            if isinstance(prepared, Prepared):
+                self.board.put_ready(prepared)
+            else:
+                self.board.release(job)
+
+    def _inference_loop(self) -> None:
+        """Run the model on the best decoded volume as soon as the previous run ends."""
+        while (prepared := self.board.take_ready()) is not None:
+            job = prepared.job
+            try:
+                inferred = self._stage(job, "inference", partial(self.pipeline.infer, prepared))
+            except BaseException:
+                self.board.release(job)
+                raise
+            if isinstance(inferred, Inferred):
+                self.board.put_handed(inferred)
+            else:
+                self.board.release(job)
+
+    def _finishing_loop(self) -> None:
+        """Encode, write and queue the sends of each model result, beside the next inference."""
+        while (inferred := self.board.take_handed()) is not None:
+            job = inferred.prepared.job
+            try:
+                status = self._stage(job, "finish", partial(self.pipeline.finish, inferred))
+            finally:
+                self.board.release(job)
             if status is SeriesStatus.DONE:
                 self._sends.set()
+
+    def _stage(self, job: ProcessJob, stage: str, work: Callable[[], _T]) -> _T | SeriesStatus:
+        """Run one stage of one job; an unexpected error fails that series (recorded), not the worker."""
+        try:
+            return work()
+        except Exception as exc:
+            log.exception("series.failed", series_uid=job.series_uid, stage=stage, error=type(exc).__name__)
+            self.jobs.finish_job(job, SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            return SeriesStatus.FAILED
 
     def _dispatch_loop(self) -> None:
         while not self._stopping.is_set():

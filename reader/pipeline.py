@@ -1,8 +1,16 @@
 """One complete series through route -> volume -> inference -> encoding -> send tickets.
 
+The work is split in three stages so that the node can run them on separate threads, one series
+per stage at a time (``reader.node``): :meth:`Pipeline.prepare` (route, load the volume),
+:meth:`Pipeline.infer` (the model) and :meth:`Pipeline.finish` (encode SEG/SR/KOS, write, render
+notifications, queue send tickets, record the outcome). :meth:`Pipeline.process` runs them one
+after another.
+
 Every stage logs a timing event; the outcome is recorded durably with the job (``reader.jobs``).
 Typed errors from the stages become a recorded status here: rejected input and unmatched routes
-are *skipped* with the reason, model and encoder failures *failed* with the reason.
+are *skipped* with the reason, model and encoder failures *failed* with the reason. Nothing a
+stage does before :meth:`Pipeline.finish` records the outcome is durable except result files, so
+a job interrupted anywhere is simply processed again.
 """
 
 from __future__ import annotations
@@ -13,13 +21,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import structlog
 
 from reader.assemble import summarize_series
-from reader.config import NodeConfig
+from reader.config import NodeConfig, Route
 from reader.errors import EncodingError, InputRejected, ModelError
+from reader.findings import InferenceResult
 from reader.flag import decide
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
@@ -30,9 +40,9 @@ from reader.results import encode_results
 from reader.results.kos import encode_kos
 from reader.routing import Skip, route_series
 from reader.spool import Spool
-from reader.volume import load_volume
+from reader.volume import Volume, load_volume
 
-__all__ = ["Pipeline", "destination_key"]
+__all__ = ["Inferred", "Pipeline", "Prepared", "destination_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +50,33 @@ log = structlog.get_logger(__name__)
 def destination_key(ae_title: str, host: str, port: int) -> str:
     """The ``AE@HOST:PORT`` form a send ticket names its destination by."""
     return f"{ae_title}@{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A routed series with its volume loaded, waiting for the model (output of :meth:`Pipeline.prepare`).
+
+    Times are ``time.perf_counter()`` readings of this process.
+    """
+
+    job: ProcessJob
+    route: Route
+    model: ModelPackage
+    volume: Volume
+    started_at: float  # prepare began
+    routed_at: float  # routing done, volume loading began
+    loaded_at: float  # volume loaded
+    seconds_queued: float  # job queued (wall clock) -> prepare began
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """A series the model has run on, waiting for encoding (output of :meth:`Pipeline.infer`)."""
+
+    prepared: Prepared
+    result: InferenceResult
+    inference_started_at: float
+    inference_ended_at: float
 
 
 @dataclass(frozen=True)
@@ -53,8 +90,20 @@ class Pipeline:
 
     def process(self, job: ProcessJob) -> SeriesStatus:
         """Run one job to its recorded outcome; never raises for a bad series or a model failure."""
-        bound = log.bind(study_uid=job.study_uid, series_uid=job.series_uid, version=job.version)
+        prepared = self.prepare(job)
+        if isinstance(prepared, SeriesStatus):
+            return prepared
+        inferred = self.infer(prepared)
+        if isinstance(inferred, SeriesStatus):
+            return inferred
+        return self.finish(inferred)
+
+    def prepare(self, job: ProcessJob) -> Prepared | SeriesStatus:
+        """Route the series and load its volume; a skipped or rejected series is recorded and its
+        status returned instead."""
+        bound = _bind(job)
         t0 = time.perf_counter()
+        queued = max(0.0, time.time() - job.created_at)
         wanted = set(job.instances)
         files = [p for p in self.spool.series_instances(job.study_uid, job.series_uid) if p.stem in wanted]
         try:
@@ -70,9 +119,34 @@ class Pipeline:
                        instances=len(files))
             t1 = time.perf_counter()
             volume = load_volume(files)
-            t2 = time.perf_counter()
-            result = model.run(volume)
-            t3 = time.perf_counter()
+        except (InputRejected, ModelError, EncodingError) as exc:
+            return self._record_error(job, bound, exc)
+        return Prepared(job=job, route=route, model=model, volume=volume, started_at=t0, routed_at=t1,
+                        loaded_at=time.perf_counter(), seconds_queued=queued)
+
+    def infer(self, prepared: Prepared) -> Inferred | SeriesStatus:
+        """Run the model; a job superseded while it waited is dropped (its newer version is queued)."""
+        job = prepared.job
+        bound = _bind(job)
+        if not self.jobs.job_is_current(job):
+            bound.info("series.superseded", stage="inference")
+            return SeriesStatus.DONE
+        t2 = time.perf_counter()
+        try:
+            result = prepared.model.run(prepared.volume)
+        except (InputRejected, ModelError, EncodingError) as exc:
+            return self._record_error(job, bound, exc)
+        return Inferred(prepared=prepared, result=result, inference_started_at=t2,
+                        inference_ended_at=time.perf_counter())
+
+    def finish(self, inferred: Inferred) -> SeriesStatus:
+        """Encode SEG/SR (and KOS when flagged), write them and the rendered notifications, queue
+        the send tickets and record the job done; encoder failures are recorded as failed."""
+        prepared, result = inferred.prepared, inferred.result
+        job, volume, route = prepared.job, prepared.volume, prepared.route
+        bound = _bind(job)
+        t3 = time.perf_counter()
+        try:
             objects = encode_results(volume, result, result_version=job.version,
                                      previous_sr=self._previous_sr(job))
             flag = decide(route.flag, result.findings)
@@ -80,37 +154,46 @@ class Pipeline:
             if flag.flagged:
                 kos = encode_kos(volume, result, seg=objects.seg, sr=objects.sr,
                                  result_version=job.version, decision=flag)
-            t4 = time.perf_counter()
-        except InputRejected as exc:
-            bound.warning("series.rejected", reason=exc.reason, detail=exc.detail)
-            self.jobs.finish_job(job, SeriesStatus.SKIPPED, f"{exc.reason}: {exc.detail}")
-            return SeriesStatus.SKIPPED
-        except (ModelError, EncodingError) as exc:
-            bound.error("series.failed", error=type(exc).__name__, detail=str(exc))
-            self.jobs.finish_job(job, SeriesStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            return SeriesStatus.FAILED
+        except (InputRejected, ModelError, EncodingError) as exc:
+            return self._record_error(job, bound, exc)
+        t4 = time.perf_counter()
         encoded = [(kind, ds) for kind, ds in (("SEG", objects.seg), ("SR", objects.sr), ("KOS", kos))
                    if ds is not None]
         paths = [self._write_dataset(job, kind.lower(), ds) for kind, ds in encoded]
+        first = volume.sources[0]  # load_volume kept its header: no second read of the file
         report = StudyReport.build(
-            source=pydicom.dcmread(volume.sources[0].path, stop_before_pixels=True),
+            source=first.header or pydicom.dcmread(first.path, stop_before_pixels=True),
             series_instance_uid=job.series_uid, decision=flag, findings=result.findings,
             algorithm=result.algorithm, result_version=job.version, objects=encoded)
         notifications = self._render_notifications(job, report)
         t5 = time.perf_counter()
         if not self.jobs.job_is_current(job):
-            bound.info("series.superseded")
+            bound.info("series.superseded", stage="finish")
             return SeriesStatus.DONE
         self._queue_sends(job, paths)
         for key, path in notifications:
             self.jobs.add_send(job.series_uid, job.version, key, [path])
         self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record())
+        waiting = (inferred.inference_started_at - prepared.loaded_at) + (t3 - inferred.inference_ended_at)
         bound.info("series.processed", findings=len(result.findings), flag=flag.state.value,
-                   route=route.name, provider=result.provider,
-                   seconds_route=round(t1 - t0, 3), seconds_volume=round(t2 - t1, 3),
-                   seconds_inference=round(t3 - t2, 3), seconds_encode=round(t4 - t3, 3),
-                   seconds_write=round(t5 - t4, 3), seconds_total=round(time.perf_counter() - t0, 3))
+                   route=route.name, provider=result.provider, **_seconds(
+                       route=prepared.routed_at - prepared.started_at,
+                       volume=prepared.loaded_at - prepared.routed_at,
+                       inference=inferred.inference_ended_at - inferred.inference_started_at,
+                       encode=t4 - t3, write=t5 - t4, waiting=waiting, queued=prepared.seconds_queued,
+                       total=time.perf_counter() - prepared.started_at))
         return SeriesStatus.DONE
+
+    def _record_error(self, job: ProcessJob, bound: Any,
+                      exc: InputRejected | ModelError | EncodingError) -> SeriesStatus:
+        """Record a typed stage error durably: rejected input is skipped, the rest failed."""
+        if isinstance(exc, InputRejected):
+            bound.warning("series.rejected", reason=exc.reason, detail=exc.detail)
+            self.jobs.finish_job(job, SeriesStatus.SKIPPED, f"{exc.reason}: {exc.detail}")
+            return SeriesStatus.SKIPPED
+        bound.error("series.failed", error=type(exc).__name__, detail=str(exc))
+        self.jobs.finish_job(job, SeriesStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return SeriesStatus.FAILED
 
     def _write_dataset(self, job: ProcessJob, kind: str, ds: pydicom.Dataset) -> Path:
         buffer = io.BytesIO()
@@ -159,3 +242,16 @@ class Pipeline:
                                         destination_key(dest.ae_title, dest.host, dest.port), paths)
             log.info("result.queued", series_uid=job.series_uid, ticket=ticket.name,
                      destination=ticket.destination)
+
+
+def _bind(job: ProcessJob) -> Any:
+    return log.bind(study_uid=job.study_uid, series_uid=job.series_uid, version=job.version)
+
+
+def _seconds(**spans: float) -> dict[str, float]:
+    """``seconds_<stage>`` fields of the ``series.processed`` event, rounded to the millisecond.
+
+    ``total`` runs from the start of routing to the end, hand-off waits (``waiting``) included;
+    ``queued`` from the job being queued to the start of routing.
+    """
+    return {f"seconds_{name}": round(value, 3) for name, value in spans.items()}

@@ -8,6 +8,7 @@ Layout (every hand-over between stages is a file, written atomically)::
       state/series/<series>.json             per-series processing state (reader.jobs)
       state/jobs/<series>.json               processing job tickets (reader.jobs)
       state/sends/<ticket>.json              send tickets with attempts and next retry (reader.jobs)
+      state/sends-archive/<ticket>.json      settled send tickets (done, superseded, parked)
       results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
 
 A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.
@@ -150,7 +151,7 @@ class Spool:
 
     # --- JSON state ------------------------------------------------------------------------
     def state_path(self, kind: str, name: str) -> Path:
-        """The JSON file of a piece of state (``kind`` is series, jobs or sends)."""
+        """The JSON file of a piece of state (``kind`` is series, jobs, sends or sends-archive)."""
         return self.root / "state" / kind / f"{name}.json"
 
     def write_state(self, kind: str, name: str, value: dict[str, Any]) -> None:
