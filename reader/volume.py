@@ -8,8 +8,9 @@ Measures (C.7.6.16.2.1) and Pixel Value Transformation (C.7.6.16.2.9) functional
 
 ``load_volume`` reads every file once (pixel data deferred), checks that the instances form one
 trustworthy stack, sorts them along the slice normal and decodes one slice at a time into a
-preallocated float32 array. What it rejects raises ``VolumeError(reason, detail)``; the reasons are
-stable codes:
+preallocated array of the stored values (int16 for CT: half the bytes of float32 HU), keeping each
+slice's rescale and each instance's header (without Pixel Data) for result encoding. What it
+rejects raises ``VolumeError(reason, detail)``; the reasons are stable codes:
 
 ``no_instances``                      no paths were given
 ``unreadable_file``                   not a DICOM file pydicom can parse
@@ -38,13 +39,15 @@ input's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -58,29 +61,49 @@ from pydicom.pixels.utils import iter_pixels, pixel_array
 
 from reader.errors import ConfigError, StorageError, VolumeError
 
-__all__ = ["GeometryTolerances", "SourceInstance", "Volume", "load_volume"]
+__all__ = ["GeometryTolerances", "SourceInstance", "Volume", "load_volume", "rescale_into"]
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
 class SourceInstance:
-    """One slice of the volume: the stored file and the instance (and frame) it came from."""
+    """One slice of the volume: the stored file and the instance (and frame) it came from.
+
+    ``header`` is the instance's dataset as ``load_volume`` parsed it, without Pixel Data and what
+    follows it (like ``dcmread(path, stop_before_pixels=True)``), so result encoding need not read
+    the file again; None when the volume was built some other way. Treat it as read-only: the
+    slices of one multi-frame instance share it.
+    """
 
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     frame_number: int | None = None  # 1-based, for slices taken from a multi-frame instance
+    header: Dataset | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True, eq=False)
+_Region = tuple[slice, slice, slice]
+_ALL: _Region = (slice(None), slice(None), slice(None))
+
+
+@dataclass(frozen=True, eq=False, init=False)
 class Volume:
     """A series as a 3-D array, slice 0 first along the slice normal (row x column cosines).
 
     A single-frame radiograph (CR/DX) is a volume of one slice.
+
+    The pixels are kept as decoded (``stored``, e.g. int16: half the bytes of float32) with each
+    slice's Rescale Slope and Intercept (PS3.3 C.11.1.1.2); :meth:`hu` converts any region, and
+    :attr:`voxels` is the whole volume in float32 HU (computed on first use, then kept). Images
+    whose values need a Modality LUT Sequence or do not fit 16-bit integers are stored in float32
+    HU already (slope 1, intercept 0). Build one from ``voxels=`` (float32 HU) or from ``stored=``
+    with ``rescale_slope``/``rescale_intercept`` (one value per slice).
     """
 
-    voxels: npt.NDArray[np.float32]  # (slices, rows, columns), HU for CT, rescaled values otherwise
+    stored: npt.NDArray[Any]  # (slices, rows, columns) stored values, or float32 HU
+    rescale_slope: tuple[float, ...]  # per slice
+    rescale_intercept: tuple[float, ...]  # per slice
     spacing_mm: tuple[float, float, float]  # (between slices, between rows, between columns)
     origin_mm: tuple[float, float, float]  # Image Position (Patient) of slice 0, (x, y, z)
     row_cosines: tuple[float, float, float]  # direction of increasing column index
@@ -90,6 +113,111 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     frame_of_reference_uid: str | None
+
+    def __init__(
+        self,
+        *,
+        spacing_mm: tuple[float, float, float],
+        origin_mm: tuple[float, float, float],
+        row_cosines: tuple[float, float, float],
+        column_cosines: tuple[float, float, float],
+        sources: tuple[SourceInstance, ...],
+        modality: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        frame_of_reference_uid: str | None,
+        voxels: npt.NDArray[np.float32] | None = None,
+        stored: npt.NDArray[Any] | None = None,
+        rescale_slope: Sequence[float] | None = None,
+        rescale_intercept: Sequence[float] | None = None,
+    ) -> None:
+        if (voxels is None) == (stored is None):
+            raise ValueError("give either voxels (float32 HU) or stored values, not both")
+        if voxels is not None:
+            if rescale_slope is not None or rescale_intercept is not None:
+                raise ValueError("voxels are rescaled already: no rescale_slope/rescale_intercept")
+            pixels: npt.NDArray[Any] = voxels
+            slopes: tuple[float, ...] = (1.0,) * int(voxels.shape[0]) if voxels.ndim else ()
+            intercepts: tuple[float, ...] = (0.0,) * len(slopes)
+        else:
+            assert stored is not None
+            pixels = stored
+            count = int(stored.shape[0]) if stored.ndim else 0
+            slopes = (1.0,) * count if rescale_slope is None else tuple(float(v) for v in rescale_slope)
+            intercepts = (
+                (0.0,) * count if rescale_intercept is None else tuple(float(v) for v in rescale_intercept)
+            )
+            if len(slopes) != count or len(intercepts) != count:
+                raise ValueError(f"need one rescale slope and intercept per slice ({count})")
+        fields = {
+            "stored": pixels,
+            "rescale_slope": slopes,
+            "rescale_intercept": intercepts,
+            "spacing_mm": spacing_mm,
+            "origin_mm": origin_mm,
+            "row_cosines": row_cosines,
+            "column_cosines": column_cosines,
+            "sources": sources,
+            "modality": modality,
+            "study_instance_uid": study_instance_uid,
+            "series_instance_uid": series_instance_uid,
+            "frame_of_reference_uid": frame_of_reference_uid,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, columns)."""
+        s = self.stored.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def is_hu(self) -> bool:
+        """True when ``stored`` already holds float32 HU (no rescale left to apply)."""
+        return (
+            self.stored.dtype == np.float32
+            and all(v == 1.0 for v in self.rescale_slope)
+            and all(v == 0.0 for v in self.rescale_intercept)
+        )
+
+    @property
+    def uniform_rescale(self) -> tuple[float, float] | None:
+        """(slope, intercept) shared by every slice, or None when they differ."""
+        if not self.rescale_slope:
+            return None
+        pair = (self.rescale_slope[0], self.rescale_intercept[0])
+        same = all(v == pair[0] for v in self.rescale_slope) and all(
+            v == pair[1] for v in self.rescale_intercept
+        )
+        return pair if same else None
+
+    @functools.cached_property
+    def voxels(self) -> npt.NDArray[np.float32]:
+        """The whole volume in float32 HU, (slices, rows, columns); computed once, then kept.
+
+        It costs 4 bytes a voxel for the volume's lifetime: prefer :meth:`hu` for a region.
+        """
+        if self.is_hu:
+            return cast("npt.NDArray[np.float32]", self.stored)
+        return self.hu()
+
+    def hu(self, region: _Region = _ALL) -> npt.NDArray[np.float32]:
+        """A new float32 array of ``stored[region] * slope + intercept`` (steps allowed).
+
+        Exactly the values of ``voxels[region]``, without converting the rest of the volume.
+        """
+        part = self.stored[region]
+        out = np.empty(part.shape, dtype=np.float32)
+        slices = range(self.stored.shape[0])[region[0]]
+        slopes = [self.rescale_slope[k] for k in slices]
+        intercepts = [self.rescale_intercept[k] for k in slices]
+        if slopes and all(v == slopes[0] for v in slopes) and all(v == intercepts[0] for v in intercepts):
+            rescale_into(out, part, slopes[0], intercepts[0])
+        else:
+            for k, (slope, intercept) in enumerate(zip(slopes, intercepts, strict=True)):
+                rescale_into(out[k], part[k], slope, intercept)
+        return out
 
     @property
     def slice_normal(self) -> tuple[float, float, float]:
@@ -122,15 +250,16 @@ class GeometryTolerances:
     gantry_tilt_deg: float = 1e-3  # |Gantry/Detector Tilt| above this is a tilted acquisition
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for tolerance in dataclasses.fields(self):
+            value = getattr(self, tolerance.name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"volume.{field.name}", f"must be a positive number, got {value!r}")
+                raise ConfigError(f"volume.{tolerance.name}", f"must be a positive number, got {value!r}")
 
 
 _DEFAULT_TOLERANCES = GeometryTolerances()
 _MAX_VOXELS = 2**31
 _DEFER_BYTES = 4096  # pixel data (and other large values) are read only when decoded
+_FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; Double Float Pixel Data and Pixel Data follow
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_MODULE = ("BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")
 # SOP classes that may sit in an imaging series but are not images (PS3.4 B.5): SR, presentation
@@ -222,15 +351,20 @@ def load_volume(paths: Sequence[Path], *, tolerances: GeometryTolerances = _DEFA
     _check_total_size(len(candidates), first.rows, first.columns)
     geometry = _geometry(candidates, instances, tolerances)
 
-    voxels = np.empty((len(candidates), first.rows, first.columns), dtype=np.float32)
     slot_of = {(candidates[c][0], candidates[c][1].frame_index): k for k, c in enumerate(geometry.order)}
-    _decode_into(voxels, instances, datasets, slot_of)
+    stack = _Stack((len(candidates), first.rows, first.columns))
+    headers = _decode_into(stack, instances, datasets, slot_of)
     if first.photometric == "MONOCHROME1":
         log.info("volume.monochrome1_kept", series_uid=first.series_uid, inverted=False)
 
-    sources = tuple(_source(instances[candidates[c][0]], candidates[c][1]) for c in geometry.order)
+    sources = tuple(
+        _source(instances[candidates[c][0]], candidates[c][1], headers[candidates[c][0]])
+        for c in geometry.order
+    )
     volume = Volume(
-        voxels=voxels,
+        stored=stack.array(),
+        rescale_slope=stack.slope,
+        rescale_intercept=stack.intercept,
         spacing_mm=geometry.spacing_mm,
         origin_mm=geometry.origin_mm,
         row_cosines=geometry.row_cosines,
@@ -252,9 +386,11 @@ def load_volume(paths: Sequence[Path], *, tolerances: GeometryTolerances = _DEFA
     return volume
 
 
-def _source(inst: _Instance, frame: _Frame) -> SourceInstance:
+def _source(inst: _Instance, frame: _Frame, header: Dataset | None) -> SourceInstance:
     number = None if frame.frame_index is None else frame.frame_index + 1
-    return SourceInstance(inst.path, inst.sop_class_uid, inst.sop_instance_uid, frame_number=number)
+    return SourceInstance(
+        inst.path, inst.sop_class_uid, inst.sop_instance_uid, frame_number=number, header=header
+    )
 
 
 # --- reading headers -------------------------------------------------------------------------
@@ -691,31 +827,93 @@ def _tuple3(values: npt.NDArray[np.float64]) -> _Vec3:
 # --- decoding --------------------------------------------------------------------------------
 
 
+class _Stack:
+    """The volume's pixels as they are decoded: stored values while they fit, else float32 HU.
+
+    The array is allocated at the first slice, with that slice's integer type when it is at most
+    16 bits and rescaled linearly; a later slice of another type that does not fit (or one that
+    needs a Modality LUT) turns the whole stack into float32 HU, converting the slices so far.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.slope = [1.0] * shape[0]
+        self.intercept = [0.0] * shape[0]
+        self._array: npt.NDArray[Any] | None = None
+        self._filled = np.zeros(shape[0], dtype=bool)
+
+    def array(self) -> npt.NDArray[Any]:
+        assert self._array is not None and bool(self._filled.all())
+        return self._array
+
+    def put(self, slot: int, stored: npt.NDArray[Any], frame: _Frame, inst: _Instance, ds: Dataset) -> None:
+        """Place one decoded frame at ``slot``."""
+        if stored.shape != self.shape[1:]:
+            raise VolumeError(
+                "bad_pixel_data", f"{inst.path.name}: decoded shape {stored.shape}, expected {self.shape[1:]}"
+            )
+        keep = not inst.uses_modality_lut and stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2
+        if self._array is None:
+            self._array = np.empty(self.shape, dtype=stored.dtype if keep else np.float32)
+        elif self._array.dtype != np.float32 and not (keep and np.can_cast(stored.dtype, self._array.dtype)):
+            self._to_hu()
+        if self._array.dtype == np.float32 and not (keep and stored.dtype == np.float32):
+            if inst.uses_modality_lut:
+                self._array[slot] = apply_modality_lut(stored, ds)
+            else:
+                rescale_into(self._array[slot], stored, frame.slope, frame.intercept)
+        else:
+            self._array[slot] = stored
+            self.slope[slot], self.intercept[slot] = frame.slope, frame.intercept
+        self._filled[slot] = True
+
+    def _to_hu(self) -> None:
+        assert self._array is not None
+        hu = np.empty(self.shape, dtype=np.float32)
+        for k in np.flatnonzero(self._filled):
+            rescale_into(hu[k], self._array[k], self.slope[k], self.intercept[k])
+        self._array = hu
+        self.slope = [1.0] * self.shape[0]
+        self.intercept = [0.0] * self.shape[0]
+
+
 def _decode_into(
-    voxels: npt.NDArray[np.float32],
+    stack: _Stack,
     instances: list[_Instance],
     datasets: list[Dataset | None],
     slot_of: dict[tuple[int, int | None], int],
-) -> None:
-    """Decode one frame at a time straight into its slot of the preallocated volume, then drop it."""
+) -> list[Dataset]:
+    """Decode one frame at a time straight into its slot of the stack; return the headers.
+
+    Each dataset loses its Pixel Data (and what follows it) once decoded, leaving the header.
+    """
+    headers: list[Dataset] = []
     for i, inst in enumerate(instances):
         ds = datasets[i]
-        assert ds is not None  # each dataset is decoded once, then released
+        assert ds is not None  # each dataset is decoded once, then kept as a header
         with _pixel_errors(inst):
             if inst.multiframe:
                 decoded = 0
                 for index, frame_pixels in enumerate(iter_pixels(ds)):
                     if index >= len(inst.frames):
                         break
-                    _rescale_into(voxels[slot_of[(i, index)]], frame_pixels, inst.frames[index], inst, ds)
+                    stack.put(slot_of[(i, index)], frame_pixels, inst.frames[index], inst, ds)
                     decoded += 1
                 if decoded != len(inst.frames):
                     raise VolumeError(
                         "bad_pixel_data", f"{inst.path.name}: {decoded} of {len(inst.frames)} frames"
                     )
             else:
-                _rescale_into(voxels[slot_of[(i, None)]], pixel_array(ds), inst.frames[0], inst, ds)
+                stack.put(slot_of[(i, None)], pixel_array(ds), inst.frames[0], inst, ds)
+        _strip_pixels(ds)
+        headers.append(ds)
         datasets[i] = None
+    return headers
+
+
+def _strip_pixels(ds: Dataset) -> None:
+    """Drop Pixel Data and everything after it, as ``dcmread(stop_before_pixels=True)`` would."""
+    del ds[_FIRST_PIXEL_TAG:]
 
 
 @contextmanager
@@ -729,20 +927,13 @@ def _pixel_errors(inst: _Instance) -> Iterator[None]:
         raise VolumeError("bad_pixel_data", f"{inst.path.name}: {exc}") from exc
 
 
-def _rescale_into(
-    out: npt.NDArray[np.float32], stored: npt.NDArray[np.generic], frame: _Frame, inst: _Instance, ds: Dataset
+def rescale_into(
+    out: npt.NDArray[np.float32], stored: npt.NDArray[Any], slope: float, intercept: float
 ) -> None:
-    """``out = stored * slope + intercept`` in float32 without a temporary float64 slice."""
-    if stored.shape != out.shape:
-        raise VolumeError(
-            "bad_pixel_data", f"{inst.path.name}: decoded shape {stored.shape}, expected {out.shape}"
-        )
-    if inst.uses_modality_lut:
-        out[...] = apply_modality_lut(stored, ds)
-        return
-    if frame.slope == 1.0:
+    """``out = stored * slope + intercept`` in float32 without a float64 temporary (PS3.3 C.11.1.1.2)."""
+    if slope == 1.0:
         out[...] = stored
     else:
-        np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
-    if frame.intercept != 0.0:
-        out += np.float32(frame.intercept)
+        np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+    if intercept != 0.0:
+        out += np.float32(intercept)

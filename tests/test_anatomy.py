@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
+from reader.errors import ManifestError
 from reader.inference import ModelPackage
-from reader.inference.anatomy import lung_field
+from reader.inference.anatomy import lung_field, within_margin
 from tests.onnx_fixtures import label_dict, make_volume, manifest_dict, write_package
 
 
@@ -53,3 +55,48 @@ def test_package_with_min_lung_fraction_drops_findings_outside_the_lungs(tmp_pat
         counts[fraction] = [f.centroid_mm[0] for f in package.run(volume).findings]
     assert len(counts[0.0]) == 2
     assert len(counts[0.6]) == 1 and abs(counts[0.6][0] - 30.0) < 2.0
+
+
+def test_within_margin_grows_the_field_by_millimetres_not_voxels() -> None:
+    """within_margin keeps exactly the voxels at most the margin (in mm, with anisotropic spacing)
+    from the field, and a zero margin gives the field itself."""
+    field = np.zeros((5, 40, 40), dtype=bool)
+    field[:, :, :10] = True  # columns 0-9
+    spacing = (5.0, 2.0, 1.0)
+    box = (slice(1, 4), slice(10, 30), slice(0, 40))
+    grown = within_margin(lambda b: field[b], box, 6.0, spacing, (5, 40, 40))
+    assert grown is not None
+    assert grown[:, :, :16].all() and not grown[:, :, 16:].any()  # 6 columns of 1 mm beyond column 9
+    same = within_margin(lambda b: field[b], box, 0.0, spacing, (5, 40, 40))
+    assert same is not None and np.array_equal(same, field[box])
+
+
+def test_lung_margin_keeps_a_juxtapleural_lesion_but_not_the_mediastinum(tmp_path: Path) -> None:
+    """A lesion in the chest wall touching the lung is outside the lung field: min_lung_fraction
+    alone drops it, lung_margin_mm = 10 keeps it, and the mediastinal blob (over 10 mm from both
+    lungs) is dropped either way."""
+    v = _phantom()
+    z, y, x = np.ogrid[:16, :128, :128]
+    v[np.broadcast_to((z - 8) ** 2 + (y - 64) ** 2 + (x - 10) ** 2 <= 16, v.shape)] = 300.0
+    volume = make_volume(v, spacing_mm=(5.0, 1.0, 1.0))
+    columns = {}
+    for margin in (0.0, 10.0):
+        m = manifest_dict()
+        m["preprocessing"]["window"] = [0.0, 400.0]
+        label = {**label_dict(1, "Lung lesion"), "min_lung_fraction": 0.6}
+        if margin:
+            label["lung_margin_mm"] = margin
+        m["labels"] = [label]
+        package = ModelPackage.load(write_package(tmp_path / f"pkg-{margin}", m))
+        columns[margin] = sorted(round(f.centroid_mm[0]) for f in package.run(volume).findings)
+    assert columns[0.0] == [30]
+    assert columns[10.0] == [10, 30]
+
+
+def test_lung_margin_needs_the_lung_fraction_gate(tmp_path: Path) -> None:
+    """lung_margin_mm without min_lung_fraction, or beyond 30 mm, is a manifest error naming the key."""
+    for extra in ({"lung_margin_mm": 5.0}, {"min_lung_fraction": 0.5, "lung_margin_mm": 45.0}):
+        m = manifest_dict()
+        m["labels"] = [{**label_dict(1, "Lung lesion"), **extra}]
+        with pytest.raises(ManifestError, match="lung_margin_mm"):
+            ModelPackage.load(write_package(tmp_path / f"pkg-{len(extra)}", m))

@@ -33,6 +33,7 @@ __all__ = [
 
 MANIFEST_FILE = "model.toml"
 SCHEMA_VERSION = 1
+_MAX_LUNG_MARGIN_MM = 30.0  # lung_margin_mm: beyond this the gate stops meaning 'in the chest'
 
 Normalize = Literal["window", "zscore"]
 Blend = Literal["gaussian", "constant"]
@@ -99,6 +100,7 @@ class LabelSpec:
     min_volume_mm3: float  # ... and its volume reaches this
     max_findings: int  # at most this many findings of this label per series
     min_lung_fraction: float = 0.0  # ... and at least this fraction of it lies in the lung field
+    lung_margin_mm: float = 0.0  # ... grown by this margin (lesions at the pleura or hilum)
 
     @property
     def finding_class(self) -> FindingClass:
@@ -293,7 +295,7 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
             raise ManifestError(f"labels[{i}]", "must be a table ([[labels]])")
         t = cast(Mapping[str, object], entry)
         allowed = {"value", "name", "category", "type", "site", "threshold", "min_score"}
-        _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings", "min_lung_fraction"})
+        _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings", "min_lung_fraction", "lung_margin_mm"})
         value = _int(t, "value", p)
         if not 1 <= value <= 255:
             raise ManifestError(p + "value", f"must be in 1..255, got {value}")
@@ -306,6 +308,12 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
         min_volume = _float(t, "min_volume_mm3", p)
         if min_volume < 0.0:
             raise ManifestError(p + "min_volume_mm3", f"must be >= 0, got {min_volume}")
+        margin = _float(t, "lung_margin_mm", p) if "lung_margin_mm" in t else 0.0
+        if not 0.0 <= margin <= _MAX_LUNG_MARGIN_MM:
+            limit = f"[0, {_MAX_LUNG_MARGIN_MM:g}]"
+            raise ManifestError(p + "lung_margin_mm", f"must be in {limit}, got {margin}")
+        if margin > 0.0 and "min_lung_fraction" not in t:
+            raise ManifestError(p + "lung_margin_mm", "needs min_lung_fraction (it widens that gate)")
         labels.append(
             LabelSpec(
                 value=value,
@@ -318,6 +326,7 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
                 min_volume_mm3=min_volume,
                 max_findings=max_findings,
                 min_lung_fraction=_unit(t, "min_lung_fraction", p) if "min_lung_fraction" in t else 0.0,
+                lung_margin_mm=margin,
             )
         )
     return tuple(labels)

@@ -8,7 +8,7 @@ largest distance between two voxel centres of the component), centroid in patien
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +17,20 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from reader.findings import Finding
+from reader.inference import anatomy
 from reader.inference.manifest import LabelSpec
 from reader.volume import Volume
 
-__all__ = ["ChannelSelection", "extract_findings", "longest_diameter_mm", "select_labels"]
+__all__ = [
+    "Box",
+    "ChannelSelection",
+    "LungGate",
+    "Piece",
+    "extract_findings",
+    "findings_from_pieces",
+    "longest_diameter_mm",
+    "select_labels",
+]
 
 _HULL_MIN_POINTS = 64  # below this the all-pairs distance is cheaper than a hull
 _PAIR_BLOCK = 1_000_000  # distances computed per block when falling back to all pairs
@@ -64,6 +74,48 @@ class _Candidate:
     first_voxel: tuple[int, int, int]
 
 
+Box = tuple[slice, ...]
+# (native box, values): a part of a label's native-grid probabilities; zero outside every part.
+Piece = tuple[Box, npt.NDArray[np.float32]]
+# (box, margin mm) -> the native mask of that box of the lung field grown by the margin, or None
+# when the volume has no lung field (``reader.inference.anatomy.lung_gate``).
+LungGate = Callable[[Box, float], npt.NDArray[np.bool_] | None]
+
+
+@dataclass(frozen=True, eq=False)
+class _Component:
+    """A connected component of one label that passed the score, volume and lung filters."""
+
+    score: float
+    count: int
+    ids: npt.NDArray[np.int32]  # component ids of the box it was found in
+    ident: int
+    origin: tuple[int, ...]  # where ``ids[0, 0, 0]`` lies in the volume
+    local: Box  # its bounding box inside ``ids``
+
+    @property
+    def box(self) -> Box:
+        return tuple(
+            slice(o + inner.start, o + inner.stop) for o, inner in zip(self.origin, self.local, strict=True)
+        )
+
+    def mask(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.ids[self.local] == self.ident, dtype=np.bool_)
+
+    def first_voxel(self) -> tuple[int, ...]:
+        """Its first voxel in raster order: ``ndimage.label`` numbers components in that order."""
+        first = np.argwhere(self.mask())[0]
+        return tuple(int(f) + b.start for f, b in zip(first, self.box, strict=True))
+
+
+def _structure(in_plane_only: bool) -> npt.NDArray[np.bool_]:
+    structure = np.asarray(ndimage.generate_binary_structure(3, 3), dtype=np.bool_)
+    if in_plane_only:
+        structure[0] = False
+        structure[2] = False
+    return structure
+
+
 def extract_findings(
     selection: ChannelSelection,
     labels: Iterable[LabelSpec],
@@ -76,58 +128,201 @@ def extract_findings(
     Components connect with 26-connectivity, or 8-connectivity within a slice when
     ``in_plane_only`` (2-D models). A component is kept when its maximum probability reaches
     ``min_score`` and its volume ``min_volume_mm3`` (and, with a ``lung`` field and a label's
-    ``min_lung_fraction``, enough of it lies in the lungs); then the ``max_findings`` best per label.
+    ``min_lung_fraction``, enough of it lies in the lungs or within ``lung_margin_mm`` of them);
+    then the ``max_findings`` best per label.
     Returns the findings and a uint8 label map holding only the kept components.
     """
-    structure = ndimage.generate_binary_structure(3, 3)
-    if in_plane_only:
-        structure[0] = False
-        structure[2] = False
+    labels = tuple(labels)
+    structure = _structure(in_plane_only)
     voxel_mm3 = float(np.prod(volume.spacing_mm))
-    label_map = np.zeros(selection.winner.shape, dtype=np.uint8)
+    origin = (0,) * selection.winner.ndim
+    gate: LungGate | None = None
+    if lung is not None:
+        field = lung
+        shape = (int(field.shape[0]), int(field.shape[1]), int(field.shape[2]))
+
+        def gate(box: Box, margin_mm: float) -> npt.NDArray[np.bool_] | None:
+            return anatomy.within_margin(
+                lambda b: field[b], (box[0], box[1], box[2]), margin_mm, volume.spacing_mm, shape
+            )
+
+    found = {
+        label.value: _components(
+            label, selection, origin=origin, structure=structure, voxel_mm3=voxel_mm3, lung=gate
+        )
+        for label in labels
+    }
+    return _findings(labels, found, volume, selection.winner.shape, voxel_mm3)
+
+
+def findings_from_pieces(
+    channels: Sequence[tuple[LabelSpec, Sequence[Piece]]],
+    volume: Volume,
+    in_plane_only: bool,
+    lung: LungGate | None = None,
+) -> tuple[tuple[Finding, ...], npt.NDArray[np.uint8]]:
+    """:func:`extract_findings` of :func:`select_labels` for probabilities given as pieces.
+
+    Each label's probabilities are the pieces (later ones overwrite earlier ones where they
+    overlap) and zero elsewhere, which must not reach its threshold (> 0). Pieces that overlap or
+    touch are gathered into clusters: no component can cross from one cluster to another, so
+    labels are selected and components found cluster by cluster, never on the whole volume. The
+    results are exactly those of the dense path. Piece lists are emptied as their pieces are
+    used, so that each piece's memory goes once it has been copied into its cluster.
+    """
+    shape = volume.shape
+    structure = _structure(in_plane_only)
+    voxel_mm3 = float(np.prod(volume.spacing_mm))
+    labels = tuple(label for label, _ in channels)
+    if any(label.threshold <= 0.0 for label in labels):
+        raise ValueError("a zero threshold selects voxels outside every piece: use the dense path")
+    found: dict[int, list[_Component]] = {label.value: [] for label in labels}
+    for cluster in _clusters([box for _, pieces in channels for box, _ in pieces]):
+        size = tuple(b.stop - b.start for b in cluster)
+        local: list[tuple[LabelSpec, npt.NDArray[np.float32]]] = []
+        for label, pieces in channels:
+            inside = [(box, values) for box, values in pieces if _contains(cluster, box)]
+            if not inside:
+                continue
+            if isinstance(pieces, list):  # consumed: each piece lies in one cluster only
+                pieces[:] = [(box, values) for box, values in pieces if not _contains(cluster, box)]
+            probability = np.zeros(size, dtype=np.float32)
+            for box, values in inside:
+                probability[_shift(box, cluster)] = values
+            del inside
+            local.append((label, probability))
+        selection = _select_in_place(local[0]) if len(local) == 1 else select_labels(local, size)
+        del local
+        origin = tuple(b.start for b in cluster)
+        gate: LungGate | None = None
+        if lung is not None:
+            gate = _shifted_gate(lung, cluster)
+        for label in labels:
+            found[label.value].extend(
+                _components(
+                    label, selection, origin=origin, structure=structure, voxel_mm3=voxel_mm3, lung=gate
+                )
+            )
+    return _findings(labels, found, volume, shape, voxel_mm3)
+
+
+def _select_in_place(channel: tuple[LabelSpec, npt.NDArray[np.float32]]) -> ChannelSelection:
+    """:func:`select_labels` of one label, reusing its (private) probability array as ``probability``."""
+    label, probability = channel
+    take = probability >= np.float32(label.threshold)
+    winner = np.zeros(probability.shape, dtype=np.uint8)
+    winner[take] = label.value
+    np.logical_not(take, out=take)
+    probability[take] = 0.0
+    return ChannelSelection(winner=winner, probability=probability)
+
+
+def _shifted_gate(lung: LungGate, cluster: Box) -> LungGate:
+    """The gate of a cluster: local boxes are offset by the cluster's corner."""
+
+    def gate(box: Box, margin_mm: float) -> npt.NDArray[np.bool_] | None:
+        return lung(
+            tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(cluster, box, strict=True)),
+            margin_mm,
+        )
+
+    return gate
+
+
+def _contains(outer: Box, inner: Box) -> bool:
+    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner, strict=True))
+
+
+def _shift(box: Box, cluster: Box) -> Box:
+    return tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, cluster, strict=True))
+
+
+def _clusters(boxes: Sequence[Box]) -> list[Box]:
+    """Bounding boxes of groups of ``boxes`` that overlap or touch (26-connectivity), transitively."""
+    merged: list[list[int]] = [[v for b in box for v in (b.start, b.stop)] for box in boxes]
+    changed = True
+    while changed:
+        changed = False
+        out: list[list[int]] = []
+        for box in merged:
+            for other in out:
+                if all(
+                    box[2 * a] <= other[2 * a + 1] and other[2 * a] <= box[2 * a + 1]
+                    for a in range(len(box) // 2)
+                ):
+                    for a in range(len(box) // 2):
+                        other[2 * a] = min(other[2 * a], box[2 * a])
+                        other[2 * a + 1] = max(other[2 * a + 1], box[2 * a + 1])
+                    changed = True
+                    break
+            else:
+                out.append(list(box))
+        merged = out
+    return sorted(tuple(slice(m[2 * a], m[2 * a + 1]) for a in range(len(m) // 2)) for m in merged)
+
+
+def _components(
+    label: LabelSpec,
+    selection: ChannelSelection,
+    *,
+    origin: tuple[int, ...],
+    structure: npt.NDArray[np.bool_],
+    voxel_mm3: float,
+    lung: LungGate | None,
+) -> list[_Component]:
+    """The components of ``label`` in ``selection`` (lying at ``origin``) that pass its filters."""
+    mask = selection.winner == label.value
+    region = _bounding_box(mask)
+    if region is None:
+        return []
+    # Label only inside the foreground's bounding box: int32 labels of the whole volume cost 4x it.
+    components, count = ndimage.label(mask[region], structure=structure)
+    del mask
+    foreground = components > 0
+    ids = components[foreground]
+    counts = np.bincount(ids, minlength=count + 1)
+    scores = np.zeros(count + 1, dtype=np.float64)
+    np.maximum.at(scores, ids, selection.probability[region][foreground])
+    del foreground, ids
+    keep = (scores >= label.min_score) & (counts * voxel_mm3 >= label.min_volume_mm3)
+    keep[0] = False
+    if lung is not None and label.min_lung_fraction > 0.0 and keep.any():
+        field = lung(region, label.lung_margin_mm)
+        if field is not None:
+            inside = np.bincount(components[field], minlength=count + 1)
+            keep &= inside >= label.min_lung_fraction * counts
+    boxes = ndimage.find_objects(components)
+    corner = tuple(o + r.start for o, r in zip(origin, region, strict=True))
+    found = []
+    for ident in np.flatnonzero(keep):
+        local = boxes[int(ident) - 1]
+        assert local is not None  # every id in 1..count has voxels
+        found.append(
+            _Component(float(scores[ident]), int(counts[ident]), components, int(ident), corner, local)
+        )
+    return found
+
+
+def _findings(
+    labels: Sequence[LabelSpec],
+    found: dict[int, list[_Component]],
+    volume: Volume,
+    shape: tuple[int, ...],
+    voxel_mm3: float,
+) -> tuple[tuple[Finding, ...], npt.NDArray[np.uint8]]:
+    """The ``max_findings`` best components of each label, measured, numbered, and their label map."""
+    label_map = np.zeros(shape, dtype=np.uint8)
     candidates: list[_Candidate] = []
     for label in labels:
-        mask = selection.winner == label.value
-        region = _bounding_box(mask)
-        if region is None:
-            continue
-        # Label only inside the foreground's bounding box: int32 labels of the whole volume cost 4x it.
-        components, count = ndimage.label(mask[region], structure=structure)
-        del mask
-        foreground = components > 0
-        ids = components[foreground]
-        counts = np.bincount(ids, minlength=count + 1)
-        scores = np.zeros(count + 1, dtype=np.float64)
-        np.maximum.at(scores, ids, selection.probability[region][foreground])
-        del foreground, ids
-        keep = (scores >= label.min_score) & (counts * voxel_mm3 >= label.min_volume_mm3)
-        if lung is not None and label.min_lung_fraction > 0.0:
-            inside = np.bincount(components[lung[region]], minlength=count + 1)
-            keep &= inside >= label.min_lung_fraction * counts
-        keep[0] = False
-        kept = [int(i) for i in np.flatnonzero(keep)]
-        kept.sort(key=lambda i: (-scores[i], -counts[i], i))
-        boxes = ndimage.find_objects(components)
-        for component in kept[: label.max_findings]:
-            local = boxes[component - 1]
-            assert local is not None  # every id in 1..count has voxels
-            box = tuple(
-                slice(outer.start + inner.start, outer.start + inner.stop)
-                for outer, inner in zip(region, local, strict=True)
-            )
-            piece = components[local] == component
+        ranked = sorted(found.get(label.value, []), key=lambda c: (-c.score, -c.count, c.first_voxel()))
+        for component in ranked[: label.max_findings]:
+            box, piece = component.box, component.mask()
             label_map[box][piece] = label.value
             candidates.append(
                 _measure(
-                    label,
-                    mask=piece,
-                    box=box,
-                    score=float(scores[component]),
-                    voxel_mm3=voxel_mm3,
-                    volume=volume,
+                    label, mask=piece, box=box, score=component.score, voxel_mm3=voxel_mm3, volume=volume
                 )
             )
-        del components
     candidates.sort(key=lambda c: (-c.score, c.label.value, -c.voxel_count, c.first_voxel))
     findings = tuple(
         Finding(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
 from reader.inference.manifest import Preprocessing
+from reader.volume import Volume
 
 __all__ = [
     "Predictor",
@@ -25,6 +26,8 @@ __all__ = [
     "patch_starts",
     "resample",
     "resample_above",
+    "resample_pieces",
+    "resample_volume",
     "sliding_window",
     "target_shape",
 ]
@@ -64,23 +67,51 @@ def resample(array: Array, shape: tuple[int, ...], order: int = 1) -> Array:
     return np.asarray(result, dtype=np.float32)
 
 
-def resample_above(array: Array, shape: tuple[int, ...], threshold: float) -> Array:
-    """Like :func:`resample` (linear), but computed only where the result can reach ``threshold``.
+def resample_volume(volume: Volume, shape: tuple[int, int, int]) -> Array:
+    """``resample(volume.voxels, shape)`` without a float32 HU copy of the whole volume.
+
+    When every slice shares one Rescale Slope and Intercept (PS3.3 C.11.1.1.2), the stored
+    integers are interpolated (in float64, as ``ndimage.zoom`` does internally) and the rescale is
+    applied on the small model grid; it is linear, so this is the same interpolation of the same
+    HU values. Otherwise the HU volume is computed as a temporary.
+    """
+    if volume.is_hu:
+        return resample(volume.stored, shape)
+    rescale = volume.uniform_rescale
+    if volume.shape == shape or rescale is None or volume.stored.dtype.kind not in "iu":
+        hu = volume.hu()
+        return hu if hu.shape == shape else resample(hu, shape)
+    factors = [out / size for out, size in zip(shape, volume.shape, strict=True)]
+    result = np.asarray(
+        ndimage.zoom(volume.stored, factors, order=1, mode="nearest", grid_mode=False,
+                     prefilter=False, output=np.float64),
+        dtype=np.float64,
+    )
+    if result.shape != shape:
+        raise ValueError(f"resampling gave {result.shape}, expected {shape}")
+    slope, intercept = rescale
+    if slope != 1.0:
+        result *= slope
+    if intercept != 0.0:
+        result += intercept
+    return result.astype(np.float32)
+
+
+def resample_pieces(
+    array: Array, shape: tuple[int, ...], threshold: float
+) -> Iterator[tuple[tuple[slice, ...], Array]]:
+    """The parts of ``resample(array, shape)`` (linear) that can reach ``threshold``, one box at a time.
 
     A linearly interpolated voxel is a convex combination of its neighbours on the coarse grid, so
-    it can reach ``threshold`` only next to a coarse voxel that does. Around each such region the
-    native voxels are computed exactly; everywhere else the result is 0. The zeros are never
-    written, so a negative series costs neither the full upsampling nor its memory.
+    it can reach ``threshold`` only next to a coarse voxel that does. Around each connected group of
+    such voxels the native voxels are computed exactly and yielded as ``(native box, values)``;
+    boxes may overlap (their common voxels have the same values). Nothing is yielded where no
+    voxel can reach ``threshold``.
     """
-    if array.shape == shape:
-        return array
     candidates = array >= np.float32(threshold)
-    out = np.zeros(shape, dtype=np.float32)
     if not candidates.any():
-        return out
-    grown = ndimage.binary_dilation(
-        candidates, structure=ndimage.generate_binary_structure(array.ndim, array.ndim)
-    )
+        return
+    grown = _grow_by_one(candidates)
     regions, _ = ndimage.label(grown)
     del candidates, grown
     scale = [
@@ -90,11 +121,14 @@ def resample_above(array: Array, shape: tuple[int, ...], threshold: float) -> Ar
     for box in ndimage.find_objects(regions):
         if box is None:
             continue
+        if array.shape == shape:  # nothing to resample
+            yield box, array[box]
+            continue
         native = _native_span(box, scale, shape)
         if native is None:
             continue
         offset = [n.start * s - b.start for n, b, s in zip(native, box, scale, strict=True)]
-        out[native] = ndimage.affine_transform(
+        values = ndimage.affine_transform(
             array[box],
             np.asarray(scale),
             offset=offset,
@@ -103,6 +137,41 @@ def resample_above(array: Array, shape: tuple[int, ...], threshold: float) -> Ar
             mode="nearest",
             prefilter=False,
         )
+        yield native, np.asarray(values, dtype=np.float32)
+
+
+def _grow_by_one(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``ndimage.binary_dilation`` by the full 3x3(x3) cube, as one shifted OR per axis and side.
+
+    The cube is the sum of one 3-voxel line per axis, so dilating by each line in turn gives the
+    same mask, at a fraction of the cost of testing 27 neighbours per voxel.
+    """
+    grown = mask.copy()
+    for axis in range(mask.ndim):
+        if mask.shape[axis] < 2:
+            continue
+        step = grown.copy()
+        lower = [slice(None)] * mask.ndim
+        upper = [slice(None)] * mask.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        step[tuple(upper)] |= grown[tuple(lower)]
+        step[tuple(lower)] |= grown[tuple(upper)]
+        grown = step
+    return grown
+
+
+def resample_above(array: Array, shape: tuple[int, ...], threshold: float) -> Array:
+    """Like :func:`resample` (linear), but computed only where the result can reach ``threshold``.
+
+    The pieces of :func:`resample_pieces` on a zero array of ``shape``: everywhere else the result
+    is 0. The zeros are never written, so a negative series costs neither the full upsampling nor
+    its memory.
+    """
+    if array.shape == shape:
+        return array
+    out = np.zeros(shape, dtype=np.float32)
+    for native, values in resample_pieces(array, shape, threshold):
+        out[native] = values
     return out
 
 

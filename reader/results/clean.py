@@ -17,6 +17,7 @@ Rules, applied to root attributes the derived object shares (same tag, same valu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import validate_value
 
-__all__ = ["Repair", "clean_copied_attributes", "prepare_source"]
+__all__ = ["Repair", "clean_copied_attributes", "prepare_source", "prepared_source"]
 
 log = structlog.get_logger(__name__)
 
@@ -150,3 +151,41 @@ def prepare_source(ds: Dataset) -> Dataset:
             log.info("results.clean.repaired", attribute=keyword, action="emptied",
                      reason="source value invalid for its VR")
     return ds
+
+
+def prepared_source(ds: Dataset, valid: dict[tuple[object, ...], bool] | None = None) -> Dataset:
+    """``ds`` itself when :func:`prepare_source` would change nothing, else a prepared deep copy.
+
+    ``valid`` memoizes the VR checks across the headers of one series, which mostly share these
+    patient and study values (keys: VR and the value exactly as it is checked).
+    """
+    for keyword in _TYPE_2:
+        if keyword not in ds:
+            return prepare_source(copy.deepcopy(ds))
+        element = ds[keyword]
+        key = _check_key(element)
+        if valid is None or key is None:
+            ok = _invalid_value(element) is None
+        elif key in valid:
+            ok = valid[key]
+        else:
+            ok = valid[key] = _invalid_value(element) is None
+        if not ok:
+            return prepare_source(copy.deepcopy(ds))
+    return ds
+
+
+def _check_key(element: DataElement) -> tuple[object, ...] | None:
+    """What :func:`_invalid_value` looks at: the VR and each value as validated; None: do not memoize."""
+    vr = str(element.VR)
+    if vr == "SQ" or element.value is None:
+        return (vr, None)
+    values: list[Any] = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
+    checked: list[object] = []
+    for value in values:
+        keep = vr in _BINARY_VRS or isinstance(value, bytes | bytearray)
+        item = value if keep else str(value)
+        if not isinstance(item, str | bytes | int | float):
+            return None
+        checked.append(item if not isinstance(item, bytearray) else bytes(item))
+    return (vr, *checked)

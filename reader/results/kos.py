@@ -30,7 +30,7 @@ from reader.errors import EncodingError
 from reader.findings import Finding, InferenceResult
 from reader.flag import FlagDecision
 from reader.results.clean import clean_copied_attributes
-from reader.results.sources import read_source_headers
+from reader.results.sources import source_headers
 from reader.results.sr import AI_NOTICE
 from reader.results.uids import device_observer_uid, result_uid
 from reader.volume import Volume
@@ -68,7 +68,7 @@ def _key_image_headers(volume: Volume, result: InferenceResult, decision: FlagDe
     slices = sorted({i for n in decision.triggering_findings for i in by_number[n].slice_indices})
     if slices and not 0 <= slices[0] <= slices[-1] < len(volume.sources):
         raise EncodingError(f"finding slice indices outside 0..{len(volume.sources) - 1}")
-    return read_source_headers(volume.sources[i].path for i in slices)
+    return source_headers(volume.sources[i] for i in slices)
 
 
 def _observer(result: InferenceResult) -> hd.sr.ObserverContext:

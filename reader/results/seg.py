@@ -34,6 +34,7 @@ SEG_SERIES_DESCRIPTION = "AI second reader SEG - for review"
 SEG_CONTENT_LABEL = "AI_FINDINGS"  # Content Label, CS (PS3.3 C.10.9): uppercase, <= 16 characters
 SEG_CONTENT_DESCRIPTION = "AI-generated segmentation; requires review by a radiologist"
 _LABEL_VALUES = 256  # label maps are uint8
+_CHUNK_VOXELS = 1 << 21  # label-map voxels checked at a time
 
 
 def coded(code: Code) -> PydicomCode:
@@ -52,22 +53,23 @@ def _segment_array(
 ) -> npt.NDArray[np.uint8]:
     """The label map with labels replaced by segment numbers, one frame per source frame."""
     label_map = result.label_map
-    if label_map.dtype != np.uint8 or label_map.shape != volume.voxels.shape:
+    if label_map.dtype != np.uint8 or label_map.shape != volume.shape:
         raise EncodingError(
-            f"label map {label_map.dtype}{label_map.shape} does not match the volume {volume.voxels.shape}"
+            f"label map {label_map.dtype}{label_map.shape} does not match the volume {volume.shape}"
         )
     if len(volume.sources) != label_map.shape[0]:
         raise EncodingError(f"{len(volume.sources)} sources for {label_map.shape[0]} slices")
-    reported = np.zeros(_LABEL_VALUES, dtype=bool)
-    reported[[0, *numbers]] = True
-    stray = ~reported[label_map]  # one byte per voxel; bincount would take eight
-    if stray.any():
-        unreported = sorted(int(v) for v in np.unique(label_map[stray]))
+    unreported = sorted(set(_labels_present(label_map)) - {0, *numbers})
+    if unreported:
         raise EncodingError(f"label map has voxels of labels without a finding: {unreported}")
-    lut = np.zeros(_LABEL_VALUES, dtype=np.uint8)
-    for label, number in numbers.items():
-        lut[label] = number
-    segments: npt.NDArray[np.uint8] = lut[label_map]
+    segments: npt.NDArray[np.uint8]
+    if all(label == number for label, number in numbers.items()):
+        segments = label_map  # labels are segment numbers already: no copy
+    else:
+        lut = np.zeros(_LABEL_VALUES, dtype=np.uint8)
+        for label, number in numbers.items():
+            lut[label] = number
+        segments = lut[label_map]
     frame_numbers = [source.frame_number for source in volume.sources]
     if all(number is None for number in frame_numbers):
         return segments
@@ -82,6 +84,19 @@ def _segment_array(
             raise EncodingError(f"frame number {frame} outside 1..{frames}")
         by_frame[frame - 1] = segments[index]
     return by_frame
+
+
+def _labels_present(label_map: npt.NDArray[np.uint8]) -> list[int]:
+    """The distinct non-zero values of ``label_map``, a few slices at a time (no full-size temporary)."""
+    present = np.zeros(_LABEL_VALUES, dtype=bool)
+    flat = label_map.reshape(label_map.shape[0], -1)
+    step = max(1, _CHUNK_VOXELS // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        chunk = flat[start : start + step]
+        values = chunk[chunk != 0]
+        if values.size:
+            present[np.bincount(values, minlength=_LABEL_VALUES) > 0] = True
+    return [int(v) for v in np.flatnonzero(present)]
 
 
 def build_segmentation(

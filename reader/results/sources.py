@@ -10,9 +10,10 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from reader.errors import EncodingError
-from reader.results.clean import prepare_source
+from reader.results.clean import prepare_source, prepared_source
+from reader.volume import SourceInstance
 
-__all__ = ["read_source_headers"]
+__all__ = ["read_source_headers", "source_headers"]
 
 
 def read_source_headers(paths: Iterable[Path]) -> list[Dataset]:
@@ -23,4 +24,23 @@ def read_source_headers(paths: Iterable[Path]) -> list[Dataset]:
             headers.append(prepare_source(pydicom.dcmread(path, stop_before_pixels=True)))
         except (OSError, InvalidDicomError) as exc:
             raise EncodingError(f"cannot read source header {path.name}: {type(exc).__name__}") from exc
+    return headers
+
+
+def source_headers(sources: Iterable[SourceInstance]) -> list[Dataset]:
+    """Like :func:`read_source_headers` for the files of ``sources``, without reading them again.
+
+    The header ``load_volume`` kept on each source is used when there is one (never modified: a
+    header that needs preparing is copied first); a source without one is read from its file.
+    """
+    headers: list[Dataset] = []
+    valid: dict[tuple[object, ...], bool] = {}
+    by_path: dict[Path, SourceInstance] = {}
+    for source in sources:
+        by_path.setdefault(source.path, source)
+    for path, source in by_path.items():
+        if source.header is None:
+            headers.extend(read_source_headers([path]))
+        else:
+            headers.append(prepared_source(source.header, valid))
     return headers
