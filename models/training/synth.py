@@ -25,13 +25,13 @@ import math
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from scipy import ndimage
 
 F32 = npt.NDArray[np.float32]
@@ -289,6 +289,8 @@ def finish_phantom(hu: F32, rng: np.random.Generator) -> tuple[F32, float]:
 
 def read_series(folder: Path) -> tuple[F32, Vec3, list[str]]:
     """HU volume sorted along the slice normal (here +z), its spacing and SOP Instance UIDs."""
+    import pydicom  # noqa: PLC0415 - only here: a lent GPU machine reads the real hosts from npz
+
     datasets = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
     datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
     hu = np.stack(
@@ -358,13 +360,41 @@ def noise_sigma(hu: F32, lung: B) -> float:
     return 1.4826 * mad / math.sqrt(1 - 1 / 9)
 
 
-def real_host(name: str) -> tuple[Host, dict[int, tuple[int, int, int, int]]]:
-    """One of the two real A0001 series with its lung mask, tumour label and noise estimate."""
+def real_host(name: str, cache: Path | None = None) -> Host:
+    """One of the two real A0001 series with its lung mask, tumour label and noise estimate.
+
+    With ``cache``, the host is read from (or, on first use, written to) ``cache/<name>.npz``, so
+    that a machine without the shared data or pydicom (a lent GPU machine) can build patches.
+    """
+    stored = cache / f"{name}.npz" if cache is not None else None
+    if stored is not None and stored.is_file():
+        with np.load(stored) as data:
+            spacing = tuple(float(v) for v in data["spacing"])
+            return Host(
+                name,
+                data["hu"].astype(np.float32),
+                (spacing[0], spacing[1], spacing[2]),
+                spacing[0],
+                data["lung"],
+                data["label"],
+                float(data["noise"]),
+            )
     hu, spacing, uids = read_series(DATA_DIR / name)
     boxes = tumour_boxes(uids, DATA_DIR / "annotations-A0001")
     label = tumour_label(hu, boxes)
     lung = lung_mask(hu) | (label > 0)
-    return Host(name, hu, spacing, spacing[0], lung, label, noise_sigma(hu, lung)), boxes
+    host = Host(name, hu, spacing, spacing[0], lung, label, noise_sigma(hu, lung))
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            stored,
+            hu=np.clip(hu, -1024, 3071).astype(np.int16),
+            spacing=np.array(spacing),
+            lung=lung,
+            label=label,
+            noise=np.array(host.noise_hu),
+        )
+    return host
 
 
 # --- lesions -----------------------------------------------------------------------------------
@@ -670,7 +700,7 @@ def build_body(out: Path, plan: SplitPlan, phantoms: int, real_patches: int) -> 
         image, _ = finish_phantom(host.hu, rng)
         host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
         save(f"body-{host.name}", host, body_corners(host, np.random.default_rng(seed + 77), 6))
-    base, _ = real_host(plan.real_series)
+    base = real_host(plan.real_series)
     save(f"body-{plan.real_series}", base, body_corners(base, np.random.default_rng(7700), real_patches))
 
 
@@ -692,36 +722,75 @@ TRAIN = SplitPlan("train", tuple(range(1000, 1080)), REAL_SERIES[0], 24, (1, 4))
 TEST = SplitPlan("test", tuple(range(9000, 9024)), REAL_SERIES[1], 8, (1, 4))
 
 
-def build_train(out: Path, plan: SplitPlan, random_patches: int) -> None:
-    """Training patch cache: phantoms (seeds A) and the lung-kernel series with synthetic lesions."""
-    out.mkdir(parents=True, exist_ok=True)
-    total = 0
+@dataclass(frozen=True)
+class TrainOptions:
+    """What one training-cache build writes (defaults: the CPU cache of lung-lesion-unet 1.1.0)."""
+
+    out: Path
+    random_patches: int = 6
+    body_patches: int = 0  # per host, into out/../body (0: none; 1.1.0 built them in a second pass)
+    real_cache: Path | None = None
+
+
+def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
+    """Patches of one training phantom (and its body patches); the draws are those of 1.1.0."""
+    rng = np.random.default_rng(seed)
+    host = phantom_host(seed, rng, matrix_pixel_mm=(0.9, 1.4))
+    host, specs = place_lesions(
+        host, rng, int(rng.integers(plan.lesions_per_volume[0], plan.lesions_per_volume[1] + 1)), seed
+    )
+    image, _ = finish_phantom(host.hu, rng)
+    host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
+    count = save_patches(options.out / f"{host.name}.npz", host, specs, rng, options.random_patches)
+    if options.body_patches:
+        _save_body(options, host, body_corners(host, np.random.default_rng(seed + 77), options.body_patches))
+    return f"{host.name} t={host.thickness_mm} lesions={len(specs)} patches={count}"
+
+
+def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
+    """Patches of copy ``k`` of the real training series with its own synthetic lesions."""
+    base = real_host(plan.real_series, options.real_cache)
+    seed = 5000 + k
+    rng = np.random.default_rng(seed)
+    host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
+    name = f"{plan.real_series}-{k}"
+    count = save_patches(options.out / f"{name}.npz", host, specs, rng, options.random_patches)
+    if options.body_patches:
+        body = Host(name, host.hu, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
+        _save_body(options, body, body_corners(body, np.random.default_rng(seed + 77), options.body_patches))
+    return f"{name} lesions={len(specs)} patches={count}"
+
+
+def _save_body(options: TrainOptions, host: Host, corners: Iterator[tuple[int, int, int]]) -> None:
+    """Body patches of one host (anywhere in the body, not lung-biased) beside the training cache."""
+    folder = options.out.parent / "body"
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c) for c in corners]
+    np.savez(
+        folder / f"body-{host.name}.npz",
+        image=np.stack([p[0] for p in pairs]),
+        label=np.stack([p[1] for p in pairs]),
+    )
+
+
+def build_train(plan: SplitPlan, options: TrainOptions, workers: int = 1) -> None:
+    """Training patch cache: phantoms (seeds A) and the lung-kernel series with synthetic lesions.
+
+    Every host draws from its own seeded generator, so ``workers`` > 1 writes the same files.
+    """
+    options.out.mkdir(parents=True, exist_ok=True)
+    real_host(plan.real_series, options.real_cache)  # read (and cache) the real host once, up front
+    jobs: list[tuple[Any, int]] = [(_train_phantom, seed) for seed in plan.phantom_seeds]
+    jobs += [(_train_real, k) for k in range(plan.real_instances)]
     started = time.perf_counter()
-    for seed in plan.phantom_seeds:
-        rng = np.random.default_rng(seed)
-        host = phantom_host(seed, rng, matrix_pixel_mm=(0.9, 1.4))
-        host, specs = place_lesions(
-            host, rng, int(rng.integers(plan.lesions_per_volume[0], plan.lesions_per_volume[1] + 1)), seed
-        )
-        image, _ = finish_phantom(host.hu, rng)
-        host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
-        total += save_patches(out / f"{host.name}.npz", host, specs, rng, random_patches)
-        print(
-            f"{host.name} t={host.thickness_mm} lesions={len(specs)} patches={total} "
-            f"{time.perf_counter() - started:.0f}s",
-            flush=True,
-        )
-    base, _ = real_host(plan.real_series)
-    for k in range(plan.real_instances):
-        seed = 5000 + k
-        rng = np.random.default_rng(seed)
-        host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
-        total += save_patches(out / f"{plan.real_series}-{k}.npz", host, specs, rng, random_patches)
-        print(
-            f"{plan.real_series}-{k} lesions={len(specs)} patches={total} "
-            f"{time.perf_counter() - started:.0f}s",
-            flush=True,
-        )
+    if workers <= 1:
+        for function, arg in jobs:
+            print(f"{function(arg, plan, options)} {time.perf_counter() - started:.0f}s", flush=True)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(function, arg, plan, options) for function, arg in jobs]
+        for future in as_completed(futures):
+            print(f"{future.result()} {time.perf_counter() - started:.0f}s", flush=True)
 
 
 def build_test(out: Path, plan: SplitPlan) -> None:
@@ -744,7 +813,7 @@ def build_test(out: Path, plan: SplitPlan) -> None:
         )
         _write_case(out, *cases[-1])
         print(f"test {host.name} t={host.thickness_mm} shape={image.shape} lesions={len(specs)}", flush=True)
-    base, _ = real_host(plan.real_series)
+    base = real_host(plan.real_series)
     for k in range(plan.real_instances):
         seed = 9500 + k
         rng = np.random.default_rng(seed)
@@ -782,14 +851,34 @@ def main() -> None:
     """Build the training cache and/or the held-out test set."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lung-synth"))
-    parser.add_argument("--split", choices=["train", "test", "both", "body"], default="both")
+    parser.add_argument("--split", choices=["train", "test", "both", "body", "real"], default="both")
     parser.add_argument("--random-patches", type=int, default=6)
+    parser.add_argument(
+        "--phantoms", type=int, default=len(TRAIN.phantom_seeds), help="training phantoms (seeds from 1000)"
+    )
+    parser.add_argument(
+        "--real-copies", type=int, default=TRAIN.real_instances, help="copies of the real training series"
+    )
+    parser.add_argument("--body-patches", type=int, default=0, help="body patches per training host")
+    parser.add_argument("--workers", type=int, default=1, help="processes (same output for any count)")
+    parser.add_argument(
+        "--real-cache", type=Path, default=None, help="read/write the real hosts as npz in this folder"
+    )
     args = parser.parse_args()
+    if args.phantoms > 8000 - 1000 or args.real_copies > 4500:
+        parser.error("training seeds would reach the held-out seeds (9000+, 9500+)")
+    plan = replace(
+        TRAIN, phantom_seeds=tuple(range(1000, 1000 + args.phantoms)), real_instances=args.real_copies
+    )
+    if args.split == "real":  # the real hosts as npz, for a machine without the shared data
+        for name in REAL_SERIES:
+            real_host(name, args.real_cache or args.out / "real")
     if args.split in ("train", "both"):
-        build_train(args.out / "train", TRAIN, args.random_patches)
+        options = TrainOptions(args.out / "train", args.random_patches, args.body_patches, args.real_cache)
+        build_train(plan, options, args.workers)
     if args.split in ("test", "both"):
         build_test(args.out / "test", TEST)
-    if args.split == "body":  # stage-2 training patches, see models/README.md
+    if args.split == "body":  # stage-2 training patches of 1.1.0, see models/README.md
         build_body(args.out / "body", TRAIN, phantoms=24, real_patches=160)
 
 

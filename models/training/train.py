@@ -148,6 +148,60 @@ def batch(
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
 
 
+class DeviceBatcher:
+    """:func:`batch` with the cache held on the GPU: the same sampling rules, crops cut there.
+
+    Used when training on CUDA, where copying every batch from host memory would leave the GPU
+    waiting. Draws come from ``rng`` like :func:`batch` (not the same sequence: not bit-identical).
+    """
+
+    def __init__(self, cache: Cache, device: torch.device) -> None:
+        self.cache = cache
+        self.images = torch.from_numpy(cache.images).to(device)
+        self.labels = torch.from_numpy(cache.labels).to(device)
+        self.positives = np.flatnonzero(cache.has_lesion)
+        self.extra = np.flatnonzero(cache.source > 0)
+        self.points = {
+            int(k): np.argwhere(cache.labels[k] == 1)[:: max(1, int((cache.labels[k] == 1).sum()) // 256)]
+            for k in self.positives
+        }
+        self.device = device
+
+    def __call__(
+        self, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch (x float32 window-normalized, y uint8 labels) on the device."""
+        xs, ys = [], []
+        shape = self.cache.images.shape[1:]
+        for _ in range(size):
+            if extra_fraction > 0 and self.extra.size and rng.random() < extra_fraction:
+                pool = self.extra
+            elif self.positives.size and rng.random() < 0.67:
+                pool = self.positives
+            else:
+                pool = np.arange(len(self.cache.labels))
+            k = int(pool[int(rng.integers(0, len(pool)))])
+            if k in self.points and rng.random() < 0.8:
+                pts = self.points[k]
+                centre = pts[int(rng.integers(0, len(pts)))]
+                starts = [
+                    int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
+                    for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True)
+                ]
+            else:
+                starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, shape, strict=True)]
+            region = (k, *(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True)))
+            x = self.images[region].float()
+            y = self.labels[region]
+            dims = [d for d, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance]
+            if dims:
+                x, y = torch.flip(x, dims), torch.flip(y, dims)
+            x = x * float(rng.uniform(0.96, 1.04)) + float(rng.uniform(-25, 25))
+            xs.append(((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0))
+            ys.append(y)
+        return torch.stack(xs)[:, None], torch.stack(ys)[:, None]
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus batch soft Dice, both over the voxels that are not ignored."""
     valid = (labels != IGNORE).float()
@@ -173,6 +227,9 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=85.0, help="stop early (and save) past this")
     parser.add_argument(
+        "--channels", default=",".join(map(str, CHANNELS)), help="U-Net widths per level, e.g. 16,32,64,128"
+    )
+    parser.add_argument(
         "--stop-after", type=int, default=None, help="stop after this many steps (schedule unchanged)"
     )
     args = parser.parse_args()
@@ -190,7 +247,11 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
         f"cache {len(cache.labels)} patches, {int(cache.has_lesion.sum())} with lesions, device {device}",
         flush=True,
     )
-    model = UNet3D().to(device)
+    channels = tuple(int(c) for c in args.channels.split(","))
+    model = UNet3D(channels).to(device)
+    on_device = DeviceBatcher(cache, device) if device.type == "cuda" else None
+    if on_device is not None:
+        torch.backends.cudnn.benchmark = True
     if args.init is not None:
         model.load_state_dict(torch.load(args.init, map_location=device, weights_only=True)["state"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -208,31 +269,36 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     running = 0.0
     step = 0
     for step in range(args.iterations):
-        x, y = batch(cache, args.batch, rng, args.extra_fraction)
+        if on_device is not None:
+            x, y = on_device(args.batch, rng, args.extra_fraction)
+        else:
+            x, y = batch(cache, args.batch, rng, args.extra_fraction)
         x, y = x.to(device), y.to(device)
         model.train()
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_device is not None):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         scheduler.step()
-        value = loss.item()
+        value = loss.item() if on_device is None or step % 50 == 0 else running
         running = 0.98 * running + 0.02 * value if step else value
         minutes = (time.perf_counter() - started) / 60
-        if step % 25 == 0 or step == args.iterations - 1:
+        if step % (25 if on_device is None else 250) == 0 or step == args.iterations - 1:
             print(
                 f"step {step} loss {running:.4f} lr {scheduler.get_last_lr()[0]:.2e} {minutes:.1f} min",
                 flush=True,
             )
         if step % 200 == 199:
-            torch.save({"state": model.state_dict(), "step": step, "channels": CHANNELS}, args.out)
+            torch.save({"state": model.state_dict(), "step": step, "channels": channels}, args.out)
         if args.stop_after is not None and step + 1 >= args.stop_after:
             print(f"stopping after step {step} (--stop-after)", flush=True)
             break
         if minutes > args.max_minutes:
             print(f"stopping at step {step}: {minutes:.1f} min", flush=True)
             break
-    torch.save({"state": model.state_dict(), "step": step, "channels": CHANNELS}, args.out)
+    torch.save({"state": model.state_dict(), "step": step, "channels": channels}, args.out)
     print(
         f"saved {args.out} after {step + 1} steps, {(time.perf_counter() - started) / 60:.1f} min", flush=True
     )
