@@ -198,7 +198,8 @@ def _uid(*parts: object) -> str:
 
 
 def phantom_slice(index: int, rows: int, columns: int, n_slices: int) -> npt.NDArray[np.int16]:
-    """Stored values (HU + 1024) of slice ``index``: body ellipse, two lungs, bright nodules."""
+    """Stored values (HU + 1024) of slice ``index``: body ellipse, two lungs, three solid nodules
+    (40 HU, 14, 20 and 25 mm across; 0.7 mm pixels, 1.25 mm slices) that the reference model finds."""
     y, x = np.ogrid[:rows, :columns]
     cy, cx = rows / 2, columns / 2
     hu = np.full((rows, columns), -1000.0, dtype=np.float32)
@@ -208,12 +209,12 @@ def phantom_slice(index: int, rows: int, columns: int, n_slices: int) -> npt.NDA
         lung = ((y - cy) / (0.30 * rows)) ** 2 + dx**2 <= 1
         hu[lung] = -850.0
     z = index / max(1, n_slices - 1)
-    for k, (ny, nx, nz) in enumerate(((0.45, 0.32, 0.3), (0.55, 0.70, 0.5), (0.40, 0.62, 0.75))):
-        radius = 6 + 3 * k  # pixels; about as many slices in z
-        dz = (z - nz) * n_slices
-        r2 = radius**2 - dz**2
+    for radius_mm, (ny, nx, nz) in zip((7.0, 10.0, 12.5), ((0.45, 0.32, 0.3), (0.55, 0.70, 0.5),
+                                                          (0.40, 0.62, 0.75)), strict=True):
+        dz_mm = (z - nz) * (n_slices - 1) * 1.25
+        r2 = (radius_mm**2 - dz_mm**2) / 0.7**2  # in pixels squared
         if r2 > 0:
-            hu[(y - ny * rows) ** 2 + (x - nx * columns) ** 2 <= r2] = 300.0
+            hu[(y - ny * rows) ** 2 + (x - nx * columns) ** 2 <= r2] = 40.0
     ramp = np.arange(rows * columns, dtype=np.int32).reshape(rows, columns)
     noise = ((ramp * 7919 + index * 104729) % 21) - 10
     return (hu + 1024 + noise).astype(np.int16)
