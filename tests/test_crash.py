@@ -127,11 +127,15 @@ class Modality:
         return [k for k, files in self.released.items() if not set(files) <= self.acked]
 
 
-def _wait_event(node: ReaderNode, name: str, count: int, deadline_s: float, label: str) -> None:
+def _wait_event(node: ReaderNode, name: str, count: int, deadline_s: float, label: str,
+                already_done: Callable[[], bool]) -> None:
+    """Wait for the ``count``-th ``name`` event of this run, or until ``already_done``: the killed
+    previous round may have got past this moment (e.g. it finished the send it was killed
+    after), and then the event cannot come again."""
     def reached() -> bool:
         if node.process.poll() is not None:
             raise AssertionError(f"{label}: reader serve exited by itself:\n{node.log_tail()}")
-        return len(node.events(name)) >= count
+        return len(node.events(name)) >= count or already_done()
     deadline = time.monotonic() + deadline_s
     while not reached():
         if time.monotonic() >= deadline:
@@ -166,9 +170,13 @@ def scenario(tmp_path: Path) -> Iterator[tuple[Modality, Path]]:
     yield Modality(parts=parts, studies={"A": a, "B": b, "C": c}), model
 
 
-def _settled(jobs: JobStore, modality: Modality) -> Callable[[], bool]:
+def _settled(jobs: JobStore, modality: Modality, *, released_only: bool = False) -> Callable[[], bool]:
+    """True once every study (or, with ``released_only``, every study the modality has handed out so
+    far) is processed with all its instances and every send is done."""
     def check() -> bool:
         for key, study in modality.studies.items():
+            if released_only and key not in modality.released:
+                continue
             state = jobs.series_state(study.series_uid)
             wanted = tuple(sorted(p.stem for p in jobs.spool.series_instances(study.study_uid,
                                                                                study.series_uid)))
@@ -219,7 +227,8 @@ def test_sigkill_at_many_moments_loses_and_duplicates_nothing(
                 files = modality.released[study]
                 senders.append(Sender(node, files, tmp_path / f"storescu-{i:02d}-{study}.log"))
             if moment.trigger is not None:
-                _wait_event(node, moment.trigger, moment.count, TRIGGER_DEADLINE_S, moment.label)
+                _wait_event(node, moment.trigger, moment.count, TRIGGER_DEADLINE_S, moment.label,
+                            _settled(JobStore(Spool(data_dir)), modality, released_only=True))
             _hold(rng.uniform(*moment.delay_s))
         finally:
             node.kill()
