@@ -346,30 +346,21 @@ class Node:
                 self.board.wait_change(seen, _IDLE_POLL_S)
                 continue
             try:
-                prepared = None  # a job finished or superseded since it was listed is dropped
-                if self.jobs.job_is_current(job):
-                    prepared = self._stage(job, "prepare", partial(self.pipeline.prepare, job))
+                current = self.jobs.job_is_current(job)  # finished or superseded since it was listed?
             except BaseException:
                 self.board.release(job)
                 raise
-            if isinstance(prepared, Prepared):
-                self.board.put_ready(prepared)
-            else:
+            if not current:
                 self.board.release(job)
+                continue
+            self._hand_on(job, "prepare", partial(self.pipeline.prepare, job), Prepared,
+                          self.board.put_ready)
 
     def _inference_loop(self) -> None:
         """Run the model on the best decoded volume as soon as the previous run ends."""
         while (prepared := self.board.take_ready()) is not None:
-            job = prepared.job
-            try:
-                inferred = self._stage(job, "inference", partial(self.pipeline.infer, prepared))
-            except BaseException:
-                self.board.release(job)
-                raise
-            if isinstance(inferred, Inferred):
-                self.board.put_handed(inferred)
-            else:
-                self.board.release(job)
+            self._hand_on(prepared.job, "inference", partial(self.pipeline.infer, prepared), Inferred,
+                          self.board.put_handed)
 
     def _finishing_loop(self) -> None:
         """Encode, write and queue the sends of each model result, beside the next inference."""
@@ -381,6 +372,20 @@ class Node:
                 self.board.release(job)
             if status is SeriesStatus.DONE:
                 self._sends.set()
+
+    def _hand_on(self, job: ProcessJob, stage: str, work: Callable[[], _T | SeriesStatus],
+                 kind: type[_T], hand: Callable[[_T], None]) -> None:
+        """Run one stage of ``job`` and hand its product to the next stage; an outcome recorded
+        instead (skipped, failed, superseded), or an exception, releases the job from the board."""
+        try:
+            product = self._stage(job, stage, work)
+        except BaseException:
+            self.board.release(job)
+            raise
+        if isinstance(product, kind):
+            hand(product)
+        else:
+            self.board.release(job)
 
     def _stage(self, job: ProcessJob, stage: str, work: Callable[[], _T]) -> _T | SeriesStatus:
         """Run one stage of one job; an unexpected error fails that series (recorded), not the worker."""

@@ -677,20 +677,27 @@ def body_corners(host: Host, rng: np.random.Generator, count: int) -> Iterator[t
         yield (clipped[0], clipped[1], clipped[2])
 
 
+def save_body_patches(folder: Path, host: Host, corners: Iterator[tuple[int, int, int]]) -> int:
+    """Write ``folder/body-<host>.npz``: patches at ``corners`` (see :func:`body_corners`); their count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c) for c in corners]
+    np.savez(
+        folder / f"body-{host.name}.npz",
+        image=np.stack([p[0] for p in pairs]),
+        label=np.stack([p[1] for p in pairs]),
+    )
+    return len(pairs)
+
+
 def build_body(out: Path, plan: SplitPlan, phantoms: int, real_patches: int) -> None:
     """Stage-2 cache: patches anywhere in the body of training hosts (chest wall, neck, abdomen...).
 
     The first ``phantoms`` training phantoms are rebuilt exactly as in :func:`build_train` (same
     seeds, same draws); the real host is the lung-kernel series with its tumour label only.
     """
-    out.mkdir(parents=True, exist_ok=True)
 
-    def save(name: str, host: Host, corners: Iterator[tuple[int, int, int]]) -> None:
-        pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c) for c in corners]
-        np.savez(
-            out / f"{name}.npz", image=np.stack([p[0] for p in pairs]), label=np.stack([p[1] for p in pairs])
-        )
-        print(f"body {name}: {len(pairs)} patches", flush=True)
+    def save(host: Host, corners: Iterator[tuple[int, int, int]]) -> None:
+        print(f"body body-{host.name}: {save_body_patches(out, host, corners)} patches", flush=True)
 
     for seed in plan.phantom_seeds[:phantoms]:
         rng = np.random.default_rng(seed)
@@ -699,9 +706,9 @@ def build_body(out: Path, plan: SplitPlan, phantoms: int, real_patches: int) -> 
         host, _ = place_lesions(host, rng, count, seed)
         image, _ = finish_phantom(host.hu, rng)
         host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
-        save(f"body-{host.name}", host, body_corners(host, np.random.default_rng(seed + 77), 6))
+        save(host, body_corners(host, np.random.default_rng(seed + 77), 6))
     base = real_host(plan.real_series)
-    save(f"body-{plan.real_series}", base, body_corners(base, np.random.default_rng(7700), real_patches))
+    save(base, body_corners(base, np.random.default_rng(7700), real_patches))
 
 
 # --- the two splits ----------------------------------------------------------------------------
@@ -743,7 +750,11 @@ def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
     host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
     count = save_patches(options.out / f"{host.name}.npz", host, specs, rng, options.random_patches)
     if options.body_patches:
-        _save_body(options, host, body_corners(host, np.random.default_rng(seed + 77), options.body_patches))
+        save_body_patches(
+            options.out.parent / "body",
+            host,
+            body_corners(host, np.random.default_rng(seed + 77), options.body_patches),
+        )
     return f"{host.name} t={host.thickness_mm} lesions={len(specs)} patches={count}"
 
 
@@ -757,20 +768,12 @@ def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
     count = save_patches(options.out / f"{name}.npz", host, specs, rng, options.random_patches)
     if options.body_patches:
         body = Host(name, host.hu, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
-        _save_body(options, body, body_corners(body, np.random.default_rng(seed + 77), options.body_patches))
+        save_body_patches(
+            options.out.parent / "body",
+            body,
+            body_corners(body, np.random.default_rng(seed + 77), options.body_patches),
+        )
     return f"{name} lesions={len(specs)} patches={count}"
-
-
-def _save_body(options: TrainOptions, host: Host, corners: Iterator[tuple[int, int, int]]) -> None:
-    """Body patches of one host (anywhere in the body, not lung-biased) beside the training cache."""
-    folder = options.out.parent / "body"
-    folder.mkdir(parents=True, exist_ok=True)
-    pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c) for c in corners]
-    np.savez(
-        folder / f"body-{host.name}.npz",
-        image=np.stack([p[0] for p in pairs]),
-        label=np.stack([p[1] for p in pairs]),
-    )
 
 
 def build_train(plan: SplitPlan, options: TrainOptions, workers: int = 1) -> None:

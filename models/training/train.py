@@ -11,6 +11,7 @@ import argparse
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,45 +104,63 @@ def load_cache(folders: list[Path]) -> Cache:
     return Cache(image, label, (label == 1).reshape(len(label), -1).any(axis=1), np.concatenate(sources))
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One patch of a batch: which cached patch, the crop, the flipped axes and the jitter."""
+
+    index: int
+    region: tuple[slice, ...]
+    flips: tuple[int, ...]
+    scale: float
+    shift: float
+
+
+def draw(
+    cache: Cache,
+    rng: np.random.Generator,
+    extra_fraction: float,
+    lesion_points: Callable[[int], npt.NDArray[np.int_]],
+) -> Draw:
+    """Draw one patch: about 2/3 holding a lesion (``extra_fraction`` of them from the second and
+    later cache folders), a crop keeping lesion voxels in view 80 % of the time (a voxel from
+    ``lesion_points(index)``), flips and +-4 % / +-25 HU intensity jitter. The draws' order is
+    that of 1.1.0's CPU training, so a CPU run stays reproducible."""
+    positives = np.flatnonzero(cache.has_lesion)
+    extra = np.flatnonzero(cache.source > 0)
+    if extra_fraction > 0 and extra.size and rng.random() < extra_fraction:
+        pool = extra
+    elif positives.size and rng.random() < 0.67:
+        pool = positives
+    else:
+        pool = np.arange(len(cache.labels))
+    k = int(pool[int(rng.integers(0, len(pool)))])
+    shape = cache.images.shape[1:]
+    if cache.has_lesion[k] and rng.random() < 0.8:  # crop that keeps lesion voxels in view
+        pts = lesion_points(k)
+        centre = pts[int(rng.integers(0, len(pts)))]
+        starts = [
+            int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
+            for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True)
+        ]
+    else:
+        starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, shape, strict=True)]
+    region = tuple(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True))
+    flips = tuple(axis for axis, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance)
+    return Draw(k, region, flips, float(rng.uniform(0.96, 1.04)), float(rng.uniform(-25, 25)))
+
+
 def batch(
     cache: Cache, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch: about 2/3 lesion patches; random crop, flips and intensity jitter.
-
-    With ``extra_fraction`` > 0, that fraction of the patches comes from the second and later
-    cache folders (stage 2: patches anywhere in the body).
-    """
-    positives = np.flatnonzero(cache.has_lesion)
-    extra = np.flatnonzero(cache.source > 0)
+    """A random batch of :func:`draw` patches, cut on the CPU."""
     xs, ys = [], []
     for _ in range(size):
-        if extra_fraction > 0 and extra.size and rng.random() < extra_fraction:
-            pool = extra
-        elif positives.size and rng.random() < 0.67:
-            pool = positives
-        else:
-            pool = np.arange(len(cache.labels))
-        k = int(pool[int(rng.integers(0, len(pool)))])
-        image, label = cache.images[k], cache.labels[k]
-        if cache.has_lesion[k] and rng.random() < 0.8:  # crop that keeps lesion voxels in view
-            pts = np.argwhere(label == 1)
-            centre = pts[int(rng.integers(0, len(pts)))]
-            starts = [
-                int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
-                for c, p, n in zip(centre, TRAIN_PATCH, image.shape, strict=True)
-            ]
-        else:
-            starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, image.shape, strict=True)]
-        region = tuple(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True))
-        x = image[region].astype(np.float32)
-        y = label[region]
-        if rng.random() < 0.5:
-            x, y = x[:, :, ::-1], y[:, :, ::-1]
-        if rng.random() < 0.2:
-            x, y = x[:, ::-1, :], y[:, ::-1, :]
-        if rng.random() < 0.3:
-            x, y = x[::-1], y[::-1]
-        x = x * float(rng.uniform(0.96, 1.04)) + float(rng.uniform(-25, 25))
+        d = draw(cache, rng, extra_fraction, lambda k: np.argwhere(cache.labels[k] == 1))
+        x = cache.images[d.index][d.region].astype(np.float32)
+        y = cache.labels[d.index][d.region]
+        if d.flips:
+            x, y = np.flip(x, d.flips), np.flip(y, d.flips)
+        x = x * d.scale + d.shift
         x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
@@ -149,54 +168,34 @@ def batch(
 
 
 class DeviceBatcher:
-    """:func:`batch` with the cache held on the GPU: the same sampling rules, crops cut there.
+    """:func:`batch` with the cache held on the GPU: the same draws, crops cut there.
 
     Used when training on CUDA, where copying every batch from host memory would leave the GPU
-    waiting. Draws come from ``rng`` like :func:`batch` (not the same sequence: not bit-identical).
+    waiting. Lesion-centred crops pick from at most ~256 lesion voxels per patch, so the sequence
+    differs from :func:`batch` (not bit-identical).
     """
 
     def __init__(self, cache: Cache, device: torch.device) -> None:
         self.cache = cache
         self.images = torch.from_numpy(cache.images).to(device)
         self.labels = torch.from_numpy(cache.labels).to(device)
-        self.positives = np.flatnonzero(cache.has_lesion)
-        self.extra = np.flatnonzero(cache.source > 0)
         self.points = {
             int(k): np.argwhere(cache.labels[k] == 1)[:: max(1, int((cache.labels[k] == 1).sum()) // 256)]
-            for k in self.positives
+            for k in np.flatnonzero(cache.has_lesion)
         }
-        self.device = device
 
     def __call__(
         self, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch (x float32 window-normalized, y uint8 labels) on the device."""
         xs, ys = [], []
-        shape = self.cache.images.shape[1:]
         for _ in range(size):
-            if extra_fraction > 0 and self.extra.size and rng.random() < extra_fraction:
-                pool = self.extra
-            elif self.positives.size and rng.random() < 0.67:
-                pool = self.positives
-            else:
-                pool = np.arange(len(self.cache.labels))
-            k = int(pool[int(rng.integers(0, len(pool)))])
-            if k in self.points and rng.random() < 0.8:
-                pts = self.points[k]
-                centre = pts[int(rng.integers(0, len(pts)))]
-                starts = [
-                    int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
-                    for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True)
-                ]
-            else:
-                starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, shape, strict=True)]
-            region = (k, *(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True)))
-            x = self.images[region].float()
-            y = self.labels[region]
-            dims = [d for d, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance]
-            if dims:
-                x, y = torch.flip(x, dims), torch.flip(y, dims)
-            x = x * float(rng.uniform(0.96, 1.04)) + float(rng.uniform(-25, 25))
+            d = draw(self.cache, rng, extra_fraction, self.points.__getitem__)
+            x = self.images[(d.index, *d.region)].float()
+            y = self.labels[(d.index, *d.region)]
+            if d.flips:
+                x, y = torch.flip(x, d.flips), torch.flip(y, d.flips)
+            x = x * d.scale + d.shift
             xs.append(((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0))
             ys.append(y)
         return torch.stack(xs)[:, None], torch.stack(ys)[:, None]
