@@ -73,6 +73,9 @@ def _config(args: argparse.Namespace) -> NodeConfig:
     return load_config(args.config, overrides)
 
 
+_SIGNAL_POLL_S = 0.5  # longest delay before a delivered SIGTERM/SIGINT is acted on
+
+
 def _serve(config: NodeConfig) -> int:
     os.umask(0o077)  # everything the node writes carries patient data: owner-only
     from reader.node import Node, load_models  # noqa: PLC0415 - onnxruntime loads only for serve
@@ -93,7 +96,10 @@ def _serve(config: NodeConfig) -> int:
     node.start()
     if not config.destinations:
         log.info("node.no_destinations", results_dir=str(node.spool.root / "results"))
-    stop.wait()
+    # Wait with a timeout: the kernel may deliver SIGTERM to any of the node's threads, and then a
+    # main thread blocked in an untimed wait never returns to the interpreter to run the handler.
+    while not stop.wait(_SIGNAL_POLL_S):
+        pass
     node.stop()
     return EXIT_OK
 
