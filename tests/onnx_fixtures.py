@@ -109,6 +109,26 @@ def label_map_model(*, cut: float = 0.5) -> onnx.ModelProto:
     )
 
 
+def shifted_sigmoid_model(*, offset: float = 0.5, scale: float = 40.0) -> onnx.ModelProto:
+    """Not mirror-symmetric: ``Sigmoid((x[..., j + 1] - offset) * scale)``, the sigmoid model read one
+    column to the right (a 1 x 1 x 2 convolution with weights [0, 1], zero past the last column), so
+    a bright blob comes out one column left of where it is."""
+    shape = _dims(3, None)
+    nodes = [
+        helper.make_node("Conv", ["image", "kernel"], ["shifted"], pads=[0, 0, 0, 0, 0, 1]),
+        helper.make_node("Sub", ["shifted", "offset"], ["centred"]),
+        helper.make_node("Mul", ["centred", "scale"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+    ]
+    kernel = helper.make_tensor("kernel", TensorProto.FLOAT, [1, 1, 1, 1, 2], [0.0, 1.0])
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, shape)],
+        [kernel, _scalar("offset", offset), _scalar("scale", scale)],
+    )
+
+
 def reshape_model(target: Sequence[int]) -> onnx.ModelProto:
     """Reshapes its input to a fixed ``target`` shape: onnxruntime fails on any other patch size."""
     shape = _dims(3, None)

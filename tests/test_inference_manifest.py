@@ -72,6 +72,7 @@ def test_valid_manifest_loads_typed(tmp_path: Path) -> None:
     assert pre.window == (-1000.0, 400.0)
     assert pre.target_spacing_mm is None
     assert (pre.normalize, pre.blend, pre.overlap) == ("window", "gaussian", 0.25)
+    assert pre.test_time_flips == ()
     assert manifest.algorithm == AlgorithmIdentity(
         name="test-blobs",
         version="0.0.1",
@@ -104,15 +105,27 @@ def test_spec_example_loads(tmp_path: Path) -> None:
 def test_zscore_and_2d_options_load(tmp_path: Path) -> None:
     """zscore normalization reads mean/std; a 2-D model takes a (row, column) spacing and no site."""
     data = manifest_dict(dimensions=2)
-    data["preprocessing"].update(normalize="zscore", mean=-500.0, std=500, target_spacing_mm=[0.5, 0.5])
+    data["preprocessing"].update(
+        normalize="zscore", mean=-500.0, std=500, target_spacing_mm=[0.5, 0.5], test_time_flips=["column"]
+    )
     del data["labels"][0]["site"]
     del data["model"]["onnx_fp16"]
     manifest = load_manifest(write_package(tmp_path, data))
     pre = manifest.preprocessing
     assert (pre.mean, pre.std) == (-500.0, 500.0)
     assert pre.target_spacing_mm == (None, 0.5, 0.5)
+    assert pre.test_time_flips == ("column",)
     assert manifest.labels[0].site is None
     assert manifest.model.onnx_fp16 is None
+
+
+def test_2d_model_cannot_mirror_slices(tmp_path: Path) -> None:
+    """A 2-D model runs slice by slice, so mirroring the slice axis is refused as a manifest error."""
+    data = manifest_dict(dimensions=2)
+    data["preprocessing"]["test_time_flips"] = ["slice"]
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write_package(tmp_path, data))
+    assert err.value.key == "preprocessing.test_time_flips"
 
 
 INVALID: list[tuple[str, Mutation]] = [
@@ -147,6 +160,9 @@ INVALID: list[tuple[str, Mutation]] = [
     ("preprocessing.patch_size[0]", _set("preprocessing.patch_size", [8.5, 16, 16])),
     ("preprocessing.overlap", _set("preprocessing.overlap", 1.0)),
     ("preprocessing.blend", _set("preprocessing.blend", "max")),
+    ("preprocessing.test_time_flips", _set("preprocessing.test_time_flips", ["diagonal"])),
+    ("preprocessing.test_time_flips", _set("preprocessing.test_time_flips", ["row", "row"])),
+    ("preprocessing.test_time_flips[0]", _set("preprocessing.test_time_flips", [1])),
     ("output.tensor", _drop("output.tensor")),
     ("output.kind", _set("output.kind", "boxes")),
     ("output.kind", _set("output.kind", "heatmap")),

@@ -24,6 +24,7 @@ from tests.onnx_fixtures import (
     make_volume,
     manifest_dict,
     reshape_model,
+    shifted_sigmoid_model,
     sigmoid_model,
     two_class_model,
     write_package,
@@ -175,6 +176,38 @@ def test_sliding_window_matches_one_big_patch(tmp_path: Path) -> None:
     for fa, fb in zip(a.findings, b.findings, strict=True):
         assert fa.score == pytest.approx(fb.score, abs=1e-5)
         assert (fa.voxel_count, fa.slice_indices) == (fb.voxel_count, fb.slice_indices)
+
+
+@pytest.mark.parametrize(
+    ("flips", "columns"),
+    [
+        ([], (2, 6)),  # the model's own output: the blob (columns 3-7) one column to the left
+        (["row"], (2, 6)),  # mirroring rows does not move columns: both passes agree
+        (["column"], (4, 6)),  # the mirrored pass puts it at 4-8: only the shared columns stay
+        (["slice", "column"], (4, 6)),  # columns 2-3 are in two passes of three: 2/3 < 0.75
+    ],
+)
+def test_test_time_flips_average_mirrored_passes(
+    tmp_path: Path, flips: list[str], columns: tuple[int, int]
+) -> None:
+    """With ``test_time_flips`` the model also runs on the image mirrored along each named axis, each
+    output is mirrored back and the passes are averaged. A model that reads one column to the right
+    outputs a blob at columns 3-7 as 2-6, and on the column-mirrored image as 4-8 once mirrored
+    back, so at threshold 0.75 the average keeps only 4-6; mirroring rows or slices moves no column."""
+    voxels = np.full((6, 10, 12), AIR, dtype=np.float32)
+    voxels[2:4, 3:6, 3:8] = BRIGHT
+    data = manifest_dict()
+    data["preprocessing"].update({"patch_size": [8, 16, 16], "test_time_flips": flips})
+    data["labels"] = [{**label_dict(1, "Lung lesion"), "threshold": 0.75}]
+    package = ModelPackage.load(
+        write_package(tmp_path, data, shifted_sigmoid_model()), providers=("CPUExecutionProvider",)
+    )
+    result = package.run(make_volume(voxels))
+    (finding,) = result.findings
+    found = np.flatnonzero(result.label_map.any(axis=(0, 1)))
+    assert (int(found[0]), int(found[-1])) == columns
+    assert finding.slice_indices == (2, 3)
+    assert finding.score == pytest.approx(1.0, abs=1e-3)
 
 
 def test_volume_smaller_than_patch_is_padded(tmp_path: Path) -> None:

@@ -1,13 +1,14 @@
 """Compare lung-field gate settings (fraction, margin, min score) for one network, as 1.2.0 was chosen.
 
-Runs a package once with no gate and ``min_score`` 0.5 over the held-out set and the two real
+Runs a package once with no gate and ``min_score`` 0.5 over the validation set
+(``synth.py --split val``; 1.2.0 was chosen on the test set, see MODEL_CARD.md) and the two real
 series, records for every finding its score, the lesions it hits, whether it is a false positive
 (as ``evaluate.py`` counts them) and the fraction of its voxels within d mm of the lung field
 (``reader.inference.anatomy``), then prints, for each setting, the sensitivity for lesions >= 8 mm
 at <= 1 and <= 4 FP/scan, FP/scan and the real-series outcome. Settings chosen this way are chosen
-on the held-out set: say so wherever their figures are quoted (MODEL_CARD.md does).
+on the set they were swept on: quote the test set's figures only from a set they were not chosen on.
 
-    .venv/bin/python models/training/sweep_gate.py --package DIR [--json out.json]
+    .venv/bin/python models/training/sweep_gate.py --package DIR [--test DIR] [--json out.json]
 
 ``--package`` must hold the network's ``model.onnx``; its ``model.toml`` is copied to a scratch
 folder with the gate removed and ``min_score`` set to 0.5.
@@ -172,7 +173,9 @@ def main() -> None:
     """Record the ungated findings once, then print the table of settings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, default=ROOT / "models" / "lung-lesion-unet")
-    parser.add_argument("--test", type=Path, default=Path("/tmp/lung-synth/test"))
+    parser.add_argument(
+        "--test", type=Path, default=Path("/tmp/lung-synth/val"), help="the set to choose on (validation)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the per-finding records here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:

@@ -723,10 +723,14 @@ class SplitPlan:
     real_series: str
     real_instances: int
     lesions_per_volume: tuple[int, int]  # inclusive range
+    real_seed: int  # copy k of the real series draws its lesions from seed real_seed + k
 
 
-TRAIN = SplitPlan("train", tuple(range(1000, 1080)), REAL_SERIES[0], 24, (1, 4))
-TEST = SplitPlan("test", tuple(range(9000, 9024)), REAL_SERIES[1], 8, (1, 4))
+TRAIN = SplitPlan("train", tuple(range(1000, 1080)), REAL_SERIES[0], 24, (1, 4), 5000)
+TEST = SplitPlan("test", tuple(range(9000, 9024)), REAL_SERIES[1], 8, (1, 4), 9500)
+# Validation: where settings and checkpoints are chosen, so that TEST stays untouched until the
+# one final measurement. Same kind of hosts as TEST (phantoms, standard-kernel copies), other seeds.
+VALIDATION = SplitPlan("val", tuple(range(8000, 8024)), REAL_SERIES[1], 8, (1, 4), 9700)
 
 
 @dataclass(frozen=True)
@@ -761,7 +765,7 @@ def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
 def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
     """Patches of copy ``k`` of the real training series with its own synthetic lesions."""
     base = real_host(plan.real_series, options.real_cache)
-    seed = 5000 + k
+    seed = plan.real_seed + k
     rng = np.random.default_rng(seed)
     host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
     name = f"{plan.real_series}-{k}"
@@ -797,7 +801,10 @@ def build_train(plan: SplitPlan, options: TrainOptions, workers: int = 1) -> Non
 
 
 def build_test(out: Path, plan: SplitPlan) -> None:
-    """Held-out volumes on their native grids: phantoms (seeds B), standard-kernel series + lesions."""
+    """Held-out volumes on their native grids: phantoms, standard-kernel series + lesions.
+
+    Used for both held-out splits, ``TEST`` and ``VALIDATION``: only their seeds differ.
+    """
     out.mkdir(parents=True, exist_ok=True)
     cases: list[tuple[str, Host, list[LesionSpec]]] = []
     for seed in plan.phantom_seeds:
@@ -815,14 +822,17 @@ def build_test(out: Path, plan: SplitPlan) -> None:
             )
         )
         _write_case(out, *cases[-1])
-        print(f"test {host.name} t={host.thickness_mm} shape={image.shape} lesions={len(specs)}", flush=True)
+        print(
+            f"{plan.name} {host.name} t={host.thickness_mm} shape={image.shape} lesions={len(specs)}",
+            flush=True,
+        )
     base = real_host(plan.real_series)
     for k in range(plan.real_instances):
-        seed = 9500 + k
+        seed = plan.real_seed + k
         rng = np.random.default_rng(seed)
         host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
         _write_case(out, f"{plan.real_series}-{k}", host, specs)
-        print(f"test {plan.real_series}-{k} lesions={len(specs)}", flush=True)
+        print(f"{plan.name} {plan.real_series}-{k} lesions={len(specs)}", flush=True)
 
 
 def _write_case(out: Path, name: str, host: Host, specs: list[LesionSpec]) -> None:
@@ -854,7 +864,7 @@ def main() -> None:
     """Build the training cache and/or the held-out test set."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lung-synth"))
-    parser.add_argument("--split", choices=["train", "test", "both", "body", "real"], default="both")
+    parser.add_argument("--split", choices=["train", "test", "val", "both", "body", "real"], default="both")
     parser.add_argument("--random-patches", type=int, default=6)
     parser.add_argument(
         "--phantoms", type=int, default=len(TRAIN.phantom_seeds), help="training phantoms (seeds from 1000)"
@@ -868,8 +878,8 @@ def main() -> None:
         "--real-cache", type=Path, default=None, help="read/write the real hosts as npz in this folder"
     )
     args = parser.parse_args()
-    if args.phantoms > 8000 - 1000 or args.real_copies > 4500:
-        parser.error("training seeds would reach the held-out seeds (9000+, 9500+)")
+    if args.phantoms > 8000 - 1000 or args.real_copies > 8000 - 5000:
+        parser.error("training seeds would reach the held-out seeds (8000+, 9500+)")
     plan = replace(
         TRAIN, phantom_seeds=tuple(range(1000, 1000 + args.phantoms)), real_instances=args.real_copies
     )
@@ -881,6 +891,8 @@ def main() -> None:
         build_train(plan, options, args.workers)
     if args.split in ("test", "both"):
         build_test(args.out / "test", TEST)
+    if args.split == "val":
+        build_test(args.out / "val", VALIDATION)
     if args.split == "body":  # stage-2 training patches of 1.1.0, see models/README.md
         build_body(args.out / "body", TRAIN, phantoms=24, real_patches=160)
 

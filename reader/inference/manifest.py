@@ -22,6 +22,7 @@ from reader.findings import AlgorithmIdentity, Code, FindingClass
 
 __all__ = [
     "MANIFEST_FILE",
+    "FlipAxis",
     "InputSpec",
     "LabelSpec",
     "ModelInfo",
@@ -37,6 +38,7 @@ _MAX_LUNG_MARGIN_MM = 30.0  # lung_margin_mm: beyond this the gate stops meaning
 
 Normalize = Literal["window", "zscore"]
 Blend = Literal["gaussian", "constant"]
+FlipAxis = Literal["slice", "row", "column"]
 OutputKind = Literal["probabilities", "label_map"]
 
 
@@ -76,6 +78,9 @@ class Preprocessing:
     patch_size: tuple[int, ...]  # (D, H, W) for 3-D models, (H, W) for 2-D
     overlap: float  # fraction of a patch shared with its neighbour, in [0, 1)
     blend: Blend
+    # Test-time augmentation: the model also runs on the image mirrored along each of these axes
+    # and the probabilities are averaged (one pass more per axis). Empty: one plain pass.
+    test_time_flips: tuple[FlipAxis, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,17 @@ def _input(t: Mapping[str, object]) -> InputSpec:
 
 def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
     p = "preprocessing."
-    allowed = {"target_spacing_mm", "window", "normalize", "mean", "std", "patch_size", "overlap", "blend"}
+    allowed = {
+        "target_spacing_mm",
+        "window",
+        "normalize",
+        "mean",
+        "std",
+        "patch_size",
+        "overlap",
+        "blend",
+        "test_time_flips",
+    }
     _only_keys(t, p, allowed)
     normalize = _choice(t, "normalize", p, ("window", "zscore"))
     window, mean, std = _intensity(t, normalize)
@@ -231,7 +246,24 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
         patch_size=patch_size,
         overlap=overlap,
         blend=cast(Blend, _choice(t, "blend", p, ("gaussian", "constant"))),
+        test_time_flips=_test_time_flips(t, dims),
     )
+
+
+def _test_time_flips(t: Mapping[str, object], dims: int) -> tuple[FlipAxis, ...]:
+    """``test_time_flips``: distinct axes among slice/row/column ("slice" only for 3-D models)."""
+    key = "preprocessing.test_time_flips"
+    if "test_time_flips" not in t:
+        return ()
+    values = _list(t, "test_time_flips", "preprocessing.")
+    names = [_str_value(v, f"{key}[{i}]") for i, v in enumerate(values)]
+    allowed: tuple[FlipAxis, ...] = ("slice", "row", "column") if dims == 3 else ("row", "column")
+    for name in names:
+        if name not in allowed:
+            raise ManifestError(key, f"axes must be among {list(allowed)}, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ManifestError(key, f"names an axis twice: {names}")
+    return tuple(cast(FlipAxis, name) for name in names)
 
 
 def _target_spacing(t: Mapping[str, object], dims: int) -> tuple[float | None, float, float]:

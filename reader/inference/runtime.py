@@ -13,8 +13,9 @@ import contextlib
 import functools
 import io
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
 from reader.inference import anatomy, postprocess, preprocess
-from reader.inference.manifest import LabelSpec, ModelManifest, load_manifest
+from reader.inference.manifest import FlipAxis, LabelSpec, ModelManifest, load_manifest
 from reader.volume import Volume
 
 __all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage"]
@@ -38,6 +39,7 @@ DEFAULT_PROVIDERS: tuple[str, ...] = (
     "CUDAExecutionProvider",
     "CPUExecutionProvider",
 )
+_IMAGE_AXES: Mapping[FlipAxis, int] = MappingProxyType({"slice": 0, "row": 1, "column": 2})
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 # What onnxruntime raises: its pybind11 exceptions derive from Exception directly, not RuntimeError.
@@ -182,6 +184,22 @@ class ModelPackage:
         )
 
     def _infer(
+        self, image: npt.NDArray[np.float32], predict: preprocess.Predictor
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities over the whole prepared image, ``(labels, *image.shape)``: one sliding-window
+        pass, and with ``test_time_flips`` the mean of it and one pass per mirrored axis."""
+        flips = self._manifest.preprocessing.test_time_flips
+        total = self._infer_once(image, predict)
+        for name in flips:
+            axis = _IMAGE_AXES[name]  # the prepared image is (slices, rows, columns) for 2-D models too
+            mirrored = np.ascontiguousarray(np.flip(image, axis))
+            total += np.flip(self._infer_once(mirrored, predict), axis + 1)
+            del mirrored
+        if flips:
+            total /= len(flips) + 1
+        return total
+
+    def _infer_once(
         self, image: npt.NDArray[np.float32], predict: preprocess.Predictor
     ) -> npt.NDArray[np.float32]:
         """Sliding-window inference over the whole prepared image: ``(labels, *image.shape)``."""

@@ -1,0 +1,59 @@
+"""The training data generator keeps its three splits apart (models/training/synth.py).
+
+Settings are chosen on the validation split and the test split is measured once, so a seed shared
+between splits would leak a case from one into another.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "training"))
+
+import synth
+
+LARGEST_TRAINING = (8000 - 1000, 8000 - 5000)  # --phantoms, --real-copies the command line allows
+
+
+def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
+    return {plan.real_seed + k for k in range(copies)}
+
+
+def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
+    """Phantom seeds and real-copy seeds of train (at the largest size allowed), validation and test
+    never meet, so no held-out case is a training case and validation never sees a test case."""
+    train_phantoms = set(range(1000, 1000 + LARGEST_TRAINING[0]))
+    train_real = _real_seeds(synth.TRAIN, LARGEST_TRAINING[1])
+    held_out = {
+        plan.name: (set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances))
+        for plan in (synth.VALIDATION, synth.TEST)
+    }
+    for phantoms, real in held_out.values():
+        assert not phantoms & train_phantoms
+        assert not real & train_real
+        assert not real & train_phantoms and not phantoms & train_real
+    assert not held_out["val"][0] & held_out["test"][0]
+    assert not held_out["val"][1] & held_out["test"][1]
+
+
+def test_validation_uses_the_held_out_hosts_not_the_training_series() -> None:
+    """Validation, like test, copies the standard-kernel series; training copies the lung-kernel one."""
+    assert synth.VALIDATION.real_series == synth.TEST.real_series != synth.TRAIN.real_series
+
+
+@pytest.mark.parametrize(
+    "argv", [["--phantoms", str(LARGEST_TRAINING[0] + 1)], ["--real-copies", str(LARGEST_TRAINING[1] + 1)]]
+)
+def test_command_line_refuses_training_seeds_that_reach_held_out_ones(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """synth.py exits with a usage error, before writing anything, when --phantoms or --real-copies
+    would draw training seeds from the validation or test range."""
+    monkeypatch.setattr(sys, "argv", ["synth.py", "--out", str(tmp_path), "--split", "train", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main()
+    assert exit_info.value.code == 2
+    assert not any(tmp_path.iterdir())
