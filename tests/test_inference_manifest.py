@@ -103,7 +103,8 @@ def test_spec_example_loads(tmp_path: Path) -> None:
 
 
 def test_zscore_and_2d_options_load(tmp_path: Path) -> None:
-    """zscore normalization reads mean/std; a 2-D model takes a (row, column) spacing and no site."""
+    """zscore normalization reads mean/std; a 2-D model takes a (row, column) spacing, in-plane
+    test-time flips and no site."""
     data = manifest_dict(dimensions=2)
     data["preprocessing"].update(
         normalize="zscore", mean=-500.0, std=500, target_spacing_mm=[0.5, 0.5], test_time_flips=["column"]
