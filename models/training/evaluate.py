@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
+import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from reader.volume import SourceInstance, Volume, load_volume  # noqa: E402
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 FP_RATES = (0.5, 1.0, 2.0, 4.0)
+MIN_SCORES = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998)  # the operating points tabulated per report
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,52 @@ def evaluate_synthetic(package: ModelPackage, folder: Path, limit: int | None) -
         }
     report["fp_per_scan_at_operating_point"] = fp_total / max(1, scans)
     report["groups"] = table
+    report["min_scores"] = operating_points(detections, groups[">=8"], scans)
     return report
+
+
+def operating_points(
+    detections: list[Detection], lesion_ids: list[tuple[str, int]], scans: int
+) -> dict[str, dict[str, float]]:
+    """FP/scan and sensitivity of ``lesion_ids`` if the package's ``min_score`` were each of MIN_SCORES
+    (only those at or above the one it ran with are meaningful: lower scores were never reported)."""
+    wanted = set(lesion_ids)
+    out: dict[str, dict[str, float]] = {}
+    for floor in MIN_SCORES:
+        kept = [d for d in detections if d.score >= floor]
+        hits = {(d.case, k) for d in kept for k in d.lesions} & wanted
+        out[f"{floor:g}"] = {
+            "fp_per_scan": sum(d.false_positive for d in kept) / max(1, scans),
+            "sensitivity": len(hits) / max(1, len(wanted)),
+        }
+    return out
+
+
+def with_settings(
+    package: Path, scratch: Path, *, spacing: str | None, flips: str | None, min_score: float | None
+) -> Path:
+    """A copy of ``package`` in ``scratch`` whose model.toml has the given ``target_spacing_mm``
+    ("Z,Y,X"), ``test_time_flips`` ("slice,row", "" for none) and ``min_score``; the package itself
+    is left as it is. This is how the settings compared in MODEL_CARD.md are reproduced."""
+    shutil.copytree(package, scratch, dirs_exist_ok=True)
+    lines = []
+    for original in (scratch / "model.toml").read_text().splitlines():
+        line = original
+        if spacing is not None and line.startswith("target_spacing_mm"):
+            line = f"target_spacing_mm = [{', '.join(str(float(v)) for v in spacing.split(','))}]"
+        elif flips is not None and line.startswith("test_time_flips"):
+            continue
+        elif min_score is not None and line.startswith("min_score"):
+            line = f"min_score = {min_score}"
+        lines.append(line)
+        if flips and line.startswith("blend"):
+            lines.append("test_time_flips = [" + ", ".join(f'"{a}"' for a in flips.split(",")) + "]")
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)
+    if min_score is not None and not re.search(r"^min_score = ", text, re.MULTILINE):
+        raise ValueError("the package's model.toml has no min_score line to override")
+    (scratch / "model.toml").write_text(text)
+    return scratch
 
 
 def evaluate_real(package: ModelPackage) -> dict[str, object]:
@@ -260,6 +310,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {group} | {row['lesions']} | {f['0.5']:.2f} | {f['1']:.2f} | {f['2']:.2f} | {f['4']:.2f} "
                 f"| {row['sensitivity_at_operating_point']:.2f} | {dice} |"
             )
+        lines += ["", "| min score | FP/scan | sens. >= 8 mm |", "| --- | --- | --- |"]
+        for floor, row in synthetic.get("min_scores", {}).items():
+            lines.append(f"| {floor} | {row['fp_per_scan']:.2f} | {row['sensitivity']:.2f} |")
     real = report.get("real")
     if isinstance(real, dict):
         lines += [
@@ -289,9 +342,29 @@ def main() -> None:
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--target-spacing-mm", default=None, help="run with this model grid, e.g. 4,2,2")
+    parser.add_argument("--test-time-flips", default=None, help='these flips, e.g. "slice" ("": none)')
+    parser.add_argument("--min-score", type=float, default=None, help="run with this min_score, e.g. 0.5")
     args = parser.parse_args()
-    package = ModelPackage.load(args.package, providers=("CPUExecutionProvider",))
-    report: dict[str, object] = {"package": str(args.package)}
+    folder: Path = args.package
+    scratch = tempfile.TemporaryDirectory()
+    if (args.target_spacing_mm, args.test_time_flips, args.min_score) != (None, None, None):
+        folder = with_settings(
+            folder,
+            Path(scratch.name) / "package",
+            spacing=args.target_spacing_mm,
+            flips=args.test_time_flips,
+            min_score=args.min_score,
+        )
+    package = ModelPackage.load(folder, providers=("CPUExecutionProvider",))
+    report: dict[str, object] = {
+        "package": str(args.package),
+        "settings": {
+            "target_spacing_mm": list(package.manifest.preprocessing.target_spacing_mm or ()),
+            "test_time_flips": list(package.manifest.preprocessing.test_time_flips),
+            "min_score": [label.min_score for label in package.manifest.labels],
+        },
+    }
     if not args.skip_real:
         report["real"] = evaluate_real(package)
     if not args.skip_synthetic:

@@ -48,7 +48,9 @@ DENSITIES: tuple[Density, ...] = ("solid", "part-solid", "ground-glass")
 LOCATIONS: tuple[Location, ...] = ("parenchymal", "juxtapleural", "perihilar")
 SIZE_BUCKETS_MM: tuple[tuple[float, float], ...] = ((4.0, 8.0), (8.0, 15.0), (15.0, 30.0), (30.0, 60.0))
 
-TARGET_SPACING_MM: Vec3 = (4.0, 2.0, 2.0)  # must equal model.toml [preprocessing] target_spacing_mm
+# The training grid. model.toml's target_spacing_mm is the grid the node runs the network on: equal
+# to this up to 1.2.0; finer in plane since 1.3.0 (zoomed inference, MODEL_CARD.md).
+TARGET_SPACING_MM: Vec3 = (4.0, 2.0, 2.0)
 CACHE_PATCH: tuple[int, int, int] = (20, 80, 80)  # stored patch; train.py crops (16, 64, 64)
 AIR_HU = -1000.0
 IGNORE = 255  # label value excluded from the loss and from FP counting
@@ -587,20 +589,22 @@ def place_lesions(
 # --- patches on the target grid ----------------------------------------------------------------
 
 
-def target_shape(shape: tuple[int, ...], spacing: Vec3) -> tuple[int, int, int]:
+def target_shape(
+    shape: tuple[int, ...], spacing: Vec3, grid: Vec3 = TARGET_SPACING_MM
+) -> tuple[int, int, int]:
     """Corner-aligned target grid, as reader.inference.preprocess.target_shape computes it."""
     out = [
         max(1, round((n - 1) * s / t) + 1) if n > 1 else n
-        for n, s, t in zip(shape, spacing, TARGET_SPACING_MM, strict=True)
+        for n, s, t in zip(shape, spacing, grid, strict=True)
     ]
     return (out[0], out[1], out[2])
 
 
 def sample_patch(
-    hu: F32, label: U8, spacing: Vec3, corner: tuple[int, int, int]
+    hu: F32, label: U8, spacing: Vec3, corner: tuple[int, int, int], grid: Vec3 = TARGET_SPACING_MM
 ) -> tuple[npt.NDArray[np.int16], U8]:
     """One CACHE_PATCH on the target grid (linear, corner-aligned) starting at target ``corner``."""
-    tshape = target_shape(hu.shape, spacing)
+    tshape = target_shape(hu.shape, spacing, grid)
     axes = []
     for c, p, n, t in zip(corner, CACHE_PATCH, hu.shape, tshape, strict=True):
         scale = (n - 1) / (t - 1) if t > 1 else 0.0
@@ -619,10 +623,14 @@ def sample_patch(
 
 
 def patch_corners(
-    host: Host, specs: list[LesionSpec], rng: np.random.Generator, random_count: int
+    host: Host,
+    specs: list[LesionSpec],
+    rng: np.random.Generator,
+    random_count: int,
+    grid: Vec3 = TARGET_SPACING_MM,
 ) -> Iterator[tuple[int, int, int]]:
     """Corners around each lesion (and the real tumour) plus random corners inside the lungs."""
-    tshape = target_shape(host.hu.shape, host.spacing_mm)
+    tshape = target_shape(host.hu.shape, host.spacing_mm, grid)
     centres = [np.array(s.centre_vox) for s in specs for _ in range(2)]
     tumour = np.argwhere(host.label == 1)
     if tumour.size and host.name.startswith("ct-"):
@@ -636,7 +644,7 @@ def patch_corners(
     for c in centres:
         corner = []
         for ci, n, s, t, p in zip(
-            c, host.hu.shape, host.spacing_mm, TARGET_SPACING_MM, CACHE_PATCH, strict=True
+            c, host.hu.shape, host.spacing_mm, grid, CACHE_PATCH, strict=True
         ):
             del n
             tc = ci * s / t + rng.uniform(-p * 0.3, p * 0.3)
@@ -648,28 +656,36 @@ def patch_corners(
 
 
 def save_patches(
-    out: Path, host: Host, specs: list[LesionSpec], rng: np.random.Generator, random_count: int
+    out: Path,
+    host: Host,
+    specs: list[LesionSpec],
+    rng: np.random.Generator,
+    random_count: int,
+    *,
+    grid: Vec3 = TARGET_SPACING_MM,
 ) -> int:
     """Write the patches of one host to ``out`` (npz: image int16 HU, label uint8)."""
     images, labels = [], []
-    for corner in patch_corners(host, specs, rng, random_count):
-        image, label = sample_patch(host.hu, host.label, host.spacing_mm, corner)
+    for corner in patch_corners(host, specs, rng, random_count, grid):
+        image, label = sample_patch(host.hu, host.label, host.spacing_mm, corner, grid)
         images.append(image)
         labels.append(label)
     np.savez(out, image=np.stack(images), label=np.stack(labels))
     return len(images)
 
 
-def body_corners(host: Host, rng: np.random.Generator, count: int) -> Iterator[tuple[int, int, int]]:
+def body_corners(
+    host: Host, rng: np.random.Generator, count: int, grid: Vec3 = TARGET_SPACING_MM
+) -> Iterator[tuple[int, int, int]]:
     """Corners of patches centred anywhere in the body (uniform over body voxels, not lung-biased)."""
-    tshape = target_shape(host.hu.shape, host.spacing_mm)
+    tshape = target_shape(host.hu.shape, host.spacing_mm, grid)
     body = np.stack([ndimage.binary_fill_holes(s) for s in host.hu[:, ::4, ::4] > -500])
     points = np.argwhere(body) * np.array([1, 4, 4])
     for _ in range(count):
         c = points[int(rng.integers(0, len(points)))]
         corner = [
             round(ci * s / t - p / 2)
-            for ci, s, t, p in zip(c, host.spacing_mm, TARGET_SPACING_MM, CACHE_PATCH, strict=True)
+            for ci, s, t, p in zip(c, host.spacing_mm, grid, CACHE_PATCH, strict=True)
         ]
         clipped = [
             min(max(cv, 0), max(0, tn - p)) for cv, tn, p in zip(corner, tshape, CACHE_PATCH, strict=True)
@@ -677,10 +693,12 @@ def body_corners(host: Host, rng: np.random.Generator, count: int) -> Iterator[t
         yield (clipped[0], clipped[1], clipped[2])
 
 
-def save_body_patches(folder: Path, host: Host, corners: Iterator[tuple[int, int, int]]) -> int:
+def save_body_patches(
+    folder: Path, host: Host, corners: Iterator[tuple[int, int, int]], grid: Vec3 = TARGET_SPACING_MM
+) -> int:
     """Write ``folder/body-<host>.npz``: patches at ``corners`` (see :func:`body_corners`); their count."""
     folder.mkdir(parents=True, exist_ok=True)
-    pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c) for c in corners]
+    pairs = [sample_patch(host.hu, host.label, host.spacing_mm, c, grid) for c in corners]
     np.savez(
         folder / f"body-{host.name}.npz",
         image=np.stack([p[0] for p in pairs]),
@@ -741,6 +759,7 @@ class TrainOptions:
     random_patches: int = 6
     body_patches: int = 0  # per host, into out/../body (0: none; 1.1.0 built them in a second pass)
     real_cache: Path | None = None
+    grid: Vec3 = TARGET_SPACING_MM  # the grid patches are cut on (--grid)
 
 
 def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
@@ -752,12 +771,15 @@ def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
     )
     image, _ = finish_phantom(host.hu, rng)
     host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
-    count = save_patches(options.out / f"{host.name}.npz", host, specs, rng, options.random_patches)
+    count = save_patches(
+        options.out / f"{host.name}.npz", host, specs, rng, options.random_patches, grid=options.grid
+    )
     if options.body_patches:
         save_body_patches(
             options.out.parent / "body",
             host,
-            body_corners(host, np.random.default_rng(seed + 77), options.body_patches),
+            body_corners(host, np.random.default_rng(seed + 77), options.body_patches, options.grid),
+            options.grid,
         )
     return f"{host.name} t={host.thickness_mm} lesions={len(specs)} patches={count}"
 
@@ -769,13 +791,16 @@ def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
     rng = np.random.default_rng(seed)
     host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
     name = f"{plan.real_series}-{k}"
-    count = save_patches(options.out / f"{name}.npz", host, specs, rng, options.random_patches)
+    count = save_patches(
+        options.out / f"{name}.npz", host, specs, rng, options.random_patches, grid=options.grid
+    )
     if options.body_patches:
         body = Host(name, host.hu, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
         save_body_patches(
             options.out.parent / "body",
             body,
-            body_corners(body, np.random.default_rng(seed + 77), options.body_patches),
+            body_corners(body, np.random.default_rng(seed + 77), options.body_patches, options.grid),
+            options.grid,
         )
     return f"{name} lesions={len(specs)} patches={count}"
 
@@ -877,7 +902,16 @@ def main() -> None:
     parser.add_argument(
         "--real-cache", type=Path, default=None, help="read/write the real hosts as npz in this folder"
     )
+    parser.add_argument(
+        "--grid",
+        default=",".join(f"{v:g}" for v in TARGET_SPACING_MM),
+        help="training patches are cut on this grid, mm (slice, row, column); e.g. 4,1.5,1.5",
+    )
     args = parser.parse_args()
+    grid_values = tuple(float(v) for v in args.grid.split(","))
+    if len(grid_values) != 3 or min(grid_values) <= 0:
+        parser.error("--grid takes three positive spacings in mm, e.g. 4,1.5,1.5")
+    grid: Vec3 = (grid_values[0], grid_values[1], grid_values[2])
     if args.phantoms > 8000 - 1000 or args.real_copies > 8000 - 5000:
         parser.error("training seeds would reach the held-out seeds (8000+, 9500+)")
     plan = replace(
@@ -887,7 +921,9 @@ def main() -> None:
         for name in REAL_SERIES:
             real_host(name, args.real_cache or args.out / "real")
     if args.split in ("train", "both"):
-        options = TrainOptions(args.out / "train", args.random_patches, args.body_patches, args.real_cache)
+        options = TrainOptions(
+            args.out / "train", args.random_patches, args.body_patches, args.real_cache, grid
+        )
         build_train(plan, options, args.workers)
     if args.split in ("test", "both"):
         build_test(args.out / "test", TEST)

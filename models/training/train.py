@@ -242,6 +242,16 @@ def loss_fn(
     return bce + dice
 
 
+def train_mode(model: nn.Module, *, frozen_norm: bool) -> None:
+    """``model.train()``; with ``frozen_norm`` the batch norms stay in eval mode, so their running
+    statistics (the folded ones of a from_onnx.py checkpoint) are used and kept, not batch ones."""
+    model.train()
+    if frozen_norm:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.eval()
+
+
 def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     """Train and save the checkpoint (state dict and the options it was trained with)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,6 +271,11 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     )
     parser.add_argument(
         "--stop-after", type=int, default=None, help="stop after this many steps (schedule unchanged)"
+    )
+    parser.add_argument(
+        "--frozen-norm",
+        action="store_true",
+        help="keep batch norm in eval mode (running statistics fixed): fine-tuning from_onnx.py checkpoints",
     )
     parser.add_argument(
         "--small-lesion-weight",
@@ -310,7 +325,7 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
         else:
             x, y = batch(cache, args.batch, rng, args.extra_fraction)
         x, y = x.to(device), y.to(device)
-        model.train()
+        train_mode(model, frozen_norm=args.frozen_norm)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_device is not None):
             logits = model(x)
         weights = lesion_weights(y, args.small_lesion_weight) if args.small_lesion_weight > 0 else None
