@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,25 +216,33 @@ def with_settings(
 ) -> Path:
     """A copy of ``package`` in ``scratch`` whose model.toml has the given ``target_spacing_mm``
     ("Z,Y,X"), ``test_time_flips`` ("slice,row", "" for none) and ``min_score``; the package itself
-    is left as it is. This is how the settings compared in MODEL_CARD.md are reproduced."""
+    is left as it is. This is how the settings compared in MODEL_CARD.md are reproduced. Raises
+    ValueError when model.toml has no line to put a setting in."""
     shutil.copytree(package, scratch, dirs_exist_ok=True)
+    wanted = {
+        "target_spacing_mm": spacing,
+        "blend": flips or None,  # test_time_flips go after the blend line
+        "min_score": None if min_score is None else str(min_score),
+    }
+    applied: set[str] = set()
     lines = []
     for original in (scratch / "model.toml").read_text().splitlines():
-        line = original
-        if spacing is not None and line.startswith("target_spacing_mm"):
-            line = f"target_spacing_mm = [{', '.join(str(float(v)) for v in spacing.split(','))}]"
-        elif flips is not None and line.startswith("test_time_flips"):
+        key = original.split("=", 1)[0].strip()
+        if flips is not None and key == "test_time_flips":
             continue
-        elif min_score is not None and line.startswith("min_score"):
+        line = original
+        if key == "target_spacing_mm" and spacing is not None:
+            line = f"target_spacing_mm = [{', '.join(str(float(v)) for v in spacing.split(','))}]"
+        elif key == "min_score" and min_score is not None:
             line = f"min_score = {min_score}"
         lines.append(line)
-        if flips and line.startswith("blend"):
+        if key == "blend" and flips:
             lines.append("test_time_flips = [" + ", ".join(f'"{a}"' for a in flips.split(",")) + "]")
-    text = "\n".join(lines) + "\n"
-    tomllib.loads(text)
-    if min_score is not None and not re.search(r"^min_score = ", text, re.MULTILINE):
-        raise ValueError("the package's model.toml has no min_score line to override")
-    (scratch / "model.toml").write_text(text)
+        applied.add(key)
+    missing = sorted(k for k, v in wanted.items() if v is not None and k not in applied)
+    if missing:
+        raise ValueError(f"the package's model.toml has no {', '.join(missing)} line to change")
+    (scratch / "model.toml").write_text("\n".join(lines) + "\n")
     return scratch
 
 
@@ -346,17 +352,17 @@ def main() -> None:
     parser.add_argument("--test-time-flips", default=None, help='these flips, e.g. "slice" ("": none)')
     parser.add_argument("--min-score", type=float, default=None, help="run with this min_score, e.g. 0.5")
     args = parser.parse_args()
-    folder: Path = args.package
-    scratch = tempfile.TemporaryDirectory()
-    if (args.target_spacing_mm, args.test_time_flips, args.min_score) != (None, None, None):
-        folder = with_settings(
-            folder,
-            Path(scratch.name) / "package",
-            spacing=args.target_spacing_mm,
-            flips=args.test_time_flips,
-            min_score=args.min_score,
-        )
-    package = ModelPackage.load(folder, providers=("CPUExecutionProvider",))
+    with tempfile.TemporaryDirectory() as scratch:  # the session holds the graph once loaded
+        folder: Path = args.package
+        if (args.target_spacing_mm, args.test_time_flips, args.min_score) != (None, None, None):
+            folder = with_settings(
+                folder,
+                Path(scratch) / "package",
+                spacing=args.target_spacing_mm,
+                flips=args.test_time_flips,
+                min_score=args.min_score,
+            )
+        package = ModelPackage.load(folder, providers=("CPUExecutionProvider",))
     report: dict[str, object] = {
         "package": str(args.package),
         "settings": {

@@ -27,9 +27,10 @@ from train import UNet3D
 EPS = 1e-5  # torch.nn.BatchNorm3d's default, as in train.Block
 
 
-def folded_convolutions(graph: onnx.GraphProto) -> list[tuple[np.ndarray, np.ndarray]]:
+def folded_convolutions(
+    graph: onnx.GraphProto, initial: dict[str, np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(weight, bias) of every Conv node in graph order: the blocks' convolutions, then the head."""
-    initial = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     out = []
     for node in graph.node:
         if node.op_type == "Conv":
@@ -40,32 +41,35 @@ def folded_convolutions(graph: onnx.GraphProto) -> list[tuple[np.ndarray, np.nda
 
 
 def channels_of(convolutions: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, ...]:
-    """U-Net widths per level: the output channels of the encoder blocks' convolutions."""
-    levels = (len(convolutions) - 1 + 2) // 4  # 2 convs per encoder level, 2 per decoder level, + head
+    """U-Net widths per level: the output channels of the encoder blocks' convolutions.
+
+    L levels have 2 convolutions per encoder level, 2 per decoder level (L - 1) and the head: 4L - 1.
+    """
+    levels = (len(convolutions) + 1) // 4
     return tuple(int(convolutions[2 * i][0].shape[0]) for i in range(levels))
 
 
 def checkpoint(path: Path) -> dict[str, object]:
     """The train.py checkpoint (state, channels, step) equivalent to the graph at ``path``."""
     graph = onnx.load(str(path)).graph
-    convolutions = folded_convolutions(graph)
+    initial = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convolutions = folded_convolutions(graph, initial)
     channels = channels_of(convolutions)
     net = UNet3D(channels)
     state = net.state_dict()
     blocks = [f"down.{i}" for i in range(len(channels))] + [f"merge.{i}" for i in range(len(channels) - 1)]
     names = [(f"{b}.body.{c}", f"{b}.body.{c + 1}") for b in blocks for c in (0, 3)]
-    if len(names) + 1 != len(convolutions):
+    *body, (head_weight, head_bias) = convolutions
+    if len(names) != len(body):
         raise ValueError(f"{path}: {len(convolutions)} convolutions do not fit a U-Net of {channels}")
-    for (conv, norm), (weight, bias) in zip(names, convolutions, strict=False):
+    for (conv, norm), (weight, bias) in zip(names, body, strict=True):
         state[f"{conv}.weight"] = torch.from_numpy(weight.copy())
         state[f"{norm}.weight"] = torch.ones(bias.shape)
         state[f"{norm}.bias"] = torch.from_numpy(bias.copy())
         state[f"{norm}.running_mean"] = torch.zeros(bias.shape)
         state[f"{norm}.running_var"] = torch.full(bias.shape, 1.0 - EPS)
-    head_weight, head_bias = convolutions[-1]
     state["head.weight"] = torch.from_numpy(head_weight.copy())
     state["head.bias"] = torch.from_numpy(head_bias.copy())
-    initial = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for key in list(state):
         if key.startswith("up."):
             state[key] = torch.from_numpy(initial[f"net.{key}"].copy())
