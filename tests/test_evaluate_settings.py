@@ -44,6 +44,21 @@ def test_settings_copy_can_remove_flips(tmp_path: Path) -> None:
     assert [label.min_score for label in manifest.labels] == [label.min_score for label in shipped.labels]
 
 
+def test_settings_copy_sets_and_removes_edge_mirroring(tmp_path: Path) -> None:
+    """``--edge-mirror-voxels`` puts the asked mirroring into the copy, replacing any the package
+    ships, and an empty value runs without it (1.3.0's setting)."""
+    copy = evaluate.with_settings(
+        PACKAGE, tmp_path / "a", spacing=None, flips=None, min_score=None, mirror="8,0,0"
+    )
+    assert load_manifest(copy).preprocessing.edge_mirror_voxels == (8, 0, 0)
+    again = evaluate.with_settings(copy, tmp_path / "b", spacing=None, flips=None, min_score=None, mirror="")
+    assert load_manifest(again).preprocessing.edge_mirror_voxels == ()
+    assert (
+        load_manifest(again).preprocessing.test_time_flips
+        == load_manifest(PACKAGE).preprocessing.test_time_flips
+    )
+
+
 def test_operating_points_count_false_positives_and_hits_per_floor() -> None:
     """``operating_points`` gives, for each min score, the FP/scan and the sensitivity of the findings
     that would still be reported."""

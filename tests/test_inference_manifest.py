@@ -73,6 +73,7 @@ def test_valid_manifest_loads_typed(tmp_path: Path) -> None:
     assert pre.target_spacing_mm is None
     assert (pre.normalize, pre.blend, pre.overlap) == ("window", "gaussian", 0.25)
     assert pre.test_time_flips == ()
+    assert pre.edge_mirror_voxels == ()
     assert manifest.algorithm == AlgorithmIdentity(
         name="test-blobs",
         version="0.0.1",
@@ -104,10 +105,15 @@ def test_spec_example_loads(tmp_path: Path) -> None:
 
 def test_zscore_and_2d_options_load(tmp_path: Path) -> None:
     """zscore normalization reads mean/std; a 2-D model takes a (row, column) spacing, in-plane
-    test-time flips and no site."""
+    test-time flips, in-plane edge mirroring and no site."""
     data = manifest_dict(dimensions=2)
     data["preprocessing"].update(
-        normalize="zscore", mean=-500.0, std=500, target_spacing_mm=[0.5, 0.5], test_time_flips=["column"]
+        normalize="zscore",
+        mean=-500.0,
+        std=500,
+        target_spacing_mm=[0.5, 0.5],
+        test_time_flips=["column"],
+        edge_mirror_voxels=[0, 3],
     )
     del data["labels"][0]["site"]
     del data["model"]["onnx_fp16"]
@@ -116,6 +122,7 @@ def test_zscore_and_2d_options_load(tmp_path: Path) -> None:
     assert (pre.mean, pre.std) == (-500.0, 500.0)
     assert pre.target_spacing_mm == (None, 0.5, 0.5)
     assert pre.test_time_flips == ("column",)
+    assert pre.edge_mirror_voxels == (0, 3)
     assert manifest.labels[0].site is None
     assert manifest.model.onnx_fp16 is None
 
@@ -164,6 +171,9 @@ INVALID: list[tuple[str, Mutation]] = [
     ("preprocessing.test_time_flips", _set("preprocessing.test_time_flips", ["diagonal"])),
     ("preprocessing.test_time_flips", _set("preprocessing.test_time_flips", ["row", "row"])),
     ("preprocessing.test_time_flips[0]", _set("preprocessing.test_time_flips", [1])),
+    ("preprocessing.edge_mirror_voxels", _set("preprocessing.edge_mirror_voxels", [4, 0])),
+    ("preprocessing.edge_mirror_voxels[0]", _set("preprocessing.edge_mirror_voxels", [-1, 0, 0])),
+    ("preprocessing.edge_mirror_voxels[2]", _set("preprocessing.edge_mirror_voxels", [4, 0, 0.5])),
     ("output.tensor", _drop("output.tensor")),
     ("output.kind", _set("output.kind", "boxes")),
     ("output.kind", _set("output.kind", "heatmap")),

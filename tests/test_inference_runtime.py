@@ -16,7 +16,7 @@ from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
 from reader.inference import ModelPackage
 from reader.inference.postprocess import longest_diameter_mm
-from reader.inference.preprocess import patch_starts, resample, resample_above
+from reader.inference.preprocess import patch_starts, resample, resample_above, sliding_window
 from reader.volume import Volume
 from tests.onnx_fixtures import (
     label_dict,
@@ -176,6 +176,55 @@ def test_sliding_window_matches_one_big_patch(tmp_path: Path) -> None:
     for fa, fb in zip(a.findings, b.findings, strict=True):
         assert fa.score == pytest.approx(fb.score, abs=1e-5)
         assert (fa.voxel_count, fa.slice_indices) == (fb.voxel_count, fb.slice_indices)
+
+
+def test_sliding_window_mirrors_edges_and_crops_back() -> None:
+    """With ``mirror`` the network sees the image extended by its own mirror image beyond each edge
+    (a nodule on the first slice arrives with the slices below it mirrored above it, not beside
+    padding) and the blended output is cropped back onto the image's own voxels."""
+    image = np.random.default_rng(0).random((6, 8, 8), dtype=np.float32)
+    seen: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+
+    def predict(patch: np.ndarray[Any, np.dtype[np.float32]]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        seen.append(patch.copy())
+        return patch[np.newaxis]
+
+    out = sliding_window(
+        image,
+        patch=(8, 8, 8),
+        overlap=0.5,
+        blend="gaussian",
+        channels=1,
+        predict=predict,
+        fill=0.0,
+        mirror=(2, 0, 0),
+    )
+    assert np.allclose(out[0], image, atol=1e-6)
+    assert [p.shape for p in seen] == [(8, 8, 8), (8, 8, 8)]  # 6 + 2 + 2 slices: two patches, no fill
+    assert np.array_equal(seen[0][:3], image[[2, 1, 0]])
+    assert np.array_equal(seen[-1][-3:], image[[5, 4, 3]])
+    with pytest.raises(ValueError, match="mirror"):
+        sliding_window(
+            image,
+            patch=(8, 8, 8),
+            overlap=0.5,
+            blend="gaussian",
+            channels=1,
+            predict=predict,
+            fill=0.0,
+            mirror=(2, 0),
+        )
+
+
+def test_edge_mirror_keeps_findings_in_place(tmp_path: Path) -> None:
+    """A package with ``edge_mirror_voxels`` finds the same blobs, voxel for voxel, as one without:
+    the mirrored margins are cropped off before the findings are read."""
+    volume = make_volume(_blobs(), spacing_mm=SPACING)
+    plain = _package(tmp_path / "plain").run(volume)
+    mirrored = _package(tmp_path / "mirrored", preprocessing={"edge_mirror_voxels": [3, 2, 5]}).run(volume)
+    assert np.array_equal(plain.label_map, mirrored.label_map)
+    assert [f.voxel_count for f in plain.findings] == [f.voxel_count for f in mirrored.findings]
+    assert len(plain.findings) == 2
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "trainin
 
 import synth
 
-LARGEST_TRAINING = (8000 - 1000, 8000 - 5000)  # --phantoms, --real-copies the command line allows
+LARGEST_TRAINING = (2000, 1000)  # --phantoms, --real-copies the command line allows
 
 
 def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
@@ -23,10 +23,16 @@ def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
 
 
 def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
-    """Phantom seeds and real-copy seeds of train (at the largest size allowed), validation and test
-    never meet, so no held-out case is a training case and validation never sees a test case."""
+    """Phantom seeds and real-copy seeds of train (at the largest size allowed) and of the focus
+    cache, validation and test never meet, so no held-out case is a training case and validation
+    never sees a test case."""
     train_phantoms = set(range(1000, 1000 + LARGEST_TRAINING[0]))
     train_real = _real_seeds(synth.TRAIN, LARGEST_TRAINING[1])
+    focus_phantoms = set(synth.FOCUS.phantom_seeds)
+    focus_real = _real_seeds(synth.FOCUS, synth.FOCUS.real_instances)
+    assert not focus_phantoms & train_phantoms and not focus_real & train_real
+    train_phantoms |= focus_phantoms
+    train_real |= focus_real
     held_out = {
         plan.name: (set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances))
         for plan in (synth.VALIDATION, synth.TEST)

@@ -212,23 +212,32 @@ def operating_points(
 
 
 def with_settings(
-    package: Path, scratch: Path, *, spacing: str | None, flips: str | None, min_score: float | None
+    package: Path,
+    scratch: Path,
+    *,
+    spacing: str | None,
+    flips: str | None,
+    min_score: float | None,
+    mirror: str | None = None,
 ) -> Path:
     """A copy of ``package`` in ``scratch`` whose model.toml has the given ``target_spacing_mm``
-    ("Z,Y,X"), ``test_time_flips`` ("slice,row", "" for none) and ``min_score``; the package itself
-    is left as it is. This is how the settings compared in MODEL_CARD.md are reproduced. Raises
-    ValueError when model.toml has no line to put a setting in."""
+    ("Z,Y,X"), ``test_time_flips`` ("slice,row", "" for none), ``min_score`` and
+    ``edge_mirror_voxels`` ("Z,Y,X", "" for none); the package itself is left as it is. This is how
+    the settings compared in MODEL_CARD.md are reproduced. Raises ValueError when model.toml has no
+    line to put a setting in."""
     shutil.copytree(package, scratch, dirs_exist_ok=True)
     wanted = {
         "target_spacing_mm": spacing,
-        "blend": flips or None,  # test_time_flips go after the blend line
+        "blend": flips or mirror or None,  # test_time_flips and edge_mirror_voxels go after blend
         "min_score": None if min_score is None else str(min_score),
     }
     applied: set[str] = set()
     lines = []
     for original in (scratch / "model.toml").read_text().splitlines():
         key = original.split("=", 1)[0].strip()
-        if flips is not None and key == "test_time_flips":
+        if (flips is not None and key == "test_time_flips") or (
+            mirror is not None and key == "edge_mirror_voxels"
+        ):
             continue
         line = original
         if key == "target_spacing_mm" and spacing is not None:
@@ -238,6 +247,8 @@ def with_settings(
         lines.append(line)
         if key == "blend" and flips:
             lines.append("test_time_flips = [" + ", ".join(f'"{a}"' for a in flips.split(",")) + "]")
+        if key == "blend" and mirror:
+            lines.append(f"edge_mirror_voxels = [{', '.join(str(int(v)) for v in mirror.split(','))}]")
         applied.add(key)
     missing = sorted(k for k, v in wanted.items() if v is not None and k not in applied)
     if missing:
@@ -351,16 +362,21 @@ def main() -> None:
     parser.add_argument("--target-spacing-mm", default=None, help="run with this model grid, e.g. 4,2,2")
     parser.add_argument("--test-time-flips", default=None, help='these flips, e.g. "slice" ("": none)')
     parser.add_argument("--min-score", type=float, default=None, help="run with this min_score, e.g. 0.5")
+    parser.add_argument(
+        "--edge-mirror-voxels", default=None, help='run with this edge mirroring, e.g. 4,0,0 ("": none)'
+    )
     args = parser.parse_args()
+    overrides = (args.target_spacing_mm, args.test_time_flips, args.min_score, args.edge_mirror_voxels)
     with tempfile.TemporaryDirectory() as scratch:  # the session holds the graph once loaded
         folder: Path = args.package
-        if (args.target_spacing_mm, args.test_time_flips, args.min_score) != (None, None, None):
+        if overrides != (None, None, None, None):
             folder = with_settings(
                 folder,
                 Path(scratch) / "package",
                 spacing=args.target_spacing_mm,
                 flips=args.test_time_flips,
                 min_score=args.min_score,
+                mirror=args.edge_mirror_voxels,
             )
         package = ModelPackage.load(folder, providers=("CPUExecutionProvider",))
     report: dict[str, object] = {
@@ -368,6 +384,7 @@ def main() -> None:
         "settings": {
             "target_spacing_mm": list(package.manifest.preprocessing.target_spacing_mm or ()),
             "test_time_flips": list(package.manifest.preprocessing.test_time_flips),
+            "edge_mirror_voxels": list(package.manifest.preprocessing.edge_mirror_voxels),
             "min_score": [label.min_score for label in package.manifest.labels],
         },
     }

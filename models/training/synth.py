@@ -512,8 +512,31 @@ def insert_lesion(
     lab[(body >= 0.5) & (lab != IGNORE)] = 1
 
 
+@dataclass(frozen=True)
+class LesionMix:
+    """How :func:`place_lesions` draws each lesion's size bucket and location.
+
+    ``bucket_p`` None draws the four SIZE_BUCKETS_MM uniformly, with 1.1.0's draw (the default
+    splits, held-out sets included, keep their exact lesions); ``location_p`` is over LOCATIONS.
+    """
+
+    bucket_p: tuple[float, float, float, float] | None = None
+    location_p: tuple[float, float, float] = (0.5, 0.3, 0.2)
+
+    def size_bucket(self, rng: np.random.Generator) -> tuple[float, float]:
+        """One size bucket (lo, hi) in mm."""
+        if self.bucket_p is None:
+            return SIZE_BUCKETS_MM[int(rng.integers(0, len(SIZE_BUCKETS_MM)))]
+        return SIZE_BUCKETS_MM[int(rng.choice(len(SIZE_BUCKETS_MM), p=self.bucket_p))]
+
+
+DEFAULT_MIX = LesionMix()
+# The focus cache (--focus): 8-15 mm lesions on the pleura and the hilum, the 1.3.0 misses.
+SMALL_ATTACHED = LesionMix(bucket_p=(0.1, 0.6, 0.2, 0.1), location_p=(0.2, 0.55, 0.25))
+
+
 def place_lesions(
-    host: Host, rng: np.random.Generator, count: int, seed: int
+    host: Host, rng: np.random.Generator, count: int, seed: int, mix: LesionMix = DEFAULT_MIX
 ) -> tuple[Host, list[LesionSpec]]:
     """Insert ``count`` random lesions; returns the new host (image and label copied) and the specs."""
     hu = host.hu.copy()
@@ -527,10 +550,10 @@ def place_lesions(
     centre_x = float(mid_x.mean()) if mid_x.size else nx / 2
     specs: list[LesionSpec] = []
     for k in range(count):
-        lo, hi = SIZE_BUCKETS_MM[int(rng.integers(0, len(SIZE_BUCKETS_MM)))]
+        lo, hi = mix.size_bucket(rng)
         diameter = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         radius = diameter / 2
-        location: Location = LOCATIONS[int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
+        location: Location = LOCATIONS[int(rng.choice(3, p=mix.location_p))]
         if location == "parenchymal":
             cand = dist >= radius + 2
         elif location == "juxtapleural":
@@ -749,6 +772,9 @@ TEST = SplitPlan("test", tuple(range(9000, 9024)), REAL_SERIES[1], 8, (1, 4), 95
 # Validation: where settings and checkpoints are chosen, so that TEST stays untouched until the
 # one final measurement. Same kind of hosts as TEST (phantoms, standard-kernel copies), other seeds.
 VALIDATION = SplitPlan("val", tuple(range(8000, 8024)), REAL_SERIES[1], 8, (1, 4), 9700)
+# The focus cache (--focus small-attached): more training hosts, clear of TRAIN's seeds at any
+# --phantoms up to 2000 and of the held-out ones, drawing SMALL_ATTACHED lesions.
+FOCUS = SplitPlan("focus", tuple(range(3000, 3100)), REAL_SERIES[0], 16, (2, 5), 6000)
 
 
 @dataclass(frozen=True)
@@ -760,6 +786,7 @@ class TrainOptions:
     body_patches: int = 0  # per host, into out/../body (0: none; 1.1.0 built them in a second pass)
     real_cache: Path | None = None
     grid: Vec3 = TARGET_SPACING_MM  # the grid patches are cut on (--grid)
+    mix: LesionMix = DEFAULT_MIX  # how lesions are drawn (--focus)
 
 
 def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
@@ -767,7 +794,11 @@ def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
     rng = np.random.default_rng(seed)
     host = phantom_host(seed, rng, matrix_pixel_mm=(0.9, 1.4))
     host, specs = place_lesions(
-        host, rng, int(rng.integers(plan.lesions_per_volume[0], plan.lesions_per_volume[1] + 1)), seed
+        host,
+        rng,
+        int(rng.integers(plan.lesions_per_volume[0], plan.lesions_per_volume[1] + 1)),
+        seed,
+        options.mix,
     )
     image, _ = finish_phantom(host.hu, rng)
     host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
@@ -789,7 +820,7 @@ def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
     base = real_host(plan.real_series, options.real_cache)
     seed = plan.real_seed + k
     rng = np.random.default_rng(seed)
-    host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed)
+    host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed, options.mix)
     name = f"{plan.real_series}-{k}"
     count = save_patches(
         options.out / f"{name}.npz", host, specs, rng, options.random_patches, grid=options.grid
@@ -907,22 +938,31 @@ def main() -> None:
         default=",".join(f"{v:g}" for v in TARGET_SPACING_MM),
         help="training patches are cut on this grid, mm (slice, row, column); e.g. 4,1.5,1.5",
     )
+    parser.add_argument(
+        "--focus",
+        choices=["none", "small-attached"],
+        default="none",
+        help="small-attached: the focus cache (FOCUS hosts, SMALL_ATTACHED lesions) for --split train",
+    )
     args = parser.parse_args()
     grid_values = tuple(float(v) for v in args.grid.split(","))
     if len(grid_values) != 3 or min(grid_values) <= 0:
         parser.error("--grid takes three positive spacings in mm, e.g. 4,1.5,1.5")
     grid: Vec3 = (grid_values[0], grid_values[1], grid_values[2])
-    if args.phantoms > 8000 - 1000 or args.real_copies > 8000 - 5000:
-        parser.error("training seeds would reach the held-out seeds (8000+, 9500+)")
+    if args.phantoms > 2000 or args.real_copies > 1000:
+        parser.error("training seeds would reach the focus or held-out seeds (3000+, 6000+, 8000+, 9500+)")
     plan = replace(
         TRAIN, phantom_seeds=tuple(range(1000, 1000 + args.phantoms)), real_instances=args.real_copies
     )
+    mix = DEFAULT_MIX
+    if args.focus == "small-attached":
+        plan, mix = FOCUS, SMALL_ATTACHED
     if args.split == "real":  # the real hosts as npz, for a machine without the shared data
         for name in REAL_SERIES:
             real_host(name, args.real_cache or args.out / "real")
     if args.split in ("train", "both"):
         options = TrainOptions(
-            args.out / "train", args.random_patches, args.body_patches, args.real_cache, grid
+            args.out / "train", args.random_patches, args.body_patches, args.real_cache, grid, mix
         )
         build_train(plan, options, args.workers)
     if args.split in ("test", "both"):

@@ -114,6 +114,11 @@ class Draw:
     flips: tuple[int, ...]
     scale: float
     shift: float
+    air: tuple[int, int] = (0, 0)  # slices replaced by air (label 0) at the start, at the end
+
+
+EDGE_AIR_CHANCE = 0.2  # --edge-crops: share of crops that end in an air slab, as a scan edge padded
+EDGE_AIR_SLICES = (1, 6)  # ... of this many slices (inclusive), at one end
 
 
 def draw(
@@ -121,11 +126,18 @@ def draw(
     rng: np.random.Generator,
     extra_fraction: float,
     lesion_points: Callable[[int], npt.NDArray[np.int_]],
+    edges: bool = False,
 ) -> Draw:
     """Draw one patch: about 2/3 holding a lesion (``extra_fraction`` of them from the second and
     later cache folders), a crop keeping lesion voxels in view 80 % of the time (a voxel from
     ``lesion_points(index)``), flips and +-4 % / +-25 HU intensity jitter. The draws' order is
-    that of 1.1.0's CPU training, so a CPU run stays reproducible."""
+    that of 1.1.0's CPU training, so a CPU run stays reproducible.
+
+    ``edges`` (``--edge-crops``) teaches the first and last slices of a scan: the lesion voxel may
+    fall on any slice of the crop, its first or last included (otherwise at least 1/6 of the crop
+    away from either end), and EDGE_AIR_CHANCE of the crops end in an air slab, as the node pads a
+    scan shorter than its window. Without it the network never saw a lesion at the edge of its
+    input and missed nodules cut by the first or last slice (MODEL_CARD.md, fifth session)."""
     positives = np.flatnonzero(cache.has_lesion)
     extra = np.flatnonzero(cache.source > 0)
     if extra_fraction > 0 and extra.size and rng.random() < extra_fraction:
@@ -139,30 +151,43 @@ def draw(
     if cache.has_lesion[k] and rng.random() < 0.8:  # crop that keeps lesion voxels in view
         pts = lesion_points(k)
         centre = pts[int(rng.integers(0, len(pts)))]
+        # where in the crop the lesion voxel lands: any slice with --edge-crops, else 1/6 in
+        spans = [
+            (0, p) if edges and axis == 0 else (p // 6, p - p // 6) for axis, p in enumerate(TRAIN_PATCH)
+        ]
         starts = [
-            int(np.clip(c - int(rng.integers(p // 6, p - p // 6)), 0, n - p))
-            for c, p, n in zip(centre, TRAIN_PATCH, shape, strict=True)
+            int(np.clip(c - int(rng.integers(*span)), 0, n - p))
+            for c, p, n, span in zip(centre, TRAIN_PATCH, shape, spans, strict=True)
         ]
     else:
         starts = [int(rng.integers(0, n - p + 1)) for p, n in zip(TRAIN_PATCH, shape, strict=True)]
     region = tuple(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True))
     flips = tuple(axis for axis, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance)
-    return Draw(k, region, flips, float(rng.uniform(0.96, 1.04)), float(rng.uniform(-25, 25)))
+    scale, shift = float(rng.uniform(0.96, 1.04)), float(rng.uniform(-25, 25))
+    air = (0, 0)
+    if edges and rng.random() < EDGE_AIR_CHANCE:
+        slices = int(rng.integers(EDGE_AIR_SLICES[0], EDGE_AIR_SLICES[1] + 1))
+        air = (slices, 0) if rng.random() < 0.5 else (0, slices)
+    return Draw(k, region, flips, scale, shift, air)
 
 
 def batch(
-    cache: Cache, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
+    cache: Cache, size: int, rng: np.random.Generator, extra_fraction: float = 0.0, edges: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch of :func:`draw` patches, cut on the CPU."""
     xs, ys = [], []
     for _ in range(size):
-        d = draw(cache, rng, extra_fraction, lambda k: np.argwhere(cache.labels[k] == 1))
+        d = draw(cache, rng, extra_fraction, lambda k: np.argwhere(cache.labels[k] == 1), edges)
         x = cache.images[d.index][d.region].astype(np.float32)
         y = cache.labels[d.index][d.region]
         if d.flips:
             x, y = np.flip(x, d.flips), np.flip(y, d.flips)
         x = x * d.scale + d.shift
         x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
+        if d.air != (0, 0):
+            x, y = x.copy(), y.copy()
+            air = slice(0, d.air[0]) if d.air[0] else slice(len(x) - d.air[1], None)
+            x[air], y[air] = 0.0, 0
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
@@ -186,18 +211,23 @@ class DeviceBatcher:
         }
 
     def __call__(
-        self, size: int, rng: np.random.Generator, extra_fraction: float = 0.0
+        self, size: int, rng: np.random.Generator, extra_fraction: float = 0.0, edges: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch (x float32 window-normalized, y uint8 labels) on the device."""
         xs, ys = [], []
         for _ in range(size):
-            d = draw(self.cache, rng, extra_fraction, self.points.__getitem__)
+            d = draw(self.cache, rng, extra_fraction, self.points.__getitem__, edges)
             x = self.images[(d.index, *d.region)].float()
             y = self.labels[(d.index, *d.region)]
             if d.flips:
                 x, y = torch.flip(x, d.flips), torch.flip(y, d.flips)
             x = x * d.scale + d.shift
-            xs.append(((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0))
+            x = ((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0)
+            if d.air != (0, 0):
+                y = y.clone()
+                air = slice(0, d.air[0]) if d.air[0] else slice(len(x) - d.air[1], None)
+                x[air], y[air] = 0.0, 0
+            xs.append(x)
             ys.append(y)
         return torch.stack(xs)[:, None], torch.stack(ys)[:, None]
 
@@ -226,9 +256,7 @@ def lesion_weights(labels: torch.Tensor, most: float) -> torch.Tensor:
     return torch.from_numpy(out).to(labels.device)
 
 
-def loss_fn(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy plus batch soft Dice, both over the voxels that are not ignored.
 
     ``weights`` (from :func:`lesion_weights`) scales each voxel's cross-entropy.
@@ -283,6 +311,11 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
         default=0.0,
         help="lift small lesions in the cross-entropy, at most this factor (0: off; see lesion_weights)",
     )
+    parser.add_argument(
+        "--edge-crops",
+        action="store_true",
+        help="lesions on the first and last slices of crops, and air slabs: the edges of a scan (see draw)",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -321,9 +354,9 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     step = 0
     for step in range(args.iterations):
         if on_device is not None:
-            x, y = on_device(args.batch, rng, args.extra_fraction)
+            x, y = on_device(args.batch, rng, args.extra_fraction, args.edge_crops)
         else:
-            x, y = batch(cache, args.batch, rng, args.extra_fraction)
+            x, y = batch(cache, args.batch, rng, args.extra_fraction, args.edge_crops)
         x, y = x.to(device), y.to(device)
         train_mode(model, frozen_norm=args.frozen_norm)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_device is not None):

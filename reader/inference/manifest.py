@@ -81,6 +81,10 @@ class Preprocessing:
     # Test-time augmentation: the model also runs on the image mirrored along each of these axes
     # and the probabilities are averaged (one pass more per axis). Empty: one plain pass.
     test_time_flips: tuple[FlipAxis, ...] = ()
+    # Voxels of the model grid (one per patch axis) by which the image is extended beyond each edge
+    # with its own mirror image before the sliding window, and cropped after: a lesion cut by the
+    # first or last slice is then seen whole, not at the edge of the network's input. Empty: none.
+    edge_mirror_voxels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
         "overlap",
         "blend",
         "test_time_flips",
+        "edge_mirror_voxels",
     }
     _only_keys(t, p, allowed)
     normalize = _choice(t, "normalize", p, ("window", "zscore"))
@@ -247,7 +252,23 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
         overlap=overlap,
         blend=cast(Blend, _choice(t, "blend", p, ("gaussian", "constant"))),
         test_time_flips=_test_time_flips(t, dims),
+        edge_mirror_voxels=_edge_mirror_voxels(t, dims),
     )
+
+
+def _edge_mirror_voxels(t: Mapping[str, object], dims: int) -> tuple[int, ...]:
+    """``edge_mirror_voxels``: one non-negative count per patch axis (absent: no mirroring)."""
+    key = "preprocessing.edge_mirror_voxels"
+    if "edge_mirror_voxels" not in t:
+        return ()
+    values = _list(t, "edge_mirror_voxels", "preprocessing.")
+    if len(values) != dims:
+        raise ManifestError(key, f"needs {dims} values for a {dims}-D model, got {len(values)}")
+    counts = tuple(_int_value(v, f"{key}[{i}]") for i, v in enumerate(values))
+    for i, count in enumerate(counts):
+        if count < 0:
+            raise ManifestError(f"{key}[{i}]", f"must be >= 0, got {count}")
+    return counts
 
 
 def _test_time_flips(t: Mapping[str, object], dims: int) -> tuple[FlipAxis, ...]:
