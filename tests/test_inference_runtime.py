@@ -189,22 +189,8 @@ def test_sliding_window_mirrors_edges_and_crops_back() -> None:
         seen.append(patch.copy())
         return patch[np.newaxis]
 
-    out = sliding_window(
-        image,
-        patch=(8, 8, 8),
-        overlap=0.5,
-        blend="gaussian",
-        channels=1,
-        predict=predict,
-        fill=0.0,
-        mirror=(2, 0, 0),
-    )
-    assert np.allclose(out[0], image, atol=1e-6)
-    assert [p.shape for p in seen] == [(8, 8, 8), (8, 8, 8)]  # 6 + 2 + 2 slices: two patches, no fill
-    assert np.array_equal(seen[0][:3], image[[2, 1, 0]])
-    assert np.array_equal(seen[-1][-3:], image[[5, 4, 3]])
-    with pytest.raises(ValueError, match="mirror"):
-        sliding_window(
+    def run(mirror: tuple[int, ...]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return sliding_window(
             image,
             patch=(8, 8, 8),
             overlap=0.5,
@@ -212,8 +198,16 @@ def test_sliding_window_mirrors_edges_and_crops_back() -> None:
             channels=1,
             predict=predict,
             fill=0.0,
-            mirror=(2, 0),
+            mirror=mirror,
         )
+
+    out = run((2, 0, 0))
+    assert np.allclose(out[0], image, atol=1e-6)
+    assert [p.shape for p in seen] == [(8, 8, 8), (8, 8, 8)]  # 6 + 2 + 2 slices: two patches, no fill
+    assert np.array_equal(seen[0][:3], image[[2, 1, 0]])
+    assert np.array_equal(seen[-1][-3:], image[[5, 4, 3]])
+    with pytest.raises(ValueError, match="mirror"):
+        run((2, 0))
 
 
 def test_edge_mirror_keeps_findings_in_place(tmp_path: Path) -> None:
