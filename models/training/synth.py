@@ -765,6 +765,7 @@ class SplitPlan:
     real_instances: int
     lesions_per_volume: tuple[int, int]  # inclusive range
     real_seed: int  # copy k of the real series draws its lesions from seed real_seed + k
+    mix: LesionMix = DEFAULT_MIX  # how its lesions are drawn
 
 
 TRAIN = SplitPlan("train", tuple(range(1000, 1080)), REAL_SERIES[0], 24, (1, 4), 5000)
@@ -774,7 +775,7 @@ TEST = SplitPlan("test", tuple(range(9000, 9024)), REAL_SERIES[1], 8, (1, 4), 95
 VALIDATION = SplitPlan("val", tuple(range(8000, 8024)), REAL_SERIES[1], 8, (1, 4), 9700)
 # The focus cache (--focus small-attached): more training hosts, clear of TRAIN's seeds at any
 # --phantoms up to 2000 and of the held-out ones, drawing SMALL_ATTACHED lesions.
-FOCUS = SplitPlan("focus", tuple(range(3000, 3100)), REAL_SERIES[0], 16, (2, 5), 6000)
+FOCUS = SplitPlan("focus", tuple(range(3000, 3100)), REAL_SERIES[0], 16, (2, 5), 6000, SMALL_ATTACHED)
 
 
 @dataclass(frozen=True)
@@ -786,7 +787,6 @@ class TrainOptions:
     body_patches: int = 0  # per host, into out/../body (0: none; 1.1.0 built them in a second pass)
     real_cache: Path | None = None
     grid: Vec3 = TARGET_SPACING_MM  # the grid patches are cut on (--grid)
-    mix: LesionMix = DEFAULT_MIX  # how lesions are drawn (--focus)
 
 
 def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
@@ -798,7 +798,7 @@ def _train_phantom(seed: int, plan: SplitPlan, options: TrainOptions) -> str:
         rng,
         int(rng.integers(plan.lesions_per_volume[0], plan.lesions_per_volume[1] + 1)),
         seed,
-        options.mix,
+        plan.mix,
     )
     image, _ = finish_phantom(host.hu, rng)
     host = Host(host.name, image, host.spacing_mm, host.thickness_mm, host.lung, host.label, 0.0)
@@ -820,7 +820,7 @@ def _train_real(k: int, plan: SplitPlan, options: TrainOptions) -> str:
     base = real_host(plan.real_series, options.real_cache)
     seed = plan.real_seed + k
     rng = np.random.default_rng(seed)
-    host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed, options.mix)
+    host, specs = place_lesions(base, rng, int(rng.integers(2, 5)), seed, plan.mix)
     name = f"{plan.real_series}-{k}"
     count = save_patches(
         options.out / f"{name}.npz", host, specs, rng, options.random_patches, grid=options.grid
@@ -954,15 +954,14 @@ def main() -> None:
     plan = replace(
         TRAIN, phantom_seeds=tuple(range(1000, 1000 + args.phantoms)), real_instances=args.real_copies
     )
-    mix = DEFAULT_MIX
     if args.focus == "small-attached":
-        plan, mix = FOCUS, SMALL_ATTACHED
+        plan = FOCUS
     if args.split == "real":  # the real hosts as npz, for a machine without the shared data
         for name in REAL_SERIES:
             real_host(name, args.real_cache or args.out / "real")
     if args.split in ("train", "both"):
         options = TrainOptions(
-            args.out / "train", args.random_patches, args.body_patches, args.real_cache, grid, mix
+            args.out / "train", args.random_patches, args.body_patches, args.real_cache, grid
         )
         build_train(plan, options, args.workers)
     if args.split in ("test", "both"):

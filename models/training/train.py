@@ -116,6 +116,12 @@ class Draw:
     shift: float
     air: tuple[int, int] = (0, 0)  # slices replaced by air (label 0) at the start, at the end
 
+    def air_slices(self, depth: int) -> slice | None:
+        """The crop's slices that become air (of ``depth``), or None."""
+        if self.air[0]:
+            return slice(0, self.air[0])
+        return slice(depth - self.air[1], None) if self.air[1] else None
+
 
 EDGE_AIR_CHANCE = 0.2  # --edge-crops: share of crops that end in an air slab, as a scan edge padded
 EDGE_AIR_SLICES = (1, 6)  # ... of this many slices (inclusive), at one end
@@ -184,9 +190,9 @@ def batch(
             x, y = np.flip(x, d.flips), np.flip(y, d.flips)
         x = x * d.scale + d.shift
         x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
-        if d.air != (0, 0):
+        air = d.air_slices(len(x))
+        if air is not None:
             x, y = x.copy(), y.copy()
-            air = slice(0, d.air[0]) if d.air[0] else slice(len(x) - d.air[1], None)
             x[air], y[air] = 0.0, 0
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
@@ -223,9 +229,9 @@ class DeviceBatcher:
                 x, y = torch.flip(x, d.flips), torch.flip(y, d.flips)
             x = x * d.scale + d.shift
             x = ((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0)
-            if d.air != (0, 0):
+            air = d.air_slices(len(x))
+            if air is not None:
                 y = y.clone()
-                air = slice(0, d.air[0]) if d.air[0] else slice(len(x) - d.air[1], None)
                 x[air], y[air] = 0.0, 0
             xs.append(x)
             ys.append(y)

@@ -248,12 +248,12 @@ def sliding_window(
     channels: int,
     predict: Predictor,
     fill: float | None,
-    mirror: tuple[int, ...] | None = None,
+    mirror: tuple[int, ...] = (),
 ) -> Array:
     """Blend ``predict`` over overlapping patches of ``image``; returns ``(channels, *image.shape)``.
 
-    ``mirror`` (voxels per axis) first extends the image beyond each edge by its own mirror image
-    (``numpy.pad`` mode "reflect"), so that a structure cut by the edge of the scan, such as a
+    ``mirror`` (voxels per axis; empty: none) first extends the image beyond each edge by its own
+    mirror image (``numpy.pad`` mode "reflect"), so that a structure cut by the edge of the scan, such as a
     nodule on the first or last slices, reaches the network with context on both sides instead of
     at the edge of its input. An image still smaller than a patch along an axis is then padded
     (centred, with ``fill``, or its minimum when ``fill`` is None). The result is cropped back to
@@ -261,20 +261,20 @@ def sliding_window(
     """
     if image.ndim != len(patch):
         raise ValueError(f"image has {image.ndim} axes, patch {len(patch)}")
-    if mirror is not None and (len(mirror) != image.ndim or min(mirror) < 0):
+    if mirror and (len(mirror) != image.ndim or min(mirror) < 0):
         raise ValueError(f"mirror needs {image.ndim} non-negative widths, got {mirror}")
     shape = image.shape
-    margins = [(m, m) for m in mirror] if mirror is not None else [(0, 0)] * image.ndim
-    if any(m for m, _ in margins):
-        image = np.pad(image, margins, mode="reflect")
-    pads = [
+    margins = mirror or (0,) * image.ndim
+    if any(margins):
+        image = np.pad(image, [(m, m) for m in margins], mode="reflect")
+    fills = [
         (max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
         for s, p in zip(image.shape, patch, strict=True)
     ]
-    if any(before or after for before, after in pads):
+    if any(before or after for before, after in fills):
         value = float(image.min()) if fill is None else fill
-        image = np.pad(image, pads, mode="constant", constant_values=value)
-    pads = [(m + before, m + after) for (m, _), (before, after) in zip(margins, pads, strict=True)]
+        image = np.pad(image, fills, mode="constant", constant_values=value)
+    pads = [(m + before, m + after) for m, (before, after) in zip(margins, fills, strict=True)]
     padded = any(before or after for before, after in pads)
     weights = gaussian_weights(patch) if blend == "gaussian" else np.ones(patch, dtype=np.float32)
     total = np.zeros((channels, *image.shape), dtype=np.float32)

@@ -206,7 +206,6 @@ class ModelPackage:
         pre = self._manifest.preprocessing
         channels = len(self._manifest.labels)
         fill = preprocess.pad_value(pre)
-        mirror = pre.edge_mirror_voxels or None
         if self._manifest.input.dimensions == 3:
             return preprocess.sliding_window(
                 image,
@@ -216,7 +215,7 @@ class ModelPackage:
                 channels=channels,
                 predict=predict,
                 fill=fill,
-                mirror=mirror,
+                mirror=pre.edge_mirror_voxels,
             )
         out = np.empty((channels, *image.shape), dtype=np.float32)
         for index in range(image.shape[0]):
@@ -228,7 +227,7 @@ class ModelPackage:
                 channels=channels,
                 predict=predict,
                 fill=fill,
-                mirror=mirror,
+                mirror=pre.edge_mirror_voxels,
             )
         return out
 
