@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -115,16 +116,41 @@ class Draw:
     scale: float
     shift: float
     air: tuple[int, int] = (0, 0)  # slices replaced by air (label 0) at the start, at the end
+    mirror: bool = False  # ... or by the mirror image of the slices next to them (EdgeCrops.slab)
 
     def air_slices(self, depth: int) -> slice | None:
-        """The crop's slices that become air (of ``depth``), or None."""
+        """The crop's slices that become air or a mirror image (of ``depth``), or None."""
         if self.air[0]:
             return slice(0, self.air[0])
         return slice(depth - self.air[1], None) if self.air[1] else None
 
+    def mirror_source(self, depth: int) -> slice | None:
+        """With ``mirror``, the slices whose reversal fills :meth:`air_slices` as ``numpy.pad`` mode
+        "reflect" would (the edge slice itself not repeated), as the node's ``edge_mirror_voxels``
+        extends a scan; None for an air slab or none."""
+        if not self.mirror or not any(self.air):
+            return None
+        if self.air[0]:
+            return slice(self.air[0] + 1, 2 * self.air[0] + 1)
+        return slice(depth - 2 * self.air[1] - 1, depth - self.air[1] - 1)
+
 
 EDGE_AIR_CHANCE = 0.2  # --edge-crops: share of crops that end in an air slab, as a scan edge padded
 EDGE_AIR_SLICES = (1, 6)  # ... of this many slices (inclusive), at one end
+
+
+@dataclass(frozen=True)
+class EdgeCrops:
+    """``--edge-crops``: lesions on any slice of a crop, and ``chance`` of the crops ending in a slab
+    of ``slab`` ("air", as the node pads a scan shorter than its window; "mirror", as the node's
+    ``edge_mirror_voxels`` extends a scan since 1.4.0)."""
+
+    slab: Literal["air", "mirror"] = "air"
+    chance: float = EDGE_AIR_CHANCE
+
+    def __post_init__(self) -> None:
+        if self.slab not in {"air", "mirror"} or not 0.0 <= self.chance <= 1.0:
+            raise ValueError(f"edge crops need slab air or mirror and a chance in [0, 1], got {self}")
 
 
 def draw(
@@ -132,7 +158,7 @@ def draw(
     rng: np.random.Generator,
     extra_fraction: float,
     lesion_points: Callable[[int], npt.NDArray[np.int_]],
-    edges: bool = False,
+    edges: EdgeCrops | None = None,
 ) -> Draw:
     """Draw one patch: about 2/3 holding a lesion (``extra_fraction`` of them from the second and
     later cache folders), a crop keeping lesion voxels in view 80 % of the time (a voxel from
@@ -141,9 +167,13 @@ def draw(
 
     ``edges`` (``--edge-crops``) teaches the first and last slices of a scan: the lesion voxel may
     fall on any slice of the crop, its first or last included (otherwise at least 1/6 of the crop
-    away from either end), and EDGE_AIR_CHANCE of the crops end in an air slab, as the node pads a
+    away from either end), and ``edges.chance`` of the crops end in an air slab, as the node pads a
     scan shorter than its window. Without it the network never saw a lesion at the edge of its
-    input and missed nodules cut by the first or last slice (MODEL_CARD.md, fifth session)."""
+    input and missed nodules cut by the first or last slice (MODEL_CARD.md, "1.4.0: edge
+    mirroring and a focused fine-tune"). With ``edges.slab`` "mirror" (``--edge-slab mirror``) the
+    slab is the mirror image of the slices next to it, as the node shows the network since 1.4.0
+    (mirrored anatomy at the apex and the base drew false positives; MODEL_CARD.md, "1.5.0:
+    training on the mirrored edges"); the draws are those of "air"."""
     positives = np.flatnonzero(cache.has_lesion)
     extra = np.flatnonzero(cache.source > 0)
     if extra_fraction > 0 and extra.size and rng.random() < extra_fraction:
@@ -159,7 +189,8 @@ def draw(
         centre = pts[int(rng.integers(0, len(pts)))]
         # where in the crop the lesion voxel lands: any slice with --edge-crops, else 1/6 in
         spans = [
-            (0, p) if edges and axis == 0 else (p // 6, p - p // 6) for axis, p in enumerate(TRAIN_PATCH)
+            (0, p) if edges is not None and axis == 0 else (p // 6, p - p // 6)
+            for axis, p in enumerate(TRAIN_PATCH)
         ]
         starts = [
             int(np.clip(c - int(rng.integers(*span)), 0, n - p))
@@ -171,14 +202,18 @@ def draw(
     flips = tuple(axis for axis, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance)
     scale, shift = float(rng.uniform(0.96, 1.04)), float(rng.uniform(-25, 25))
     air = (0, 0)
-    if edges and rng.random() < EDGE_AIR_CHANCE:
+    if edges is not None and rng.random() < edges.chance:
         slices = int(rng.integers(EDGE_AIR_SLICES[0], EDGE_AIR_SLICES[1] + 1))
         air = (slices, 0) if rng.random() < 0.5 else (0, slices)
-    return Draw(k, region, flips, scale, shift, air)
+    return Draw(k, region, flips, scale, shift, air, edges is not None and edges.slab == "mirror")
 
 
 def batch(
-    cache: Cache, size: int, rng: np.random.Generator, extra_fraction: float = 0.0, edges: bool = False
+    cache: Cache,
+    size: int,
+    rng: np.random.Generator,
+    extra_fraction: float = 0.0,
+    edges: EdgeCrops | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch of :func:`draw` patches, cut on the CPU."""
     xs, ys = [], []
@@ -190,10 +225,13 @@ def batch(
             x, y = np.flip(x, d.flips), np.flip(y, d.flips)
         x = x * d.scale + d.shift
         x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
-        air = d.air_slices(len(x))
+        air, source = d.air_slices(len(x)), d.mirror_source(len(x))
         if air is not None:
             x, y = x.copy(), y.copy()
-            x[air], y[air] = 0.0, 0
+            if source is not None:
+                x[air], y[air] = x[source][::-1], y[source][::-1]
+            else:
+                x[air], y[air] = 0.0, 0
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
@@ -217,7 +255,11 @@ class DeviceBatcher:
         }
 
     def __call__(
-        self, size: int, rng: np.random.Generator, extra_fraction: float = 0.0, edges: bool = False
+        self,
+        size: int,
+        rng: np.random.Generator,
+        extra_fraction: float = 0.0,
+        edges: EdgeCrops | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch (x float32 window-normalized, y uint8 labels) on the device."""
         xs, ys = [], []
@@ -229,10 +271,13 @@ class DeviceBatcher:
                 x, y = torch.flip(x, d.flips), torch.flip(y, d.flips)
             x = x * d.scale + d.shift
             x = ((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0)
-            air = d.air_slices(len(x))
+            air, source = d.air_slices(len(x)), d.mirror_source(len(x))
             if air is not None:
                 y = y.clone()
-                x[air], y[air] = 0.0, 0
+                if source is not None:
+                    x[air], y[air] = torch.flip(x[source], [0]), torch.flip(y[source], [0])
+                else:
+                    x[air], y[air] = 0.0, 0
             xs.append(x)
             ys.append(y)
         return torch.stack(xs)[:, None], torch.stack(ys)[:, None]
@@ -322,7 +367,20 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
         action="store_true",
         help="lesions on the first and last slices of crops, and air slabs: the edges of a scan (see draw)",
     )
+    parser.add_argument(
+        "--edge-slab",
+        choices=("air", "mirror"),
+        default="air",
+        help="with --edge-crops, what fills a crop's end slab: air, or the mirror image (edge_mirror_voxels)",
+    )
+    parser.add_argument(
+        "--edge-chance",
+        type=float,
+        default=EDGE_AIR_CHANCE,
+        help="with --edge-crops, share of crops with a slab",
+    )
     args = parser.parse_args()
+    edges = EdgeCrops(args.edge_slab, args.edge_chance) if args.edge_crops else None
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -360,9 +418,9 @@ def main() -> None:  # noqa: PLR0915 - the training loop reads best in one piece
     step = 0
     for step in range(args.iterations):
         if on_device is not None:
-            x, y = on_device(args.batch, rng, args.extra_fraction, args.edge_crops)
+            x, y = on_device(args.batch, rng, args.extra_fraction, edges)
         else:
-            x, y = batch(cache, args.batch, rng, args.extra_fraction, args.edge_crops)
+            x, y = batch(cache, args.batch, rng, args.extra_fraction, edges)
         x, y = x.to(device), y.to(device)
         train_mode(model, frozen_norm=args.frozen_norm)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_device is not None):
