@@ -28,6 +28,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from reader import dimse
 from reader.errors import ConfigError, PermanentSendError, StorageError, TransientSendError
+from reader.requestor import keep_responses_for_caller
 from reader.tls import TlsClientConfig, client_context
 
 __all__ = ["Destination", "SendReport", "StoreSCU", "validate_ae_title"]
@@ -265,6 +266,7 @@ class StoreSCU:
             transport = assoc.dul.socket
             if transport is not None and transport.socket is not None:
                 transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keep_responses_for_caller(assoc)  # or a late reactor may take a C-STORE response
             return assoc
         if assoc.is_rejected:
             raise _rejection_error(destination, assoc.acceptor.primitive)

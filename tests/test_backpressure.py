@@ -96,8 +96,9 @@ def test_thousand_slice_series_peak_memory(tmp_path: Path) -> None:
         idle_rss = peak_rss_bytes(node.process.pid)
         sent = storescu(node.host, node.port, node.ae_title, [study.folder], timeout_s=BIG_DEADLINE_S)
         assert sent.returncode == 0, sent.stderr
-        wait_until(lambda: _done(node.data_dir, study.series_uid), BIG_DEADLINE_S,
-                   "the 1000-slice series to be processed")
+        # the job is marked done before series.processed is logged: wait for the event as well
+        wait_until(lambda: _done(node.data_dir, study.series_uid) and bool(node.events("series.processed")),
+                   BIG_DEADLINE_S, "the 1000-slice series to be processed and logged")
         peak = peak_rss_bytes(node.process.pid)
         processed = node.events("series.processed")[-1]
         print(f"\n1000-slice 512x512 CT: node peak RSS {peak / MIB:.0f} MiB (idle {idle_rss / MIB:.0f} MiB), "

@@ -42,6 +42,7 @@ from reader import dimse
 from reader.assemble import summarize_series
 from reader.errors import InputRejected
 from reader.jobs import JobStore, SeriesStatus
+from reader.requestor import keep_responses_for_caller
 from reader.spool import Spool, check_uid
 from reader.volume import load_volume
 from tests.dicom_factory import ct_series, write_datasets
@@ -170,6 +171,7 @@ def _associate(node: ReaderNode, *contexts: tuple[str, str]) -> Association:
         ae.add_requested_context(abstract, transfer)
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     assert assoc.is_established, "the node refused an association"
+    keep_responses_for_caller(assoc)  # several requests on one association (reader.requestor)
     return assoc
 
 

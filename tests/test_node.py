@@ -26,6 +26,7 @@ from reader.config import CompletionConfig, ModelRef, NodeConfig, Route, Sending
 from reader.inference import ModelPackage
 from reader.jobs import SendState, SeriesStatus
 from reader.node import Node
+from reader.requestor import keep_responses_for_caller
 from reader.send import Destination
 from tests.onnx_fixtures import manifest_dict, write_package
 from tests.peers import (
@@ -164,6 +165,7 @@ def test_hostile_uid_gets_a_named_failure_status_and_node_keeps_serving(running:
     ae.add_requested_context(Verification)
     assoc = ae.associate(LOCALHOST, running.scp.port, ae_title="SECONDREADER")
     assert assoc.is_established
+    keep_responses_for_caller(assoc)  # a C-STORE, then a C-ECHO on one association (reader.requestor)
     try:
         status = assoc.send_c_store(ds)
         assert status.Status == dimse.CANNOT_UNDERSTAND

@@ -35,6 +35,7 @@ from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SendState, SeriesStatus
 from reader.node import PRIORITY_ROUTINE, PRIORITY_STAT, Node
 from reader.pipeline import Inferred, Pipeline, Prepared
+from reader.requestor import keep_responses_for_caller
 from reader.send import StoreSCU
 from reader.spool import Spool
 from reader.volume import Volume
@@ -183,6 +184,7 @@ def _send_stat(port: int, study: Study) -> None:
     ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
     assoc = ae.associate(LOCALHOST, port, ae_title="SECONDREADER")
     assert assoc.is_established
+    keep_responses_for_caller(assoc)  # several requests on one association (reader.requestor)
     try:
         for f in study.files:
             assert assoc.send_c_store(pydicom.dcmread(f), priority=1).Status == 0

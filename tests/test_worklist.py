@@ -18,6 +18,7 @@ from reader.findings import InferenceResult
 from reader.inference import ModelPackage
 from reader.jobs import SeriesStatus
 from reader.node import PRIORITY_STAT, Node
+from reader.requestor import keep_responses_for_caller
 from reader.results.uids import result_uid
 from reader.volume import Volume
 from tests.peers import LOCALHOST, require_data, require_tool, storescu, wait_until
@@ -63,6 +64,7 @@ def _send_high_priority(port: int, files: list[Path]) -> None:
     ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
     assoc = ae.associate(LOCALHOST, port, ae_title="SECONDREADER")
     assert assoc.is_established
+    keep_responses_for_caller(assoc)  # several requests on one association (reader.requestor)
     try:
         for f in files:
             assert assoc.send_c_store(pydicom.dcmread(f), priority=1).Status == 0
