@@ -1,4 +1,4 @@
-"""The training data generator keeps its three splits apart (models/training/synth.py).
+"""The training data generator keeps its splits apart (models/training/synth.py).
 
 Settings are chosen on the validation split and the test split is measured once, so a seed shared
 between splits would leak a case from one into another.
@@ -24,8 +24,8 @@ def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
 
 def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
     """Phantom seeds and real-copy seeds of train (at the largest size allowed) and of the focus
-    cache, validation and test never meet, so no held-out case is a training case and validation
-    never sees a test case."""
+    cache, validation and both test sets never meet, so no held-out case is a training case and
+    no held-out set shares a case with another."""
     train_phantoms = set(range(1000, 1000 + LARGEST_TRAINING[0]))
     train_real = _real_seeds(synth.TRAIN, LARGEST_TRAINING[1])
     focus_phantoms = set(synth.FOCUS.phantom_seeds)
@@ -35,19 +35,25 @@ def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
     train_real |= focus_real
     held_out = {
         plan.name: (set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances))
-        for plan in (synth.VALIDATION, synth.TEST)
+        for plan in (synth.VALIDATION, synth.TEST, synth.TEST2)
     }
     for phantoms, real in held_out.values():
         assert not phantoms & train_phantoms
         assert not real & train_real
         assert not real & train_phantoms and not phantoms & train_real
-    assert not held_out["val"][0] & held_out["test"][0]
-    assert not held_out["val"][1] & held_out["test"][1]
+    names = sorted(held_out)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not held_out[a][0] & held_out[b][0], (a, b)
+            assert not held_out[a][1] & held_out[b][1], (a, b)
+            assert not held_out[a][0] & held_out[b][1] and not held_out[a][1] & held_out[b][0], (a, b)
 
 
 def test_validation_uses_the_held_out_hosts_not_the_training_series() -> None:
-    """Validation, like test, copies the standard-kernel series; training copies the lung-kernel one."""
+    """Validation, like both test sets, copies the standard-kernel series; training copies the
+    lung-kernel one."""
     assert synth.VALIDATION.real_series == synth.TEST.real_series != synth.TRAIN.real_series
+    assert synth.TEST2.real_series == synth.TEST.real_series
 
 
 @pytest.mark.parametrize(
