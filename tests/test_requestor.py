@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +38,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReaderNode]:
     assert served.stop() == 0, served.log_tail()
 
 
-def test_late_reactor_leaves_the_response_to_the_caller(node: ReaderNode, tmp_path: Path) -> None:
+def test_late_reactor_leaves_the_response_to_the_caller(node: ReaderNode) -> None:
     """With keep_responses_for_caller, a C-ECHO sent while the reactor still wakes from the C-STORE
     before it gets its Success, although the reactor looks at the DIMSE queue while the response is
     in it (without it, pynetdicom hands that response to the reactor and the caller times out)."""

@@ -115,24 +115,24 @@ class Draw:
     flips: tuple[int, ...]
     scale: float
     shift: float
-    air: tuple[int, int] = (0, 0)  # slices replaced by air (label 0) at the start, at the end
+    slab: tuple[int, int] = (0, 0)  # slices replaced at the start, at the end: by air (label 0) ...
     mirror: bool = False  # ... or by the mirror image of the slices next to them (EdgeCrops.slab)
 
-    def air_slices(self, depth: int) -> slice | None:
+    def slab_slices(self, depth: int) -> slice | None:
         """The crop's slices that become air or a mirror image (of ``depth``), or None."""
-        if self.air[0]:
-            return slice(0, self.air[0])
-        return slice(depth - self.air[1], None) if self.air[1] else None
+        if self.slab[0]:
+            return slice(0, self.slab[0])
+        return slice(depth - self.slab[1], None) if self.slab[1] else None
 
     def mirror_source(self, depth: int) -> slice | None:
-        """With ``mirror``, the slices whose reversal fills :meth:`air_slices` as ``numpy.pad`` mode
+        """With ``mirror``, the slices whose reversal fills :meth:`slab_slices` as ``numpy.pad`` mode
         "reflect" would (the edge slice itself not repeated), as the node's ``edge_mirror_voxels``
         extends a scan; None for an air slab or none."""
-        if not self.mirror or not any(self.air):
+        if not self.mirror or not any(self.slab):
             return None
-        if self.air[0]:
-            return slice(self.air[0] + 1, 2 * self.air[0] + 1)
-        return slice(depth - 2 * self.air[1] - 1, depth - self.air[1] - 1)
+        if self.slab[0]:
+            return slice(self.slab[0] + 1, 2 * self.slab[0] + 1)
+        return slice(depth - 2 * self.slab[1] - 1, depth - self.slab[1] - 1)
 
 
 EDGE_AIR_CHANCE = 0.2  # --edge-crops: share of crops that end in an air slab, as a scan edge padded
@@ -201,11 +201,11 @@ def draw(
     region = tuple(slice(s, s + p) for s, p in zip(starts, TRAIN_PATCH, strict=True))
     flips = tuple(axis for axis, chance in ((2, 0.5), (1, 0.2), (0, 0.3)) if rng.random() < chance)
     scale, shift = float(rng.uniform(0.96, 1.04)), float(rng.uniform(-25, 25))
-    air = (0, 0)
+    slab = (0, 0)
     if edges is not None and rng.random() < edges.chance:
         slices = int(rng.integers(EDGE_AIR_SLICES[0], EDGE_AIR_SLICES[1] + 1))
-        air = (slices, 0) if rng.random() < 0.5 else (0, slices)
-    return Draw(k, region, flips, scale, shift, air, edges is not None and edges.slab == "mirror")
+        slab = (slices, 0) if rng.random() < 0.5 else (0, slices)
+    return Draw(k, region, flips, scale, shift, slab, edges is not None and edges.slab == "mirror")
 
 
 def batch(
@@ -225,13 +225,13 @@ def batch(
             x, y = np.flip(x, d.flips), np.flip(y, d.flips)
         x = x * d.scale + d.shift
         x = np.clip((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0.0, 1.0)
-        air, source = d.air_slices(len(x)), d.mirror_source(len(x))
-        if air is not None:
+        slab, source = d.slab_slices(len(x)), d.mirror_source(len(x))
+        if slab is not None:
             x, y = x.copy(), y.copy()
             if source is not None:
-                x[air], y[air] = x[source][::-1], y[source][::-1]
+                x[slab], y[slab] = x[source][::-1], y[source][::-1]
             else:
-                x[air], y[air] = 0.0, 0
+                x[slab], y[slab] = 0.0, 0
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
@@ -271,13 +271,13 @@ class DeviceBatcher:
                 x, y = torch.flip(x, d.flips), torch.flip(y, d.flips)
             x = x * d.scale + d.shift
             x = ((x - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0])).clamp(0.0, 1.0)
-            air, source = d.air_slices(len(x)), d.mirror_source(len(x))
-            if air is not None:
+            slab, source = d.slab_slices(len(x)), d.mirror_source(len(x))
+            if slab is not None:
                 y = y.clone()
                 if source is not None:
-                    x[air], y[air] = torch.flip(x[source], [0]), torch.flip(y[source], [0])
+                    x[slab], y[slab] = torch.flip(x[source], [0]), torch.flip(y[source], [0])
                 else:
-                    x[air], y[air] = 0.0, 0
+                    x[slab], y[slab] = 0.0, 0
             xs.append(x)
             ys.append(y)
         return torch.stack(xs)[:, None], torch.stack(ys)[:, None]

@@ -232,13 +232,8 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
     _only_keys(t, p, allowed)
     normalize = _choice(t, "normalize", p, ("window", "zscore"))
     window, mean, std = _intensity(t, normalize)
-    patch = _list(t, "patch_size", p)
-    if len(patch) != dims:
-        raise ManifestError(p + "patch_size", f"needs {dims} values for a {dims}-D model, got {len(patch)}")
-    patch_size = tuple(_int_value(v, f"{p}patch_size[{i}]") for i, v in enumerate(patch))
-    for i, size in enumerate(patch_size):
-        if size < 1:
-            raise ManifestError(f"{p}patch_size[{i}]", f"must be >= 1, got {size}")
+    patch_size = _axis_ints(t, "patch_size", dims, minimum=1)
+    mirror = _axis_ints(t, "edge_mirror_voxels", dims, minimum=0) if "edge_mirror_voxels" in t else ()
     overlap = _float(t, "overlap", p)
     if not 0.0 <= overlap < 1.0:
         raise ManifestError(p + "overlap", f"must be in [0, 1), got {overlap}")
@@ -252,23 +247,21 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
         overlap=overlap,
         blend=cast(Blend, _choice(t, "blend", p, ("gaussian", "constant"))),
         test_time_flips=_test_time_flips(t, dims),
-        edge_mirror_voxels=_edge_mirror_voxels(t, dims),
+        edge_mirror_voxels=mirror,
     )
 
 
-def _edge_mirror_voxels(t: Mapping[str, object], dims: int) -> tuple[int, ...]:
-    """``edge_mirror_voxels``: one non-negative count per patch axis (absent: no mirroring)."""
-    key = "preprocessing.edge_mirror_voxels"
-    if "edge_mirror_voxels" not in t:
-        return ()
-    values = _list(t, "edge_mirror_voxels", "preprocessing.")
+def _axis_ints(t: Mapping[str, object], key: str, dims: int, *, minimum: int) -> tuple[int, ...]:
+    """``preprocessing.<key>``: one integer of at least ``minimum`` per patch axis."""
+    p = "preprocessing."
+    values = _list(t, key, p)
     if len(values) != dims:
-        raise ManifestError(key, f"needs {dims} values for a {dims}-D model, got {len(values)}")
-    counts = tuple(_int_value(v, f"{key}[{i}]") for i, v in enumerate(values))
-    for i, count in enumerate(counts):
-        if count < 0:
-            raise ManifestError(f"{key}[{i}]", f"must be >= 0, got {count}")
-    return counts
+        raise ManifestError(p + key, f"needs {dims} values for a {dims}-D model, got {len(values)}")
+    ints = tuple(_int_value(v, f"{p}{key}[{i}]") for i, v in enumerate(values))
+    for i, value in enumerate(ints):
+        if value < minimum:
+            raise ManifestError(f"{p}{key}[{i}]", f"must be >= {minimum}, got {value}")
+    return ints
 
 
 def _test_time_flips(t: Mapping[str, object], dims: int) -> tuple[FlipAxis, ...]:
