@@ -23,16 +23,17 @@ def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
 
 
 def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
-    """Phantom seeds and real-copy seeds of train (at the largest size allowed) and of the focus
-    cache, validation and both test sets never meet, so no held-out case is a training case and
-    no held-out set shares a case with another."""
+    """Phantom seeds and real-copy seeds of train (at the largest size allowed), of the focus
+    cache, of the hard-negative hosts, of validation and of both test sets never meet, so no
+    held-out case is a training case and no held-out set shares a case with another."""
     train_phantoms = set(range(1000, 1000 + LARGEST_TRAINING[0]))
     train_real = _real_seeds(synth.TRAIN, LARGEST_TRAINING[1])
-    focus_phantoms = set(synth.FOCUS.phantom_seeds)
-    focus_real = _real_seeds(synth.FOCUS, synth.FOCUS.real_instances)
-    assert not focus_phantoms & train_phantoms and not focus_real & train_real
-    train_phantoms |= focus_phantoms
-    train_real |= focus_real
+    for plan in (synth.FOCUS, synth.HARD):
+        phantoms, real = set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances)
+        assert not phantoms & train_phantoms and not real & train_real, plan.name
+        assert not phantoms & train_real and not real & train_phantoms, plan.name
+        train_phantoms |= phantoms
+        train_real |= real
     held_out = {
         plan.name: (set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances))
         for plan in (synth.VALIDATION, synth.TEST, synth.TEST2)
@@ -50,9 +51,10 @@ def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
 
 
 def test_validation_uses_the_held_out_hosts_not_the_training_series() -> None:
-    """Validation, like both test sets, copies the standard-kernel series; training copies the
-    lung-kernel one."""
+    """Validation, like both test sets, copies the standard-kernel series; training, the focus
+    cache and the hard-negative hosts copy the lung-kernel one."""
     assert synth.VALIDATION.real_series == synth.TEST.real_series != synth.TRAIN.real_series
+    assert synth.FOCUS.real_series == synth.HARD.real_series == synth.TRAIN.real_series
     assert synth.TEST2.real_series == synth.TEST.real_series
 
 

@@ -780,6 +780,10 @@ TEST2 = SplitPlan("test2", tuple(range(7000, 7024)), REAL_SERIES[1], 8, (1, 4), 
 # The focus cache (--focus small-attached): more training hosts, clear of TRAIN's seeds at any
 # --phantoms up to 2000 and of the held-out ones, drawing SMALL_ATTACHED lesions.
 FOCUS = SplitPlan("focus", tuple(range(3000, 3100)), REAL_SERIES[0], 16, (2, 5), 6000, SMALL_ATTACHED)
+# Training hosts written whole (--split hard), on which hard_negatives.py runs the shipped package
+# and cuts training patches around its false positives: the lung-kernel series like TRAIN, seeds
+# clear of every other split.
+HARD = SplitPlan("hard", tuple(range(4000, 4048)), REAL_SERIES[0], 16, (1, 4), 4500)
 
 
 @dataclass(frozen=True)
@@ -861,9 +865,10 @@ def build_train(plan: SplitPlan, options: TrainOptions, workers: int = 1) -> Non
 
 
 def build_test(out: Path, plan: SplitPlan) -> None:
-    """Held-out volumes on their native grids: phantoms, standard-kernel series + lesions.
+    """Whole volumes on their native grids: phantoms, copies of a real series + lesions.
 
-    Used for both held-out splits, ``TEST`` and ``VALIDATION``: only their seeds differ.
+    Used for the held-out splits (``TEST``, ``TEST2``, ``VALIDATION``: only their seeds differ) and
+    for ``HARD``, whose whole training hosts hard_negatives.py mines for false positives.
     """
     out.mkdir(parents=True, exist_ok=True)
     cases: list[tuple[str, Host, list[LesionSpec]]] = []
@@ -925,7 +930,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lung-synth"))
     parser.add_argument(
-        "--split", choices=["train", "test", "val", "test2", "both", "body", "real"], default="both"
+        "--split",
+        choices=["train", "test", "val", "test2", "hard", "both", "body", "real"],
+        default="both",
     )
     parser.add_argument("--random-patches", type=int, default=6)
     parser.add_argument(
@@ -978,6 +985,8 @@ def main() -> None:
         build_test(args.out / "val", VALIDATION)
     if args.split == "test2":
         build_test(args.out / "test2", TEST2)
+    if args.split == "hard":  # whole training hosts for hard_negatives.py
+        build_test(args.out / "hard", HARD)
     if args.split == "body":  # stage-2 training patches of 1.1.0, see models/README.md
         build_body(args.out / "body", TRAIN, phantoms=24, real_patches=160)
 
