@@ -104,6 +104,14 @@ def finding_masks(result: InferenceResult, volume: Volume) -> list[tuple[Finding
     return out
 
 
+def overlap(truth: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_]) -> tuple[tuple[int, ...], bool]:
+    """The truth instances a finding's voxels ``mask`` overlap, and whether it is a false positive:
+    it overlaps none and lies mostly (>= 50 %) outside the ignored region."""
+    inside = truth[mask]
+    hit = tuple(sorted({int(v) for v in np.unique(inside) if 0 < v < IGNORE}))
+    return hit, not hit and float((inside != IGNORE).mean()) >= 0.5
+
+
 def froc(detections: list[Detection], lesion_ids: list[tuple[str, int]], scans: int) -> dict[str, float]:
     """Sensitivity at each FP rate: the best sensitivity whose FP/scan does not exceed the rate."""
     thresholds = sorted({d.score for d in detections}, reverse=True)
@@ -148,12 +156,10 @@ def evaluate_synthetic(package: ModelPackage, folder: Path, limit: int | None) -
                 lesions.append(
                     (name, i, spec["diameter_mm"], spec["shape"], spec["density"], spec["location"])
                 )
-        ignore = truth == IGNORE
         union: dict[int, npt.NDArray[np.bool_]] = {}
         for finding, mask in finding_masks(result, volume):
-            hit = tuple(sorted({int(v) for v in np.unique(truth[mask]) if 0 < v < IGNORE}))
-            outside = float((~ignore[mask]).mean())
-            detections.append(Detection(name, finding.score, hit, not hit and outside >= 0.5))
+            hit, false_positive = overlap(truth, mask)
+            detections.append(Detection(name, finding.score, hit, false_positive))
             for k in hit:
                 union[k] = union.get(k, np.zeros_like(mask)) | mask
         for k, mask in union.items():

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import finding_masks, synthetic_volume, with_settings  # noqa: E402
-from synth import CACHE_PATCH, IGNORE, Vec3, sample_patch, target_shape  # noqa: E402
+from evaluate import finding_masks, overlap, synthetic_volume, with_settings  # noqa: E402
+from synth import CACHE_PATCH, IGNORE, Vec3, clip_corner, sample_patch, target_shape  # noqa: E402
 
 from reader.inference import ModelPackage  # noqa: E402
 
@@ -56,10 +56,10 @@ def corners_around(
     out = []
     for _ in range(copies):
         corner = [
-            min(max(round(x - p / 2 + rng.uniform(-p * JITTER, p * JITTER)), 0), max(0, t - p))
-            for x, p, t in zip(place, CACHE_PATCH, tshape, strict=True)
+            round(x - p / 2 + rng.uniform(-p * JITTER, p * JITTER))
+            for x, p in zip(place, CACHE_PATCH, strict=True)
         ]
-        out.append((corner[0], corner[1], corner[2]))
+        out.append(clip_corner(corner, tshape))
     return out
 
 
@@ -94,12 +94,10 @@ def main() -> None:
         spacing: Vec3 = (meta["spacing_mm"][0], meta["spacing_mm"][1], meta["spacing_mm"][2])
         volume = synthetic_volume(image, spacing, meta["name"])
         result = package.run(volume)
-        ignore = truth == IGNORE
         label = training_label(truth)
         images, labels, scores = [], [], []
         for finding, mask in finding_masks(result, volume):
-            lesion = ((truth[mask] > 0) & (truth[mask] < IGNORE)).any()
-            if lesion or float((~ignore[mask]).mean()) < 0.5:
+            if not overlap(truth, mask)[1]:  # evaluate.py's false positive
                 continue
             scores.append(round(finding.score, 3))
             centre = np.argwhere(mask).mean(axis=0)

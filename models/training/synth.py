@@ -645,6 +645,12 @@ def sample_patch(
     return np.clip(image, -1024, 3071).astype(np.int16), out
 
 
+def clip_corner(corner: list[int], tshape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A CACHE_PATCH corner moved inside the target grid ``tshape`` (0 where the patch is larger)."""
+    c = [min(max(cv, 0), max(0, tn - p)) for cv, tn, p in zip(corner, tshape, CACHE_PATCH, strict=True)]
+    return (c[0], c[1], c[2])
+
+
 def patch_corners(
     host: Host,
     specs: list[LesionSpec],
@@ -672,10 +678,7 @@ def patch_corners(
             del n
             tc = ci * s / t + rng.uniform(-p * 0.3, p * 0.3)
             corner.append(round(tc - p / 2))
-        clipped = [
-            min(max(cv, 0), max(0, tn - p)) for cv, tn, p in zip(corner, tshape, CACHE_PATCH, strict=True)
-        ]
-        yield (clipped[0], clipped[1], clipped[2])
+        yield clip_corner(corner, tshape)
 
 
 def save_patches(
@@ -710,10 +713,7 @@ def body_corners(
             round(ci * s / t - p / 2)
             for ci, s, t, p in zip(c, host.spacing_mm, grid, CACHE_PATCH, strict=True)
         ]
-        clipped = [
-            min(max(cv, 0), max(0, tn - p)) for cv, tn, p in zip(corner, tshape, CACHE_PATCH, strict=True)
-        ]
-        yield (clipped[0], clipped[1], clipped[2])
+        yield clip_corner(corner, tshape)
 
 
 def save_body_patches(
