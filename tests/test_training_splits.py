@@ -24,8 +24,8 @@ def _real_seeds(plan: synth.SplitPlan, copies: int) -> set[int]:
 
 def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
     """Phantom seeds and real-copy seeds of train (at the largest size allowed), of the focus
-    cache, of the hard-negative hosts, of validation and of both test sets never meet, so no
-    held-out case is a training case and no held-out set shares a case with another."""
+    cache, of the hard-negative hosts, of both validation sets and of both test sets never meet, so
+    no held-out case is a training case and no held-out set shares a case with another."""
     train_phantoms = set(range(1000, 1000 + LARGEST_TRAINING[0]))
     train_real = _real_seeds(synth.TRAIN, LARGEST_TRAINING[1])
     for plan in (synth.FOCUS, synth.HARD):
@@ -36,7 +36,7 @@ def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
         train_real |= real
     held_out = {
         plan.name: (set(plan.phantom_seeds), _real_seeds(plan, plan.real_instances))
-        for plan in (synth.VALIDATION, synth.TEST, synth.TEST2)
+        for plan in (synth.VALIDATION, synth.VALIDATION2, synth.TEST, synth.TEST2)
     }
     for phantoms, real in held_out.values():
         assert not phantoms & train_phantoms
@@ -51,11 +51,11 @@ def test_split_seeds_are_disjoint_even_for_the_largest_training_split() -> None:
 
 
 def test_validation_uses_the_held_out_hosts_not_the_training_series() -> None:
-    """Validation, like both test sets, copies the standard-kernel series; training, the focus
-    cache and the hard-negative hosts copy the lung-kernel one."""
+    """Both validation sets, like both test sets, copy the standard-kernel series; training, the
+    focus cache and the hard-negative hosts copy the lung-kernel one."""
     assert synth.VALIDATION.real_series == synth.TEST.real_series != synth.TRAIN.real_series
     assert synth.FOCUS.real_series == synth.HARD.real_series == synth.TRAIN.real_series
-    assert synth.TEST2.real_series == synth.TEST.real_series
+    assert synth.TEST2.real_series == synth.VALIDATION2.real_series == synth.TEST.real_series
 
 
 @pytest.mark.parametrize(
