@@ -26,7 +26,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import finding_masks, overlap, synthetic_volume, with_settings  # noqa: E402
-from synth import CACHE_PATCH, IGNORE, Vec3, clip_corner, sample_patch, target_shape  # noqa: E402
+from synth import (  # noqa: E402
+    CACHE_PATCH,
+    IGNORE,
+    Vec3,
+    clip_corner,
+    parse_grid,
+    sample_patch,
+    target_shape,
+)
 
 from reader.inference import ModelPackage  # noqa: E402
 
@@ -70,14 +78,15 @@ def main() -> None:
     parser.add_argument("--cases", type=Path, default=Path("/tmp/lung-synth/hard"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/lung-hard/train"))
     parser.add_argument("--min-score", type=float, default=0.5, help="mine findings of this score and up")
-    parser.add_argument("--grid", default="4,1.5,1.5", help="patches are cut on this grid, mm")
+    parser.add_argument(
+        "--grid", type=parse_grid, default="4,1.5,1.5", help="patches are cut on this grid, mm"
+    )
     parser.add_argument("--copies", type=int, default=3, help="patches per false positive")
     parser.add_argument("--seed", type=int, default=4242)
     args = parser.parse_args()
-    values = tuple(float(v) for v in args.grid.split(","))
-    if len(values) != 3 or min(values) <= 0 or args.copies < 1:
-        parser.error("--grid takes three positive spacings in mm and --copies at least 1")
-    grid: Vec3 = (values[0], values[1], values[2])
+    if args.copies < 1:
+        parser.error("--copies takes at least 1")
+    grid: Vec3 = args.grid
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     total = 0

@@ -645,6 +645,17 @@ def sample_patch(
     return np.clip(image, -1024, 3071).astype(np.int16), out
 
 
+def parse_grid(text: str) -> Vec3:
+    """A ``--grid`` value, "Z,Y,X" spacings in mm, as a Vec3 (an argparse ``type``)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError("--grid takes three positive spacings in mm, e.g. 4,1.5,1.5")
+    return (values[0], values[1], values[2])
+
+
 def clip_corner(corner: list[int], tshape: tuple[int, int, int]) -> tuple[int, int, int]:
     """A CACHE_PATCH corner moved inside the target grid ``tshape`` (0 where the patch is larger)."""
     c = [min(max(cv, 0), max(0, tn - p)) for cv, tn, p in zip(corner, tshape, CACHE_PATCH, strict=True)]
@@ -953,6 +964,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--grid",
+        type=parse_grid,
         default=",".join(f"{v:g}" for v in TARGET_SPACING_MM),
         help="training patches are cut on this grid, mm (slice, row, column); e.g. 4,1.5,1.5",
     )
@@ -963,10 +975,7 @@ def main() -> None:
         help="small-attached: the focus cache (FOCUS hosts, SMALL_ATTACHED lesions) for --split train",
     )
     args = parser.parse_args()
-    grid_values = tuple(float(v) for v in args.grid.split(","))
-    if len(grid_values) != 3 or min(grid_values) <= 0:
-        parser.error("--grid takes three positive spacings in mm, e.g. 4,1.5,1.5")
-    grid: Vec3 = (grid_values[0], grid_values[1], grid_values[2])
+    grid: Vec3 = args.grid
     if args.phantoms > 2000 or args.real_copies > 1000:
         parser.error(
             "training seeds would reach the focus or held-out seeds (3000+, 6000+, 7000+, 8000+, 9500+)"
