@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AlgorithmIdentity", "Code", "Finding", "FindingClass", "InferenceResult"]
+__all__ = ["AlgorithmIdentity", "Code", "Finding", "FindingClass", "InferenceResult", "Outline"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class AlgorithmIdentity:
     version: str
     family: Code
     source: str
+    # SHA-256 (hex) of the ONNX graph that ran, from the manifest (checked at load): what identifies
+    # the weights in result UIDs and in the SR; empty only for hand-made results in tests.
+    weights_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,31 @@ class FindingClass:
 
 
 @dataclass(frozen=True)
+class Outline:
+    """Where a finding is drawn: a closed polygon on one source slice (its *key slice*).
+
+    Encoded as an SR SCOORD POLYLINE (PS3.3 C.18.6) selected from that image, which viewers draw.
+    ``points`` are image coordinates (column, row) as SCOORD has them: (0.0, 0.0) is the top-left
+    corner of the top-left pixel, so a pixel centre (r, c) is at (c + 0.5, r + 0.5); the last point
+    repeats the first.
+    """
+
+    slice_index: int  # index into Volume.sources: the slice where the finding is largest
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if self.slice_index < 0:
+            raise ValueError(f"slice_index must be >= 0, got {self.slice_index}")
+        if len(self.points) < 4 or self.points[0] != self.points[-1]:
+            raise ValueError("an outline is a closed polygon: at least 3 corners, last point = first")
+
+
+@dataclass(frozen=True)
 class Finding:
-    """One detected lesion: a connected component of its class in the label map."""
+    """One detected lesion: a connected component of its class in the label map, or one box.
+
+    In the SEG, finding ``number`` is segment ``number`` (label-map value ``number``).
+    """
 
     number: int  # 1-based, ordered by descending score; Tracking Identifier "finding <number>"
     finding_class: FindingClass
@@ -66,10 +92,19 @@ class Finding:
     longest_diameter_mm: float
     centroid_mm: tuple[float, float, float]  # patient coordinates (x, y, z), PS3.3 C.7.6.2.1.1
     slice_indices: tuple[int, ...]  # indices into Volume.sources of the slices it touches
+    outline: Outline  # its outline on the key slice (where its area is largest)
+    # Where it lies, as far as the package's anatomy can tell (e.g. SCT "Left lung"); None: the
+    # class's own site stands (never a guessed one).
+    site: Code | None = None
+    # The score mapped through the package's calibration (probability that the finding is a true
+    # lesion, measured on the validation set); None when the package ships no calibration.
+    calibrated_score: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score <= 1.0:
             raise ValueError(f"score must be in [0, 1], got {self.score}")
+        if self.calibrated_score is not None and not 0.0 <= self.calibrated_score <= 1.0:
+            raise ValueError(f"calibrated_score must be in [0, 1], got {self.calibrated_score}")
         if self.voxel_count <= 0 or not self.slice_indices:
             raise ValueError("a finding covers at least one voxel on one slice")
 
@@ -81,10 +116,12 @@ class InferenceResult:
     algorithm: AlgorithmIdentity
     finding_classes: tuple[FindingClass, ...]
     findings: tuple[Finding, ...]
-    # uint8, same shape as Volume.voxels: 0 background, else FindingClass.label; only voxels of
-    # reported findings are set (components dropped by thresholds are cleared).
-    label_map: npt.NDArray[np.uint8]
+    # uint8, same shape as Volume.voxels: 0 background, else the Finding.number of the finding the
+    # voxel belongs to (= its SEG segment number); only voxels of reported findings are set. None
+    # for detection models (``output.kind = "boxes"``): their findings are boxes, with no SEG.
+    label_map: npt.NDArray[np.uint8] | None
     provider: str  # the onnxruntime execution provider that actually ran, e.g. "CPUExecutionProvider"
+    precision: str = "fp32"  # of the graph that ran: "fp32", or "fp16" for a package's fp16 graph
 
     @property
     def positive(self) -> bool:
