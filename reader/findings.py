@@ -87,9 +87,9 @@ class Finding:
     number: int  # 1-based, ordered by descending score; Tracking Identifier "finding <number>"
     finding_class: FindingClass
     score: float  # the model's maximum probability inside the component, 0..1
-    voxel_count: int
-    volume_mm3: float
-    longest_diameter_mm: float
+    voxel_count: int  # voxels of the component; for a box, the voxels the box covers
+    volume_mm3: float | None  # None for a box (a detector measures no volume)
+    longest_diameter_mm: float  # a box: its longer side on the key slice
     centroid_mm: tuple[float, float, float]  # patient coordinates (x, y, z), PS3.3 C.7.6.2.1.1
     slice_indices: tuple[int, ...]  # indices into Volume.sources of the slices it touches
     outline: Outline  # its outline on the key slice (where its area is largest)
@@ -99,6 +99,7 @@ class Finding:
     # The score mapped through the package's calibration (probability that the finding is a true
     # lesion, measured on the validation set); None when the package ships no calibration.
     calibrated_score: float | None = None
+    short_axis_mm: float | None = None  # a box: its shorter side on the key slice; else None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score <= 1.0:
