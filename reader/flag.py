@@ -90,6 +90,8 @@ class FlagRule:
 
     def describe(self) -> str:
         """The rule as one line, e.g. ``score >= 0.8 or longest diameter >= 8 mm (classes: Lung lesion)``."""
+        if self.min_score == 0.0 and self.min_diameter_mm is None and not self.labels:
+            return "any finding the model reports"
         parts = []
         if self.min_score is not None:
             parts.append(f"score >= {self.min_score:g}")

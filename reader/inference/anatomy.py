@@ -14,6 +14,11 @@ the pleura or the mediastinum. The mask is repeated back onto the native grid.
 :class:`LungField` does the closing and filling only for the slices asked about (they are
 independent per slice), inside the lungs' bounding box, and maps only the asked box back onto the
 native grid: a postprocessing step that gates a few findings pays for a few slices.
+
+:func:`lung_gate` also tells a finding's side: when the two lungs are found as two components,
+the plane half-way between their centres (in patient coordinates, PS3.3 C.7.6.2.1.1: +x is the
+patient's left) divides left from right; a point within :data:`SIDE_MARGIN_MM` of that plane, or a
+volume whose lungs are one component, gets no side (never a guessed one). Lobes are not told apart.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ import numpy.typing as npt
 import structlog
 from scipy import ndimage
 
+from reader.findings import Code
 from reader.volume import Volume
 
-__all__ = ["LungField", "lung_field", "lung_gate", "within_margin"]
+__all__ = ["LEFT_LUNG", "RIGHT_LUNG", "SIDE_MARGIN_MM", "LungField", "LungGate", "lung_field", "lung_gate",
+           "within_margin"]
+
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+SIDE_MARGIN_MM = 10.0  # points nearer than this to the plane between the lungs get no side
+_MIN_LUNG_SEPARATION_MM = 60.0  # two "lungs" whose centres are closer in x are not left and right
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +70,11 @@ class LungField:
     """
 
     def __init__(self, lungs: npt.NDArray[np.bool_], stride: int, radius: int,
-                 native_shape: tuple[int, int, int]) -> None:
+                 native_shape: tuple[int, int, int],
+                 centres: tuple[tuple[float, float, float], ...] = ()) -> None:
         self._lungs = lungs  # the kept components on the strided grid, before closing
+        # native (slice, row, column) centre of each kept component: two when both lungs were found
+        self.centres = centres
         self._closed = np.zeros(lungs.shape, dtype=bool)
         self._done = np.zeros(lungs.shape[0], dtype=bool)
         self._stride = stride
@@ -112,9 +127,11 @@ class LungField:
         lungs = components == keep[0]  # np.isin would make an index copy of the whole array
         for other in keep[1:]:
             lungs |= components == other
+        found = ndimage.center_of_mass(lungs, components, keep)
         del components
+        centres = tuple((float(z), float(y) * stride, float(x) * stride) for z, y, x in found)
         radius = max(1, round(_CLOSING_MM / (stride * spacing_mm[1])))
-        return cls(lungs, stride, radius, native_shape)
+        return cls(lungs, stride, radius, native_shape, centres)
 
     def mask(self, box: _Box | None = None) -> npt.NDArray[np.bool_]:
         """The lungs on the native grid inside ``box`` (unit steps; None: the whole volume)."""
@@ -170,21 +187,44 @@ def lung_field(voxels: npt.NDArray[np.float32],
     return None if field is None else field.mask()
 
 
-def lung_gate(volume: Volume) -> Callable[[tuple[slice, ...], float], npt.NDArray[np.bool_] | None]:
-    """(box, margin mm) -> the native mask of that box of the lung field grown by the margin (None:
-    no lungs found); the field is built on first use."""
-    built: list[LungField | None] = []
+class LungGate:
+    """The lung field of one volume, built on first use: ``gate(box, margin_mm)`` is the native mask
+    of ``box`` of the lung field grown by the margin (None: no lungs found), ``gate.site(point)``
+    the side of a point (:data:`LEFT_LUNG`, :data:`RIGHT_LUNG`, or None when unsure)."""
 
-    def field_mask(box: _Box) -> npt.NDArray[np.bool_] | None:
-        if not built:
-            built.append(LungField.of_volume(volume))
-        field = built[0]
+    def __init__(self, volume: Volume) -> None:
+        self._volume = volume
+        self._built: list[LungField | None] = []
+
+    def _field(self) -> LungField | None:
+        if not self._built:
+            self._built.append(LungField.of_volume(self._volume))
+        return self._built[0]
+
+    def _mask(self, box: _Box) -> npt.NDArray[np.bool_] | None:
+        field = self._field()
         return None if field is None else field.mask(box)
 
-    def gate(box: tuple[slice, ...], margin_mm: float = 0.0) -> npt.NDArray[np.bool_] | None:
-        return within_margin(field_mask, (box[0], box[1], box[2]), margin_mm, volume.spacing_mm, volume.shape)
+    def __call__(self, box: tuple[slice, ...], margin_mm: float = 0.0, /) -> npt.NDArray[np.bool_] | None:
+        v = self._volume
+        return within_margin(self._mask, (box[0], box[1], box[2]), margin_mm, v.spacing_mm, v.shape)
 
-    return gate
+    def site(self, point_mm: tuple[float, float, float], /) -> Code | None:
+        field = self._field()
+        if field is None or len(field.centres) != 2:
+            return None
+        xs = sorted(self._volume.voxel_to_patient(centre)[0] for centre in field.centres)
+        if xs[1] - xs[0] < _MIN_LUNG_SEPARATION_MM:
+            return None
+        offset = point_mm[0] - (xs[0] + xs[1]) / 2.0
+        if abs(offset) < SIDE_MARGIN_MM:
+            return None
+        return LEFT_LUNG if offset > 0 else RIGHT_LUNG
+
+
+def lung_gate(volume: Volume) -> LungGate:
+    """The :class:`LungGate` of ``volume`` (its lung field is built on first use)."""
+    return LungGate(volume)
 
 
 def within_margin(field_mask: Callable[[_Box], npt.NDArray[np.bool_] | None], box: _Box, margin_mm: float,

@@ -1,22 +1,25 @@
 """Native-grid probabilities -> findings: threshold, connected components, measurements.
 
 Each finding becomes one TID 1500 measurement group (PS3.16 TID 1411 Volumetric ROI
-Measurements) and one region of its SEG segment (PS3.3 C.8.20.2): volume, longest diameter (the
-largest distance between two voxel centres of the component), centroid in patient coordinates
-(PS3.3 C.7.6.2.1.1) and the slices it touches.
+Measurements) and one SEG segment of its own (PS3.3 C.8.20.2): the label map holds each kept
+component as its finding number. Measured: volume, longest diameter (the largest distance between
+two voxel centres of the component), centroid in patient coordinates (PS3.3 C.7.6.2.1.1), the
+slices it touches, its key slice (where its area is largest) with its outline there, and, where
+the package's anatomy can tell, its side (``LungGate.site``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from reader.findings import Finding
+from reader.findings import Code, Finding, Outline
 from reader.inference import anatomy
 from reader.inference.manifest import LabelSpec
 from reader.volume import Volume
@@ -29,8 +32,11 @@ __all__ = [
     "extract_findings",
     "findings_from_pieces",
     "longest_diameter_mm",
+    "outline_of",
     "select_labels",
 ]
+
+MAX_FINDINGS = 255  # label-map values are finding numbers (uint8): at most this many per series
 
 _HULL_MIN_POINTS = 64  # below this the all-pairs distance is cheaper than a hull
 _PAIR_BLOCK = 1_000_000  # distances computed per block when falling back to all pairs
@@ -72,14 +78,27 @@ class _Candidate:
     centroid_mm: tuple[float, float, float]
     slice_indices: tuple[int, ...]
     first_voxel: tuple[int, int, int]
+    outline: Outline
+    box: tuple[slice, ...]
+    mask: npt.NDArray[np.bool_]
 
 
 Box = tuple[slice, ...]
 # (native box, values): a part of a label's native-grid probabilities; zero outside every part.
 Piece = tuple[Box, npt.NDArray[np.float32]]
 # (box, margin mm) -> the native mask of that box of the lung field grown by the margin, or None
-# when the volume has no lung field (``reader.inference.anatomy.lung_gate``).
-LungGate = Callable[[Box, float], npt.NDArray[np.bool_] | None]
+# when the volume has no lung field.
+BoxGate = Callable[[Box, float], npt.NDArray[np.bool_] | None]
+
+
+class LungGate(Protocol):
+    """The lung field of one volume (``reader.inference.anatomy.lung_gate``)."""
+
+    def __call__(self, box: Box, margin_mm: float, /) -> npt.NDArray[np.bool_] | None:
+        """The native mask of ``box`` of the lung field grown by ``margin_mm``; None: no lungs."""
+
+    def site(self, point_mm: tuple[float, float, float], /) -> Code | None:
+        """The side (left or right lung) of a point in patient coordinates; None when unsure."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,7 +155,7 @@ def extract_findings(
     structure = _structure(in_plane_only)
     voxel_mm3 = float(np.prod(volume.spacing_mm))
     origin = (0,) * selection.winner.ndim
-    gate: LungGate | None = None
+    gate: BoxGate | None = None
     if lung is not None:
         field = lung
         shape = (int(field.shape[0]), int(field.shape[1]), int(field.shape[2]))
@@ -152,7 +171,7 @@ def extract_findings(
         )
         for label in labels
     }
-    return _findings(labels, found, volume, selection.winner.shape, voxel_mm3)
+    return _findings(labels, found, volume, selection.winner.shape, voxel_mm3, site=None)
 
 
 def findings_from_pieces(
@@ -194,7 +213,7 @@ def findings_from_pieces(
         selection = _select_in_place(local[0]) if len(local) == 1 else select_labels(local, size)
         del local
         origin = tuple(b.start for b in cluster)
-        gate: LungGate | None = None
+        gate: BoxGate | None = None
         if lung is not None:
             gate = _shifted_gate(lung, cluster)
         for label in labels:
@@ -203,7 +222,7 @@ def findings_from_pieces(
                     label, selection, origin=origin, structure=structure, voxel_mm3=voxel_mm3, lung=gate
                 )
             )
-    return _findings(labels, found, volume, shape, voxel_mm3)
+    return _findings(labels, found, volume, shape, voxel_mm3, site=None if lung is None else lung.site)
 
 
 def _select_in_place(channel: tuple[LabelSpec, npt.NDArray[np.float32]]) -> ChannelSelection:
@@ -217,7 +236,7 @@ def _select_in_place(channel: tuple[LabelSpec, npt.NDArray[np.float32]]) -> Chan
     return ChannelSelection(winner=winner, probability=probability)
 
 
-def _shifted_gate(lung: LungGate, cluster: Box) -> LungGate:
+def _shifted_gate(lung: BoxGate, cluster: Box) -> BoxGate:
     """The gate of a cluster: local boxes are offset by the cluster's corner."""
 
     def gate(box: Box, margin_mm: float) -> npt.NDArray[np.bool_] | None:
@@ -268,7 +287,7 @@ def _components(
     origin: tuple[int, ...],
     structure: npt.NDArray[np.bool_],
     voxel_mm3: float,
-    lung: LungGate | None,
+    lung: BoxGate | None,
 ) -> list[_Component]:
     """The components of ``label`` in ``selection`` (lying at ``origin``) that pass its filters."""
     mask = selection.winner == label.value
@@ -309,23 +328,25 @@ def _findings(
     volume: Volume,
     shape: tuple[int, ...],
     voxel_mm3: float,
+    *,
+    site: Callable[[tuple[float, float, float]], Code | None] | None,
 ) -> tuple[tuple[Finding, ...], npt.NDArray[np.uint8]]:
-    """The ``max_findings`` best components of each label, measured, numbered, and their label map."""
-    label_map = np.zeros(shape, dtype=np.uint8)
+    """The ``max_findings`` best components of each label, measured and numbered by descending
+    score (at most :data:`MAX_FINDINGS`), and the label map holding each as its finding number."""
     candidates: list[_Candidate] = []
     for label in labels:
         ranked = sorted(found.get(label.value, []), key=lambda c: (-c.score, -c.count, c.first_voxel()))
-        for component in ranked[: label.max_findings]:
-            box, piece = component.box, component.mask()
-            label_map[box][piece] = label.value
-            candidates.append(
-                _measure(
-                    label, mask=piece, box=box, score=component.score, voxel_mm3=voxel_mm3, volume=volume
-                )
-            )
+        candidates.extend(
+            _measure(label, mask=component.mask(), box=component.box, score=component.score,
+                     voxel_mm3=voxel_mm3, volume=volume)
+            for component in ranked[: label.max_findings]
+        )
     candidates.sort(key=lambda c: (-c.score, c.label.value, -c.voxel_count, c.first_voxel))
-    findings = tuple(
-        Finding(
+    label_map = np.zeros(shape, dtype=np.uint8)
+    findings = []
+    for number, c in enumerate(candidates[:MAX_FINDINGS], start=1):
+        label_map[c.box][c.mask] = number
+        findings.append(Finding(
             number=number,
             finding_class=c.label.finding_class,
             score=c.score,
@@ -334,10 +355,10 @@ def _findings(
             longest_diameter_mm=c.longest_diameter_mm,
             centroid_mm=c.centroid_mm,
             slice_indices=c.slice_indices,
-        )
-        for number, c in enumerate(candidates, start=1)
-    )
-    return findings, label_map
+            outline=c.outline,
+            site=None if site is None else site(c.centroid_mm),
+        ))
+    return tuple(findings), label_map
 
 
 def _bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
@@ -366,6 +387,8 @@ def _measure(
     centre = np.asarray(ndimage.center_of_mass(mask), dtype=np.float64) + offset
     slices = np.flatnonzero(mask.any(axis=(1, 2))) + box[0].start
     first = np.argwhere(mask)[0] + offset.astype(np.int64)
+    areas = mask.sum(axis=(1, 2))
+    key = int(np.argmax(areas))  # the first of the largest: deterministic
     return _Candidate(
         label=label,
         score=min(1.0, max(0.0, score)),
@@ -375,7 +398,31 @@ def _measure(
         centroid_mm=volume.voxel_to_patient((float(centre[0]), float(centre[1]), float(centre[2]))),
         slice_indices=tuple(int(s) for s in slices),
         first_voxel=(int(first[0]), int(first[1]), int(first[2])),
+        outline=Outline(slice_index=key + box[0].start,
+                        points=outline_of(mask[key], (box[1].start, box[2].start))),
+        box=box,
+        mask=mask,
     )
+
+
+def outline_of(mask: npt.NDArray[np.bool_], corner: tuple[int, int]) -> tuple[tuple[float, float], ...]:
+    """A closed polygon around the True pixels of a 2-D ``mask`` whose [0, 0] lies at (row, column)
+    ``corner`` of the image: the convex hull of the pixels' corners, in SCOORD image coordinates
+    (column, row; (0, 0) is the top-left corner of the top-left pixel), counter-clockwise on screen
+    (scipy's order), last point = first. Every pixel of the mask lies inside it.
+    """
+    rows, columns = np.nonzero(mask)
+    if rows.size == 0:
+        raise ValueError("an outline needs at least one pixel")
+    r = rows.astype(np.float64) + corner[0]
+    c = columns.astype(np.float64) + corner[1]
+    corners = np.unique(np.concatenate([
+        np.stack([c, r], axis=1), np.stack([c + 1, r], axis=1),
+        np.stack([c, r + 1], axis=1), np.stack([c + 1, r + 1], axis=1),
+    ]), axis=0)
+    hull = ConvexHull(corners)  # >= 4 distinct corners, never collinear: a pixel is a square
+    points = [(float(x), float(y)) for x, y in corners[hull.vertices]]
+    return (*points, points[0])
 
 
 def longest_diameter_mm(mask: npt.NDArray[np.bool_], spacing_mm: tuple[float, ...]) -> float:

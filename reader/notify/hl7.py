@@ -49,6 +49,7 @@ import structlog
 from reader.errors import PermanentSendError, TransientSendError
 from reader.findings import Finding
 from reader.notify.summary import AI_PENDING_REVIEW, PatientIdentity, StudyReport
+from reader.results.wording import finding_label, length_mm, score_percent
 
 __all__ = [
     "HL7_VERSION",
@@ -93,7 +94,6 @@ _STUDY_UID = ("110180", "Study Instance UID", "DCM")
 _SERIES_UID = ("112002", "Series Instance UID", "DCM")
 _SOP_CLASS = ("110181", "SOP Class UID", "DCM")
 _LONG_AXIS = ("103339001", "Long axis", "SCT")
-_CERTAINTY = ("111012", "Certainty of Finding", "DCM")
 _MM = ("mm", "millimeter", "UCUM")
 _PERCENT = ("%", "percent", "UCUM")
 
@@ -204,10 +204,11 @@ def _finding_observations(findings: Sequence[Finding], triggering: set[int]) -> 
     for finding in findings[:_MAX_FINDINGS]:
         sub = str(finding.number)
         mark = ", meets the flag rule" if finding.number in triggering else ""
-        text = f"finding {finding.number}: {finding.finding_class.name}{mark}"
+        text = f"{finding_label(finding)}{mark}"
         yield _Obx("TX", _FINDING, _escape(text), sub)
-        yield _Obx("NM", _LONG_AXIS, f"{finding.longest_diameter_mm:.1f}", sub, _MM)
-        yield _Obx("NM", _CERTAINTY, f"{finding.score * 100.0:.1f}", sub, _PERCENT)
+        yield _Obx("NM", _LONG_AXIS, f"{length_mm(finding.longest_diameter_mm):.1f}", sub, _MM)
+        concept, percent = score_percent(finding)
+        yield _Obx("NM", (concept.value, concept.meaning, concept.scheme), f"{percent:.0f}", sub, _PERCENT)
 
 
 def _observations(report: StudyReport) -> Iterator[_Obx]:

@@ -16,6 +16,7 @@ from pydicom import Dataset
 
 from reader.findings import AlgorithmIdentity, Finding
 from reader.flag import FlagDecision
+from reader.results.wording import finding_label, score_percent, volume_mm3
 
 __all__ = ["AI_PENDING_REVIEW", "PatientIdentity", "ResultObject", "StudyReport", "findings_summary"]
 
@@ -131,11 +132,9 @@ class StudyReport:
 
 def _finding_text(finding: Finding, triggering: bool) -> str:
     mark = ", meets the rule" if triggering else ""
-    return (
-        f"finding {finding.number}: {finding.finding_class.name}, longest diameter "
-        f"{finding.longest_diameter_mm:.1f} mm, volume {finding.volume_mm3:.0f} mm3, "
-        f"score {finding.score:.2f}{mark}"
-    )
+    concept, percent = score_percent(finding)
+    volume = "" if finding.volume_mm3 is None else f", volume {volume_mm3(finding.volume_mm3):.0f} mm3"
+    return f"{finding_label(finding)}{volume}, {concept.meaning.lower()} {percent:.0f} %{mark}"
 
 
 def findings_summary(decision: FlagDecision, findings: Sequence[Finding]) -> str:

@@ -38,6 +38,7 @@ from reader import __version__
 from reader.errors import PermanentSendError, TransientSendError
 from reader.findings import Code, Finding
 from reader.notify.summary import AI_PENDING_REVIEW, StudyReport
+from reader.results.wording import finding_label, finding_site, finding_type, length_mm, volume_mm3
 
 __all__ = [
     "EVENT_TYPE",
@@ -103,11 +104,13 @@ def _finding(finding: Finding, triggering: bool) -> dict[str, Any]:
         "number": finding.number,
         "class": finding_class.name,
         "category": _code(finding_class.category),
-        "type": _code(finding_class.property_type),
-        "site": _code(finding_class.site),
+        "label": finding_label(finding),
+        "type": _code(finding_type(finding)),
+        "site": _code(finding_site(finding)),
         "score": round(finding.score, 4),
-        "longest_diameter_mm": round(finding.longest_diameter_mm, 2),
-        "volume_mm3": round(finding.volume_mm3, 2),
+        "calibrated_score": None if finding.calibrated_score is None else round(finding.calibrated_score, 2),
+        "longest_diameter_mm": length_mm(finding.longest_diameter_mm),
+        "volume_mm3": None if finding.volume_mm3 is None else volume_mm3(finding.volume_mm3),
         "centroid_mm": [round(v, 2) for v in finding.centroid_mm],
         "triggers_flag": triggering,
     }

@@ -3,24 +3,24 @@
 Both objects join the source study (patient and study attributes copied from the source headers,
 then repaired by :mod:`reader.results.clean`), carry the algorithm as manufacturer and have
 deterministic UIDs (:func:`result_uid`), so encoding the same result twice gives the same objects
-and a re-send replaces rather than duplicates. A study without findings gets an SR only.
+and a re-send replaces rather than duplicates. A study without findings gets an SR only, and so
+does a detection (boxes) model's result: its findings are drawn in the SR, with no SEG.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import structlog
 from pydicom import Dataset
 
-from reader.findings import InferenceResult
+from reader.findings import Finding, InferenceResult
 from reader.results.clean import clean_copied_attributes
-from reader.results.seg import build_segmentation, segment_numbers
+from reader.results.seg import build_segmentation
 from reader.results.sources import source_headers
 from reader.results.sr import build_report
-from reader.results.uids import result_uid
+from reader.results.uids import result_uid, result_uids
 from reader.volume import Volume
 
 __all__ = ["ResultObjects", "encode_results", "load_standard_tables", "result_uid"]
@@ -71,29 +71,30 @@ def encode_results(volume: Volume, result: InferenceResult, result_version: int 
     """
     started = time.perf_counter()
     sources = _source_headers(volume)
-    algorithm = result.algorithm
-    uid = partial(
-        result_uid, volume.series_instance_uid, algorithm.name, algorithm.version, result_version
-    )
-    numbers = segment_numbers(result)
+    uid = result_uids(volume.series_instance_uid, result.algorithm, result_version)
+
+    def tracking_uid(finding: Finding) -> str:
+        return uid(f"finding-{finding.number}")
+
     seg: Dataset | None = None
-    if result.findings:
+    if result.findings and result.label_map is not None:
         seg = build_segmentation(
             volume,
             result,
             sources,
-            numbers=numbers,
+            tracking_uid=tracking_uid,
             series_instance_uid=uid("seg-series"),
             sop_instance_uid=uid("seg-instance"),
         )
         clean_copied_attributes(seg, sources[0])
-    sr = build_report(volume, result, sources, seg=seg, numbers=numbers, uid=uid, previous=previous_sr)
+    sr = build_report(volume, result, sources, seg=seg, uid=uid, tracking_uid=tracking_uid,
+                      previous=previous_sr)
     clean_copied_attributes(sr, sources[0])
     log.info(
         "results.encoded",
         series_uid=volume.series_instance_uid,
         findings=len(result.findings),
-        segments=len(numbers),
+        segments=0 if seg is None else len(result.findings),
         seconds=round(time.perf_counter() - started, 3),
     )
     return ResultObjects(seg=seg, sr=sr)

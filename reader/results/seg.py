@@ -1,13 +1,14 @@
 """The findings as a DICOM Segmentation (PS3.3 A.51, Segmentation IOD; C.8.20 Segmentation module).
 
-One BINARY segment per finding class that has at least one finding. highdicom numbers segments
-1..N without gaps, so finding-class labels are mapped onto contiguous segment numbers
-(:func:`segment_numbers`); the SR references the segments through the same mapping.
+One BINARY segment per finding: segment ``n`` is finding ``n`` (the label map already holds each
+finding as its number), labelled in words (:func:`reader.results.wording.finding_label`), typed by
+size (nodule or mass), placed by its site, and carrying the same Tracking Identifier and Tracking
+UID as the finding's TID 1500 group in the SR (PS3.3 C.8.20.2, Segment Sequence).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -17,22 +18,24 @@ from pydicom.sr.coding import Code as PydicomCode
 
 from reader import __version__
 from reader.errors import EncodingError
-from reader.findings import Code, InferenceResult
+from reader.findings import Code, Finding, InferenceResult
+from reader.results.wording import finding_label, finding_site, finding_type
 from reader.volume import Volume
 
 __all__ = [
+    "SEG_CONTENT_DESCRIPTION",
     "SEG_CONTENT_LABEL",
     "SEG_SERIES_DESCRIPTION",
     "SEG_SERIES_NUMBER",
     "build_segmentation",
     "coded",
-    "segment_numbers",
+    "tracking_id",
 ]
 
 SEG_SERIES_NUMBER = 9901
-SEG_SERIES_DESCRIPTION = "AI second reader SEG - for review"
+SEG_SERIES_DESCRIPTION = "AI second reader SEG - for review, not for diagnosis"
 SEG_CONTENT_LABEL = "AI_FINDINGS"  # Content Label, CS (PS3.3 C.10.9): uppercase, <= 16 characters
-SEG_CONTENT_DESCRIPTION = "AI-generated segmentation; requires review by a radiologist"
+SEG_CONTENT_DESCRIPTION = "AI-generated; needs review by a radiologist; not for diagnosis"  # LO
 _LABEL_VALUES = 256  # label maps are uint8
 _CHUNK_VOXELS = 1 << 21  # label-map voxels checked at a time
 
@@ -42,34 +45,28 @@ def coded(code: Code) -> PydicomCode:
     return PydicomCode(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def segment_numbers(result: InferenceResult) -> dict[int, int]:
-    """Finding-class label -> SEG Segment Number (1..N), only for classes with a finding, in label order."""
-    labels = sorted({finding.finding_class.label for finding in result.findings})
-    return {label: number for number, label in enumerate(labels, start=1)}
+def tracking_id(finding: Finding) -> str:
+    """The Tracking Identifier of a finding in the SEG and the SR (TID 4108): ``"Finding <n>"``."""
+    return f"Finding {finding.number}"
 
 
 def _segment_array(
-    volume: Volume, result: InferenceResult, numbers: Mapping[int, int], sources: Sequence[Dataset]
+    volume: Volume, result: InferenceResult, sources: Sequence[Dataset]
 ) -> npt.NDArray[np.uint8]:
-    """The label map with labels replaced by segment numbers, one frame per source frame."""
-    label_map = result.label_map
-    if label_map.dtype != np.uint8 or label_map.shape != volume.shape:
+    """The label map (values are finding = segment numbers), one frame per source frame."""
+    segments = result.label_map
+    if segments is None:
+        raise EncodingError("a result without a label map (a boxes model) has no SEG")
+    if segments.dtype != np.uint8 or segments.shape != volume.shape:
         raise EncodingError(
-            f"label map {label_map.dtype}{label_map.shape} does not match the volume {volume.shape}"
+            f"label map {segments.dtype}{segments.shape} does not match the volume {volume.shape}"
         )
-    if len(volume.sources) != label_map.shape[0]:
-        raise EncodingError(f"{len(volume.sources)} sources for {label_map.shape[0]} slices")
-    unreported = sorted(set(_labels_present(label_map)) - {0, *numbers})
+    if len(volume.sources) != segments.shape[0]:
+        raise EncodingError(f"{len(volume.sources)} sources for {segments.shape[0]} slices")
+    numbers = {finding.number for finding in result.findings}
+    unreported = sorted(set(_labels_present(segments)) - {0, *numbers})
     if unreported:
-        raise EncodingError(f"label map has voxels of labels without a finding: {unreported}")
-    segments: npt.NDArray[np.uint8]
-    if all(label == number for label, number in numbers.items()):
-        segments = label_map  # labels are segment numbers already: no copy
-    else:
-        lut = np.zeros(_LABEL_VALUES, dtype=np.uint8)
-        for label, number in numbers.items():
-            lut[label] = number
-        segments = lut[label_map]
+        raise EncodingError(f"label map has voxels of findings the result lacks: {unreported}")
     frame_numbers = [source.frame_number for source in volume.sources]
     if all(number is None for number in frame_numbers):
         return segments
@@ -104,16 +101,16 @@ def build_segmentation(
     result: InferenceResult,
     sources: Sequence[Dataset],
     *,
-    numbers: Mapping[int, int],
+    tracking_uid: Callable[[Finding], str],
     series_instance_uid: str,
     sop_instance_uid: str,
 ) -> hd.seg.Segmentation:
-    """A BINARY Segmentation of the reported findings, referencing ``sources`` (headers suffice).
+    """A BINARY Segmentation with one segment per finding, referencing ``sources`` (headers suffice).
 
     ``sources`` are the source instances' datasets (without Pixel Data) in slice order, or the one
-    multi-frame instance the slices came from.
+    multi-frame instance the slices came from; ``tracking_uid(finding)`` gives the Tracking UID the
+    SR's group of the same finding carries.
     """
-    classes = {finding.finding_class.label: finding.finding_class for finding in result.findings}
     algorithm = result.algorithm
     algorithm_id = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
@@ -122,24 +119,25 @@ def build_segmentation(
         source=algorithm.source,
     )
     descriptions = []
-    for label, number in sorted(numbers.items(), key=lambda item: item[1]):
-        finding_class = classes[label]
-        site = finding_class.site
+    for finding in result.findings:
+        site = finding_site(finding)
         descriptions.append(
             hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=finding_class.name,
-                segmented_property_category=coded(finding_class.category),
-                segmented_property_type=coded(finding_class.property_type),
+                segment_number=finding.number,
+                segment_label=finding_label(finding),
+                segmented_property_category=coded(finding.finding_class.category),
+                segmented_property_type=coded(finding_type(finding)),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm_id,
+                tracking_uid=tracking_uid(finding),
+                tracking_id=tracking_id(finding),
                 anatomic_regions=None if site is None else [coded(site)],
             )
         )
     try:
         seg = hd.seg.Segmentation(
             source_images=list(sources),
-            pixel_array=_segment_array(volume, result, numbers, sources),
+            pixel_array=_segment_array(volume, result, sources),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,

@@ -12,8 +12,12 @@ concatenates entropy sources without a separator.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from functools import partial
 
-__all__ = ["device_observer_uid", "result_uid"]
+from reader.findings import AlgorithmIdentity
+
+__all__ = ["device_observer_uid", "model_identity", "result_uid", "result_uids"]
 
 # Fixed namespace of this project's name-based UUIDs; never change it (UIDs would all change).
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-second-reader:uid")
@@ -42,6 +46,20 @@ def result_uid(
     return _uid("result/1", source_series_uid, model_name, model_version, str(result_version), kind)
 
 
+def result_uids(
+    source_series_uid: str, algorithm: AlgorithmIdentity, result_version: int
+) -> Callable[[str], str]:
+    """``kind -> UID`` for one result: :func:`result_uid` with the model's :func:`model_identity`."""
+    return partial(result_uid, source_series_uid, algorithm.name, model_identity(algorithm), result_version)
+
+
+def model_identity(algorithm: AlgorithmIdentity) -> str:
+    """What identifies a model's weights in UIDs: ``sha256:<digest>`` of the graph that ran, or the
+    free-text version only for hand-made results that carry no digest (tests)."""
+    return f"sha256:{algorithm.weights_sha256}" if algorithm.weights_sha256 else algorithm.version
+
+
 def device_observer_uid(model_name: str, model_version: str, model_source: str) -> str:
-    """Device Observer UID (TID 1004) of the algorithm: stable per model name, version and source."""
+    """Device Observer UID (TID 1004) of the algorithm: stable per model name, identity and source
+    (pass :func:`model_identity` as ``model_version``)."""
     return _uid("device/1", model_name, model_version, model_source)
