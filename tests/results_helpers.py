@@ -17,7 +17,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from reader.findings import AlgorithmIdentity, Code, Finding, FindingClass, InferenceResult
+from reader.findings import AlgorithmIdentity, Code, Finding, FindingClass, InferenceResult, Outline
+from reader.inference.postprocess import outline_of
 from reader.volume import SourceInstance, Volume
 from tests.peers import missing
 
@@ -134,19 +135,23 @@ def tumour_box(volume: Volume) -> Box:
     )
 
 
-def lesion_result(volume: Volume, box: Box, score: float = 0.87) -> InferenceResult:
-    """An InferenceResult with one finding: a block filling the tumour box (no model is run)."""
-    label_map = np.zeros(volume.voxels.shape, dtype=np.uint8)
+SQUARE = Outline(slice_index=3, points=((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (0.0, 0.0)))
+"""A one-pixel outline on slice 3, for findings whose drawing does not matter to a test."""
+
+
+def block_finding(volume: Volume, box: Box, *, number: int = 1, score: float = 0.87) -> Finding:
+    """A finding that is the block ``box`` (no model is run), measured as postprocess would."""
     s0, s1 = box.slices
     r0, r1 = box.rows
     c0, c1 = box.columns
-    label_map[s0 : s1 + 1, r0 : r1 + 1, c0 : c1 + 1] = LESION.label
-    count = int(label_map.sum())
+    count = (s1 - s0 + 1) * (r1 - r0 + 1) * (c1 - c0 + 1)
     ds, dr, dc = volume.spacing_mm
     extent = np.array([(s1 - s0) * ds, (r1 - r0) * dr, (c1 - c0) * dc])
     centre = volume.voxel_to_patient(((s0 + s1) / 2, (r0 + r1) / 2, (c0 + c1) / 2))
-    finding = Finding(
-        number=1,
+    key = (s0 + s1) // 2
+    plane = np.ones((r1 - r0 + 1, c1 - c0 + 1), dtype=bool)
+    return Finding(
+        number=number,
         finding_class=LESION,
         score=score,
         voxel_count=count,
@@ -154,14 +159,33 @@ def lesion_result(volume: Volume, box: Box, score: float = 0.87) -> InferenceRes
         longest_diameter_mm=float(np.linalg.norm(extent)),
         centroid_mm=centre,
         slice_indices=tuple(range(s0, s1 + 1)),
+        outline=Outline(slice_index=key, points=outline_of(plane, (r0, c0))),
     )
+
+
+def blocks_result(volume: Volume, boxes: list[Box], scores: list[float] | None = None) -> InferenceResult:
+    """An InferenceResult whose finding n is the block ``boxes[n - 1]`` (label-map value n)."""
+    label_map = np.zeros(volume.voxels.shape, dtype=np.uint8)
+    findings = []
+    for number, box in enumerate(boxes, start=1):
+        s0, s1 = box.slices
+        r0, r1 = box.rows
+        c0, c1 = box.columns
+        label_map[s0 : s1 + 1, r0 : r1 + 1, c0 : c1 + 1] = number
+        score = 0.87 if scores is None else scores[number - 1]
+        findings.append(block_finding(volume, box, number=number, score=score))
     return InferenceResult(
         algorithm=ALGORITHM,
         finding_classes=(LESION,),
-        findings=(finding,),
+        findings=tuple(findings),
         label_map=label_map,
         provider="CPUExecutionProvider",
     )
+
+
+def lesion_result(volume: Volume, box: Box, score: float = 0.87) -> InferenceResult:
+    """An InferenceResult with one finding: a block filling the tumour box (no model is run)."""
+    return blocks_result(volume, [box], [score])
 
 
 def negative_result(volume: Volume) -> InferenceResult:

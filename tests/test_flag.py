@@ -10,7 +10,7 @@ import pytest
 from reader.errors import ConfigError
 from reader.findings import Finding, FindingClass
 from reader.flag import FlagDecision, FlagRule, FlagState, decide, parse_flag_rule
-from tests.results_helpers import LESION, MASS
+from tests.results_helpers import LESION, MASS, SQUARE
 
 
 def finding(number: int, score: float, diameter_mm: float, finding_class: FindingClass = LESION) -> Finding:
@@ -24,6 +24,7 @@ def finding(number: int, score: float, diameter_mm: float, finding_class: Findin
         longest_diameter_mm=diameter_mm,
         centroid_mm=(0.0, 0.0, 0.0),
         slice_indices=(3,),
+        outline=SQUARE,
     )
 
 

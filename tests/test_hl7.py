@@ -19,7 +19,7 @@ from reader.flag import FlagRule, decide
 from reader.notify import MllpEndpoint, StudyReport, build_oru, message_control_id, send_oru
 from reader.notify.summary import AI_PENDING_REVIEW, PatientIdentity, ResultObject
 from tests.peers import LOCALHOST, free_port, wait_until
-from tests.results_helpers import ALGORITHM, LESION
+from tests.results_helpers import ALGORITHM, LESION, SQUARE
 from tests.worklist_peers import Listener
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
@@ -38,7 +38,8 @@ OBJECTS = (
 def report(*, score: float = 0.9, with_findings: bool = True) -> StudyReport:
     """A processed study: one lung lesion (flagged when score >= 0.8), or no findings."""
     findings = (
-        (Finding(1, LESION, score, 100, 523.6, 12.34, (1.0, 2.0, 3.0), (4, 5)),) if with_findings else ()
+        (Finding(1, LESION, score, 100, 523.6, 12.34, (1.0, 2.0, 3.0), (4, 5), SQUARE),)
+        if with_findings else ()
     )
     decision = decide(FlagRule(min_score=0.8), findings)
     objects = OBJECTS if decision.flagged else OBJECTS[1:2] if not findings else OBJECTS[:2]

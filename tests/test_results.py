@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -18,16 +17,16 @@ from reader.errors import EncodingError
 from reader.findings import FindingClass, InferenceResult
 from reader.results import ResultObjects, encode_results, result_uid
 from reader.results.clean import clean_copied_attributes, prepare_source
-from reader.results.seg import segment_numbers
 from reader.results.sr import AI_NOTICE, NO_FINDINGS
+from reader.results.uids import result_uids
+from reader.results.wording import MASS as MASS_CODE
+from reader.results.wording import NODULE, RAW_SCORE
 from reader.volume import Volume
 from tests.results_helpers import (
     ALGORITHM,
-    LESION,
-    MASS,
     Box,
+    blocks_result,
     dciodvfy_errors,
-    lesion_result,
     negative_result,
     require_dciodvfy,
     save_strict,
@@ -62,7 +61,7 @@ def _source(volume: Volume, index: int = 0) -> Dataset:
 
 
 def _uid(volume: Volume, kind: str, version: int = 1) -> str:
-    return result_uid(volume.series_instance_uid, ALGORITHM.name, ALGORITHM.version, version, kind)
+    return result_uids(volume.series_instance_uid, ALGORITHM, version)(kind)
 
 
 # ---------------------------------------------------------------- validity (dciodvfy)
@@ -108,17 +107,22 @@ def test_negative_result_gives_valid_sr_only(volume: Volume, tmp_path: Path) -> 
 def test_seg_reads_back_with_the_box(
     volume: Volume, box: Box, encoded: ResultObjects, written: dict[str, Path]
 ) -> None:
-    """segread finds one AUTOMATIC segment whose frames cover exactly the box slices and voxels."""
+    """segread finds one AUTOMATIC segment, named in words, whose frames cover exactly the box."""
     seg = hd.seg.segread(written["seg"])
     assert seg.segment_numbers == [1]
     description = seg.get_segment_description(1)
-    assert description.segment_label == LESION.name
+    assert description.segment_label.startswith("Finding 1: mass ")
+    assert description.segmented_property_type == codes.SCT.Mass
+    assert description.tracking_id == "Finding 1"
+    assert description.tracking_uid == _uid(volume, "finding-1")
+
     assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
     assert description.algorithm_identification is not None
     assert description.algorithm_identification[0].AlgorithmName == ALGORITHM.name
     assert seg.NumberOfFrames == box.slices[1] - box.slices[0] + 1  # empty frames omitted
     assert seg.SeriesNumber == 9901
-    assert seg.SeriesDescription == "AI second reader SEG - for review"
+    assert seg.SeriesDescription == "AI second reader SEG - for review, not for diagnosis"
+    assert "not for diagnosis" in seg.ContentDescription
     assert seg.ContentLabel == "AI_FINDINGS"
     assert seg.Manufacturer == ALGORITHM.source
     assert "DERIVED" in seg.ImageType
@@ -134,22 +138,35 @@ def test_seg_reads_back_with_the_box(
 def test_sr_reads_back_with_one_group(
     volume: Volume, positive: InferenceResult, written: dict[str, Path]
 ) -> None:
-    """srread gives one TID 1411 group with tracking UID, measurements and a reference to SEG segment 1."""
+    """srread gives one TID 1411 group with tracking UID, rounded measurements, the raw score named as
+    such, a reference to SEG segment 1, and the outline on its key slice and its centre."""
     seg = pydicom.dcmread(written["seg"], stop_before_pixels=True)
     sr = hd.sr.srread(written["sr"])
     groups = _groups(sr)
     assert len(groups) == 1
     group = groups[0]
     finding = positive.findings[0]
-    assert group.tracking_identifier == "finding 1"
+    assert group.tracking_identifier == "Finding 1"
     assert group.tracking_uid == _uid(volume, "finding-1")
-    assert group.finding_type == codes.SCT.Nodule
+    assert finding.longest_diameter_mm > 30.0
+    assert group.finding_type == codes.SCT.Mass
     values = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
     assert values[codes.SCT.Volume.value][1] == "mm3"
-    assert values[codes.SCT.Volume.value][0] == pytest.approx(finding.volume_mm3, rel=1e-6)
-    assert values[codes.SCT.LongAxis.value][0] == pytest.approx(finding.longest_diameter_mm, rel=1e-6)
-    assert values[codes.DCM.CertaintyOfFinding.value][0] == pytest.approx(87.0)
-    assert values[codes.DCM.CertaintyOfFinding.value][1] == "%"
+    assert finding.volume_mm3 is not None
+    assert values[codes.SCT.Volume.value][0] == round(finding.volume_mm3)
+    assert values[codes.SCT.LongAxis.value][0] == round(finding.longest_diameter_mm, 1)
+    assert values[RAW_SCORE.value] == (87.0, "%")
+    assert codes.DCM.CertaintyOfFinding.value not in values
+    region, centre = _coordinates(group)
+    assert region.GraphicType == "POLYLINE"
+    points = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+    assert tuple(points[0]) == tuple(points[-1])
+    assert tuple(map(tuple, points)) == finding.outline.points
+    source = region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == volume.sources[finding.outline.slice_index].sop_instance_uid
+    assert centre.GraphicType == "POINT"
+    assert np.allclose(np.asarray(centre.GraphicData, dtype=float), finding.centroid_mm, atol=1e-3)
+    assert centre.ReferencedFrameOfReferenceUID == volume.frame_of_reference_uid
     item, series = _segment_reference(group)
     assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert item.ReferencedSegmentNumber == 1
@@ -157,8 +174,11 @@ def test_sr_reads_back_with_one_group(
     assert sr.CompletionFlag == "PARTIAL"
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.SeriesNumber == 9902
-    assert sr.SeriesDescription == "AI second reader SR - for review"
-    assert AI_NOTICE in _texts(sr)
+    assert sr.SeriesDescription == "AI second reader SR - for review, not for diagnosis"
+    texts = _texts(sr)
+    assert AI_NOTICE in texts and "not for diagnosis" in AI_NOTICE
+    assert any(t.startswith("Read series") and volume.series_instance_uid in t for t in texts)
+    assert any("not calibrated" in t for t in texts)
 
 
 def test_objects_join_the_source_study(volume: Volume, written: dict[str, Path]) -> None:
@@ -207,37 +227,25 @@ def test_result_uid_is_a_stable_2_25_uid() -> None:
 # ---------------------------------------------------------------- segments and classes
 
 
-def test_segments_are_numbered_contiguously_and_referenced(volume: Volume, box: Box) -> None:
-    """Classes 2 and 5 become SEG segments 1 and 2, and each SR group references its class's segment."""
-    first = replace(LESION, label=2, name="Nodule A")
-    second = replace(MASS, label=5, name="Mass B")
-    base = lesion_result(volume, box)
-    finding = base.findings[0]
-    label_map = np.zeros_like(base.label_map)
-    label_map[base.label_map > 0] = 2
-    s = box.slices[0]
-    label_map[s : s + 2, 10:20, 10:20] = 5
-    findings = (
-        replace(finding, finding_class=first),
-        replace(
-            finding,
-            number=2,
-            finding_class=second,
-            score=0.6,
-            voxel_count=200,
-            volume_mm3=100.0,
-            slice_indices=(s, s + 1),
-        ),
-    )
-    result = replace_result(base, (first, second), findings, label_map)
-    assert segment_numbers(result) == {2: 1, 5: 2}
+def test_each_finding_is_its_own_segment_with_the_same_tracking_identity(volume: Volume, box: Box) -> None:
+    """Two findings become SEG segments 1 and 2; each SR group references its own segment and
+    carries the same Tracking Identifier and UID as that segment; a small one is a nodule."""
+    s0 = box.slices[0]
+    small = Box(slices=(s0, s0 + 1), rows=(40, 49), columns=(40, 49))
+    result = blocks_result(volume, [box, small], [0.9, 0.6])
     objects = encode_results(volume, result)
     assert objects.seg is not None
-    assert [d.SegmentNumber for d in objects.seg.SegmentSequence] == [1, 2]
-    numbers = {
-        g.tracking_identifier: _segment_reference(g)[0].ReferencedSegmentNumber for g in _groups(objects.sr)
-    }
-    assert numbers == {"finding 1": 1, "finding 2": 2}
+    segments = {d.SegmentNumber: d for d in objects.seg.SegmentSequence}
+    assert sorted(segments) == [1, 2]
+    groups = _groups(objects.sr)
+    assert len(groups) == len(segments)
+    for group in groups:
+        number = _segment_reference(group)[0].ReferencedSegmentNumber
+        segment = segments[number]
+        assert group.tracking_identifier == f"Finding {number}" == segment.TrackingID
+        assert group.tracking_uid == segment.TrackingUID
+    assert segments[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == NODULE.value
+    assert segments[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == MASS_CODE.value
 
 
 def replace_result(
@@ -258,6 +266,7 @@ def replace_result(
 
 def test_label_without_finding_is_an_encoding_error(volume: Volume, positive: InferenceResult) -> None:
     """Voxels of a label that no finding reports make encoding fail instead of silently vanishing."""
+    assert positive.label_map is not None
     label_map = positive.label_map.copy()
     label_map[0, 0:4, 0:4] = 7
     result = replace_result(positive, positive.finding_classes, positive.findings, label_map)
@@ -341,6 +350,16 @@ def _segment_reference(
     reference = group.referenced_segment
     assert reference is not None
     return reference[0].ReferencedSOPSequence[0], str(reference[1].UID)
+
+
+def _coordinates(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations) -> tuple[Dataset, Dataset]:
+    """The group's Image Region (SCOORD) and Center (SCOORD3D) content items."""
+    items = group[0].ContentSequence
+    region = next(i for i in items if i.ValueType == "SCOORD")
+    centre = next(i for i in items if i.ValueType == "SCOORD3D")
+    assert region.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+    assert centre.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Center.value
+    return region, centre
 
 
 def _texts(sr: Dataset) -> list[str]:

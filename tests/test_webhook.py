@@ -39,7 +39,8 @@ def test_flagged_event_is_signed_and_delivered(receiver: Receiver) -> None:
     assert event["study"] == {"study_instance_uid": STUDY_UID, "accession_number": "ACC^42", "modality": "CT"}
     assert event["flag"] == {"state": "flagged", "flagged": True, "rule": "score >= 0.8",
                              "triggering_findings": [1]}
-    assert event["findings"][0]["longest_diameter_mm"] == 12.34
+    assert event["findings"][0]["longest_diameter_mm"] == 12.3  # rounded to 0.1 mm
+    assert event["findings"][0]["label"] == "Finding 1: nodule 12.3 mm"
     assert event["findings"][0]["triggers_flag"] is True
     assert [r["kind"] for r in event["results"]] == ["SEG", "SR", "KOS"]
     assert event["algorithm"]["name"] == "lung-lesion-unet"
