@@ -1,4 +1,10 @@
-"""The lung-field gate: findings outside the lungs are dropped when a package asks for it."""
+"""The lung-field gate: findings outside the lungs are dropped when a package asks for it, and a
+finding's side is told where the lung field allows.
+
+Data (last test): patient Lung_Dx-A0001 of the TCIA collection Lung-PET-CT-Dx (CC BY 4.0): Li, P.,
+Wang, S., Li, T., Lu, J., HuangFu, Y., & Wang, D. (2020). A Large-Scale CT and PET/CT Dataset for
+Lung Cancer Diagnosis [Data set]. The Cancer Imaging Archive. https://doi.org/10.7937/TCIA.2020.NNC20461
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ import pytest
 
 from reader.errors import ManifestError
 from reader.inference import ModelPackage
-from reader.inference.anatomy import lung_field, within_margin
+from reader.inference.anatomy import LEFT_LUNG, RIGHT_LUNG, lung_field, lung_gate, within_margin
+from reader.volume import load_volume
 from tests.onnx_fixtures import label_dict, make_volume, manifest_dict, write_package
+from tests.peers import require_data
+from tests.results_helpers import tumour_box
 
 
 def _phantom() -> npt.NDArray[np.float32]:
@@ -100,3 +109,39 @@ def test_lung_margin_needs_the_lung_fraction_gate(tmp_path: Path) -> None:
         m["labels"] = [{**label_dict(1, "Lung lesion"), **extra}]
         with pytest.raises(ManifestError, match="lung_margin_mm"):
             ModelPackage.load(write_package(tmp_path / f"pkg-{len(extra)}", m))
+
+
+def test_side_is_told_from_the_midline_of_the_lung_field() -> None:
+    """A point in the lung at low x is in the right lung, at high x in the left (PS3.3 LPS axes);
+    one near the midline gets no side."""
+    gate = lung_gate(make_volume(_phantom(), spacing_mm=(5.0, 1.0, 1.0)))
+    assert gate.site((30.0, 64.0, 40.0)) == RIGHT_LUNG
+    assert gate.site((98.0, 64.0, 40.0)) == LEFT_LUNG
+    assert gate.site((66.0, 64.0, 40.0)) is None
+
+
+def test_no_side_with_one_lung_or_columns_not_along_x() -> None:
+    """With one lung (the other airless) or image columns not along the patient's x axis, no
+    finding gets a side: never a guessed one."""
+    one_lung = _phantom()
+    one_lung[one_lung == -850.0] = np.where(np.arange(128) < 64, -850.0, 0.0)[
+        np.nonzero(one_lung == -850.0)[2]]
+    gate = lung_gate(make_volume(one_lung, spacing_mm=(5.0, 1.0, 1.0)))
+    assert gate.site((30.0, 64.0, 40.0)) is None
+    sagittal = make_volume(_phantom(), spacing_mm=(5.0, 1.0, 1.0), row_cosines=(0.0, 1.0, 0.0),
+                           column_cosines=(0.0, 0.0, -1.0))
+    assert lung_gate(sagittal).site((0.0, 30.0, 0.0)) is None
+
+
+def test_the_shared_tumour_lies_in_the_left_lung() -> None:
+    """On the shared CT, the radiologist-boxed adenocarcinoma (left upper lobe) is placed in the
+    left lung, and a point in the right lung in the right lung."""
+    volume = load_volume(sorted(require_data("lung-pet-ct-dx/ct-A0001-5mm-lung-kernel").glob("*.dcm")))
+    gate = lung_gate(volume)
+    box = tumour_box(volume)
+    centre = volume.voxel_to_patient(((box.slices[0] + box.slices[1]) / 2, (box.rows[0] + box.rows[1]) / 2,
+                                      (box.columns[0] + box.columns[1]) / 2))
+    assert gate.site(centre) == LEFT_LUNG
+    mirrored = volume.voxel_to_patient(((box.slices[0] + box.slices[1]) / 2, (box.rows[0] + box.rows[1]) / 2,
+                                        volume.shape[2] - (box.columns[0] + box.columns[1]) / 2))
+    assert gate.site(mirrored) == RIGHT_LUNG

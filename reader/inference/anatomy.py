@@ -15,10 +15,12 @@ the pleura or the mediastinum. The mask is repeated back onto the native grid.
 independent per slice), inside the lungs' bounding box, and maps only the asked box back onto the
 native grid: a postprocessing step that gates a few findings pays for a few slices.
 
-:func:`lung_gate` also tells a finding's side: when the two lungs are found as two components,
-the plane half-way between their centres (in patient coordinates, PS3.3 C.7.6.2.1.1: +x is the
-patient's left) divides left from right; a point within :data:`SIDE_MARGIN_MM` of that plane, or a
-volume whose lungs are one component, gets no side (never a guessed one). Lobes are not told apart.
+:func:`lung_gate` also tells a finding's side. The lungs are often one component (joined at the
+trachea), so the midline is the middle of the lung field's extent across the patient (the image
+columns must run along the patient's x axis, PS3.3 C.7.6.2.1.1: +x is the patient's left), and
+each side must hold at least :data:`_MIN_SIDE_FRACTION` of the lung field (no side after a
+pneumonectomy or a collapsed lung). A point within :data:`SIDE_MARGIN_MM` of the midline gets no
+side: never a guessed one. Lobes are not told apart.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ __all__ = ["LEFT_LUNG", "RIGHT_LUNG", "SIDE_MARGIN_MM", "LungField", "LungGate",
 
 LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
-SIDE_MARGIN_MM = 10.0  # points nearer than this to the plane between the lungs get no side
-_MIN_LUNG_SEPARATION_MM = 60.0  # two "lungs" whose centres are closer in x are not left and right
+SIDE_MARGIN_MM = 15.0  # points nearer than this to the midline get no side
+_MIN_SIDE_FRACTION = 0.2  # each side of the midline holds at least this fraction of the lung field
+_ALONG_X = 0.9  # |row direction cosine x| at least this: image columns run along the patient's x
 
 log = structlog.get_logger(__name__)
 
@@ -70,11 +73,8 @@ class LungField:
     """
 
     def __init__(self, lungs: npt.NDArray[np.bool_], stride: int, radius: int,
-                 native_shape: tuple[int, int, int],
-                 centres: tuple[tuple[float, float, float], ...] = ()) -> None:
+                 native_shape: tuple[int, int, int]) -> None:
         self._lungs = lungs  # the kept components on the strided grid, before closing
-        # native (slice, row, column) centre of each kept component: two when both lungs were found
-        self.centres = centres
         self._closed = np.zeros(lungs.shape, dtype=bool)
         self._done = np.zeros(lungs.shape[0], dtype=bool)
         self._stride = stride
@@ -127,11 +127,23 @@ class LungField:
         lungs = components == keep[0]  # np.isin would make an index copy of the whole array
         for other in keep[1:]:
             lungs |= components == other
-        found = ndimage.center_of_mass(lungs, components, keep)
         del components
-        centres = tuple((float(z), float(y) * stride, float(x) * stride) for z, y, x in found)
         radius = max(1, round(_CLOSING_MM / (stride * spacing_mm[1])))
-        return cls(lungs, stride, radius, native_shape, centres)
+        return cls(lungs, stride, radius, native_shape)
+
+    def midline_column(self) -> float | None:
+        """The native column half-way across the lung field, or None when one side holds less than
+        :data:`_MIN_SIDE_FRACTION` of it."""
+        per_column = self._lungs.sum(axis=(0, 1), dtype=np.int64)
+        columns = np.flatnonzero(per_column)
+        if columns.size == 0:
+            return None
+        middle = (int(columns[0]) + int(columns[-1]) + 1) / 2.0  # strided grid, between pixel edges
+        total = float(per_column.sum())
+        below = float(per_column[: int(middle)].sum())
+        if min(below, total - below) < _MIN_SIDE_FRACTION * total:
+            return None
+        return middle * self._stride
 
     def mask(self, box: _Box | None = None) -> npt.NDArray[np.bool_]:
         """The lungs on the native grid inside ``box`` (unit steps; None: the whole volume)."""
@@ -210,16 +222,19 @@ class LungGate:
         return within_margin(self._mask, (box[0], box[1], box[2]), margin_mm, v.spacing_mm, v.shape)
 
     def site(self, point_mm: tuple[float, float, float], /) -> Code | None:
+        v = self._volume
+        if abs(v.row_cosines[0]) < _ALONG_X:
+            return None
         field = self._field()
-        if field is None or len(field.centres) != 2:
+        middle = None if field is None else field.midline_column()
+        if middle is None:
             return None
-        xs = sorted(self._volume.voxel_to_patient(centre)[0] for centre in field.centres)
-        if xs[1] - xs[0] < _MIN_LUNG_SEPARATION_MM:
+        # the point's column, then its distance from the midline along the patient's x axis
+        column = sum((p - o) * r for p, o, r in zip(point_mm, v.origin_mm, v.row_cosines, strict=True))
+        offset_mm = (column - (middle - 0.5) * v.spacing_mm[2]) * np.sign(v.row_cosines[0])
+        if abs(offset_mm) < SIDE_MARGIN_MM:
             return None
-        offset = point_mm[0] - (xs[0] + xs[1]) / 2.0
-        if abs(offset) < SIDE_MARGIN_MM:
-            return None
-        return LEFT_LUNG if offset > 0 else RIGHT_LUNG
+        return LEFT_LUNG if offset_mm > 0 else RIGHT_LUNG
 
 
 def lung_gate(volume: Volume) -> LungGate:
