@@ -167,6 +167,12 @@ def test_sr_reads_back_with_one_group(
     assert centre.GraphicType == "POINT"
     assert np.allclose(np.asarray(centre.GraphicData, dtype=float), finding.centroid_mm, atol=1e-3)
     assert centre.ReferencedFrameOfReferenceUID == volume.frame_of_reference_uid
+    library = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    assert len(library) == 1, "an Image Library (TID 1600) with the key slice"
+    entries = [e for g in library[0].ContentSequence for e in g.get("ContentSequence", [])
+               if e.ValueType == "IMAGE"]
+    assert [e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries] == [
+        source.ReferencedSOPInstanceUID]
     item, series = _segment_reference(group)
     assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert item.ReferencedSegmentNumber == 1

@@ -32,8 +32,9 @@ package has a calibration, else the raw model output named as such (``reader.res
 
 A negative study has no row 6 (TID 1500 needs at least one of rows 6, 10 and 12; an empty row 6
 container would lack the Content Sequence that readers such as highdicom expect) and states the
-negative result in row 12. The optional Image Library (row 5, TID 1600) is left out: the evidence
-sequence already lists every source image, and building 64 library entries tripled encoding time.
+negative result in row 12. The Image Library (row 5, TID 1600) lists the findings' key slices only
+(older OHIF releases fail to load an SR without one); the evidence sequence lists every source
+image, and a library of all 64 slices tripled encoding time.
 The document is PARTIAL, UNVERIFIED and PRELIMINARY: AI output for review.
 """
 
@@ -258,6 +259,7 @@ def _root(
     modality: str,
     groups: Sequence[_Group],
     notes: Sequence[str],
+    key_images: Sequence[Dataset],
 ) -> Dataset:
     """The TID 1500 root container: rows 1-4, 6 (only with findings) and 12."""
     context = _observation_context(result)
@@ -269,6 +271,7 @@ def _root(
             procedure_reported=procedure,
             imaging_measurements=list(groups),
             title=codes.cid7021.ImagingMeasurementReport,
+            referenced_images=list(key_images),
         )[0]
     else:
         # highdicom's MeasurementReport insists on at least one group; build rows 1-4 the same way.
@@ -320,12 +323,15 @@ def build_report(
         for finding in result.findings
     ]
     notes = [source_series_text(volume, sources[0]), _provenance_text(result)]
+    by_uid = {str(header.SOPInstanceUID): header for header in sources}
+    key_uids = dict.fromkeys(volume.sources[f.outline.slice_index].sop_instance_uid for f in result.findings)
+    key_images = [by_uid[uid] for uid in key_uids if uid in by_uid]
     if result.findings:
         notes.insert(1, _score_text(result))
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
-            content=_root(result, volume.modality, groups, notes),
+            content=_root(result, volume.modality, groups, notes, key_images),
             series_instance_uid=uid("sr-series"),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=uid("sr-instance"),
