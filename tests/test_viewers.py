@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom import Dataset
 
@@ -78,6 +79,14 @@ def _child(group: Dataset, concept: str) -> Dataset:
     return next(item for item in group.ContentSequence if _concept(item) == concept)
 
 
+def key_image(group: Dataset) -> str | None:
+    """SOP Instance UID of the image the group's first SCOORD is drawn on (None without a SCOORD)."""
+    for item in group.ContentSequence:
+        if item.ValueType == "SCOORD":
+            return str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return None
+
+
 @pytest.fixture(scope="module")
 def published(
     volume: Volume, positive: InferenceResult, tmp_path_factory: pytest.TempPathFactory
@@ -127,11 +136,19 @@ def test_ohif_overlays_the_seg_and_lists_each_segment_by_label(
     assert all(path.is_file() for path in report.screenshots)
 
 
-def test_ohif_draws_each_sr_finding_with_its_measurements(viewer: OhifViewer, published: Published) -> None:
+def test_ohif_draws_each_sr_finding_with_its_measurements(
+    viewer: OhifViewer, published: Published, volume: Volume
+) -> None:
     """OHIF draws every SR measurement group on its key image and lists each in its measurement panel."""
     groups = measurement_groups(published.sr)
     assert len(groups) == len(published.seg.SegmentSequence), "one SR measurement group per SEG segment"
     report = viewer.open_sr(published.study_uid, expected=len(groups))
+    # OHIF opens the SR on the first group's image; its overlay shows that image's Instance Number.
+    first_key = key_image(groups[0])
+    assert first_key is not None, "the first measurement group has no SCOORD on a key image"
+    source = next(s.path for s in volume.sources if s.sop_instance_uid == first_key)
+    number = pydicom.dcmread(source, stop_before_pixels=True).InstanceNumber
+    assert report.image_index.startswith(f"I:{number} "), report.image_index
     assert report.dropped_annotations == [], report.dropped_annotations
     # Cornerstone draws an annotation only while its referenced image is on screen.
     assert len(report.drawn_annotations) == len(groups), report
