@@ -182,6 +182,8 @@ class OhifServer:
         self.dist = dist
         self.orthanc = orthanc
         self.proxy_errors: list[str] = []
+        self.proxy_log: list[str] = []
+        """Every proxied request Orthanc answered with an HTTP error (4xx included)."""
         self._httpd = http.server.ThreadingHTTPServer((LOCALHOST, 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ohif-http", daemon=True)
@@ -230,7 +232,10 @@ class OhifServer:
                     return
                 local = (server.dist / path.lstrip("/")).resolve()
                 if not local.is_file() or server.dist.resolve() not in local.parents:
-                    self.path = "/index.html"  # the SPA routes every other path itself
+                    if "." in path.rsplit("/", 1)[-1]:  # a missing asset: 404, which the console shows
+                        self.send_error(404)
+                        return
+                    self.path = "/index.html"  # a route: the single-page application handles it
                 super().do_GET()
 
             def _send(self, status: int, kind: str, body: bytes) -> None:
@@ -250,6 +255,7 @@ class OhifServer:
                         status, headers, body = answer.status, answer.headers, answer.read()
                 except urllib.error.HTTPError as exc:
                     status, headers, body = exc.code, exc.headers, exc.read()
+                    server.proxy_log.append(f"GET {self.path} -> {status}")
                     if status >= 500:
                         server.proxy_errors.append(f"GET {self.path} -> {status}")
                 self.send_response(status)
