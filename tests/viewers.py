@@ -70,6 +70,8 @@ __all__ = [
     "OhifReport",
     "OhifServer",
     "OhifViewer",
+    "RowView",
+    "Selectors",
     "artifacts",
     "dcmqi_measurements",
     "dcmqi_segments",
@@ -91,6 +93,7 @@ _PAGE_LOAD_S = 60.0
 _VIEWER_S = 60.0
 _PROXY_TIMEOUT_S = 60.0
 _AFTER_FAILURE_S = 5.0
+_JUMP_S = 3.0
 
 
 def ohif_dist() -> Path:
@@ -304,6 +307,7 @@ class Selectors:
     TOUR_BUTTON = ".shepherd-element button"
     SEGMENTATION_TAB = '[data-cy="panelSegmentation-btn"]'
     MEASUREMENT_TAB = '[data-cy="trackedMeasurements-btn"]'
+    ROW = '[data-cy="data-row"]'
     ROW_TITLE = '[data-cy="data-row-title"]'
     ROW_DETAILS = '[data-cy="data-row-details"]'
     IMAGE_INDEX = '[data-cy="viewport-overlay-bottom-right"]'
@@ -337,6 +341,17 @@ _CONSOLE_NOISE: tuple[re.Pattern[str], ...] = ()
 Empty: OHIF 3.13.2 logged none here (Chromium 156, Orthanc 1.10 + DICOMweb 1.7)."""
 
 
+@dataclass(frozen=True)
+class RowView:
+    """The viewport after clicking one measurement panel row: OHIF jumps to the measurement's image."""
+
+    label: str
+    image_index: str
+    """The viewport's image overlay then, e.g. ``I:18 (18/64)`` (Instance Number first)."""
+    annotations: int
+    """Annotations drawn on that image."""
+
+
 @dataclass
 class OhifReport:
     """What OHIF showed for one action: panel rows, drawings, console problems and screenshots."""
@@ -354,6 +369,8 @@ class OhifReport:
     """The text boxes drawn beside those annotations."""
     image_index: str = ""
     """The viewport's image overlay, e.g. ``I:18 (18/64)``."""
+    row_views: list[RowView] = field(default_factory=list)
+    """For each measurement panel row, in order: the image OHIF jumped to and what it drew there."""
     console_errors: list[str] = field(default_factory=list)
     """SEVERE browser console messages, less :data:`_CONSOLE_NOISE`, plus proxy failures."""
     dropped_annotations: list[str] = field(default_factory=list)
@@ -405,18 +422,19 @@ class OhifViewer:
     def open_sr(self, study_uid: str, *, expected: int = 1) -> OhifReport:
         """Open the study, load its (first) SR in the viewport and read drawings and measurement panel.
 
-        Waits until ``expected`` annotations are drawn or listed, or the deadline passes (then the
-        report holds what was shown, for the test to assert on).
+        Waits until an annotation is drawn and ``expected`` rows are listed, or OHIF logs that it
+        dropped a group, or the deadline passes; the report then holds what was shown, for the test
+        to assert on. Each panel row is then clicked to see the image OHIF jumps to (``row_views``).
         """
         report = OhifReport()
         self._load(study_uid)
         self._double_click_series("SR")
 
-        def drawn() -> bool:
-            return len(self._attrs(Selectors.ANNOTATION, "data-annotation-uid")) >= expected
+        def drawn() -> bool:  # only the annotations on the image on screen are drawn: wait for one
+            return bool(self._attrs(Selectors.ANNOTATION, "data-annotation-uid"))
 
         # Stop waiting early once OHIF has said it dropped a group or failed: the rest won't come.
-        self._poll(lambda: drawn() or self._gave_up(), f"{expected} SR annotation(s) drawn")
+        self._poll(lambda: drawn() or self._gave_up(), "an SR annotation drawn")
         complete = drawn()
         report.drawn_annotations = self._attrs(Selectors.ANNOTATION, "data-annotation-uid")
         report.drawn_texts = self._texts(Selectors.ANNOTATION_TEXT)
@@ -434,8 +452,27 @@ class OhifViewer:
             self._poll(listed, "measurement panel rows", timeout_s=_AFTER_FAILURE_S)
         report.measurement_labels = self._texts(Selectors.ROW_TITLE)
         report.measurement_details = self._texts(Selectors.ROW_DETAILS)
-        self._finish(report, "sr-measurements")
+        self._screenshot(report, "sr-measurements")
+        for index, label in enumerate(report.measurement_labels):
+            report.row_views.append(self._jump_to_row(index, label, report))
+        self._finish(report, "sr-done")
         return report
+
+    def _jump_to_row(self, index: int, label: str, report: OhifReport) -> RowView:
+        """Click a measurement panel row (OHIF jumps to its image) and read what the viewport shows."""
+        before = " ".join(self._texts(Selectors.IMAGE_INDEX))
+        rows = self._find(Selectors.ROW)
+        if index >= len(rows):
+            return RowView(label, "", 0)
+        self._driver.execute_script("arguments[0].click();", rows[index])
+        # A jump changes the image overlay; the first row's image may already be on screen.
+        self._poll(lambda: " ".join(self._texts(Selectors.IMAGE_INDEX)) != before, "jump", timeout_s=_JUMP_S)
+        self._poll(lambda: bool(self._find(Selectors.ANNOTATION)), f"annotation of row {index + 1}")
+        view = RowView(
+            label, " ".join(self._texts(Selectors.IMAGE_INDEX)), len(self._find(Selectors.ANNOTATION))
+        )
+        self._screenshot(report, f"sr-row-{index + 1}")
+        return view
 
     # -- steps --------------------------------------------------------------------------------------
 
