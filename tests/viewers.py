@@ -302,7 +302,6 @@ class Selectors:
     stable hooks it offers. Update them here when the pinned OHIF version changes.
     """
 
-    THUMBNAIL = '[data-cy^="study-browser-thumbnail"]'
     THUMBNAIL_MODALITY = '[data-cy="series-modality-label"]'
     TOUR_BUTTON = ".shepherd-element button"
     SEGMENTATION_TAB = '[data-cy="panelSegmentation-btn"]'
