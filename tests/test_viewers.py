@@ -23,8 +23,10 @@ from pydicom import Dataset
 
 from reader.findings import InferenceResult
 from reader.results import encode_results
+from reader.results.wording import length_mm, volume_mm3
 from reader.volume import Volume
 from tests.peers import Orthanc
+from tests.results_helpers import Box, blocks_result
 from tests.viewers import (
     OhifServer,
     OhifViewer,
@@ -88,10 +90,18 @@ def key_image(group: Dataset) -> str | None:
 
 
 @pytest.fixture(scope="module")
+def positive(volume: Volume, box: Box) -> InferenceResult:
+    """Two findings: the tumour box, and a small block on another slice."""
+    middle = (box.slices[0] + box.slices[1]) // 2
+    small = Box(slices=(middle + 8, middle + 9), rows=(240, 252), columns=(140, 152))
+    return blocks_result(volume, [box, small], [0.9, 0.7])
+
+
+@pytest.fixture(scope="module")
 def published(
     volume: Volume, positive: InferenceResult, tmp_path_factory: pytest.TempPathFactory
 ) -> Published:
-    """SEG + SR for the tumour finding, written to files."""
+    """SEG + SR of the two findings, written to files."""
     encoded = encode_results(volume, positive)
     assert encoded.seg is not None
     folder = tmp_path_factory.mktemp("objects")
@@ -190,5 +200,6 @@ def test_dcmqi_reads_each_sr_measurement_group(
         assert group.referenced_segment in numbers
         assert group.source_series == published.seg.ReferencedSeriesSequence[0].SeriesInstanceUID
         values = {m.quantity: m.value for m in group.measurements}
-        assert values["Volume"] == pytest.approx(finding.volume_mm3, rel=1e-6)
-        assert values["Long axis"] == pytest.approx(finding.longest_diameter_mm, rel=1e-6)
+        assert finding.volume_mm3 is not None
+        assert values["Volume"] == volume_mm3(finding.volume_mm3)
+        assert values["Long axis"] == length_mm(finding.longest_diameter_mm)

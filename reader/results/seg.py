@@ -19,7 +19,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from reader import __version__
 from reader.errors import EncodingError
 from reader.findings import Code, Finding, InferenceResult
-from reader.results.wording import finding_label, finding_site, finding_type
+from reader.results.wording import finding_label, finding_site, finding_type, volume_mm3
 from reader.volume import Volume
 
 __all__ = [
@@ -36,6 +36,10 @@ SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "AI second reader SEG - for review, not for diagnosis"
 SEG_CONTENT_LABEL = "AI_FINDINGS"  # Content Label, CS (PS3.3 C.10.9): uppercase, <= 16 characters
 SEG_CONTENT_DESCRIPTION = "AI-generated; needs review by a radiologist; not for diagnosis"  # LO
+# Display colours (CIE L*a*b*, PS3.3 C.10.7.1.1) cycled over the segments: yellow, cyan, magenta,
+# orange, green, red; a viewer without them (dcmqi warns) picks its own.
+_COLOURS = ((97.1, -21.6, 94.5), (91.1, -48.1, -14.1), (60.3, 98.2, -60.8), (74.9, 23.9, 78.9),
+            (87.7, -86.2, 83.2), (53.2, 80.1, 67.2))
 _LABEL_VALUES = 256  # label maps are uint8
 _CHUNK_VOXELS = 1 << 21  # label-map voxels checked at a time
 
@@ -132,6 +136,7 @@ def build_segmentation(
                 tracking_uid=tracking_uid(finding),
                 tracking_id=tracking_id(finding),
                 anatomic_regions=None if site is None else [coded(site)],
+                display_color=hd.color.CIELabColor(*_COLOURS[(finding.number - 1) % len(_COLOURS)]),
             )
         )
     try:
@@ -157,4 +162,12 @@ def build_segmentation(
         # the library\'s text may quote header values (PHI): name the error type only
         raise EncodingError(f"highdicom rejected the segmentation: {type(exc).__name__}") from exc
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
+    for item, finding in zip(seg.SegmentSequence, result.findings, strict=True):
+        item.SegmentDescription = segment_description(finding)  # (0062,0006) LO, Type 3
     return seg
+
+
+def segment_description(finding: Finding) -> str:
+    """The Segment Description: what the label does not say (volume), and not for diagnosis."""
+    volume = "" if finding.volume_mm3 is None else f"volume {volume_mm3(finding.volume_mm3):.0f} mm3; "
+    return f"{volume}AI-generated, not for diagnosis"[:64]

@@ -25,10 +25,13 @@ Content tree (PS3.16 TID 1500 rows in brackets)::
         TEXT Comment: the source series read; what the score means; software, weights, provider
         TEXT Finding: "No findings detected by the algorithm"  (negative studies only)
 
-OHIF 3 draws a group only when it carries image coordinates (an SCOORD on an image): a group with
-only a segment reference leaves the SR viewport blank, which is why each volumetric group also
-carries its key-slice outline. The score is the calibrated probability of a true lesion when the
-package has a calibration, else the raw model output named as such (``reader.results.wording``).
+OHIF 3 (3.13, tests/viewers.py) draws a group only when it carries image coordinates, and only the
+group's first SCOORD or SCOORD3D: a group with only a segment reference leaves the SR viewport
+blank, so each group carries its key-slice outline first, then its centre. OHIF lists a group in
+its measurement panel only when its measurements are INFERRED FROM that outline too (TID 300
+row 8), so each NUM also carries a copy of it. The score is the calibrated probability of a true
+lesion when the package has a calibration, else the raw model output named as such
+(``reader.results.wording``).
 
 A negative study has no row 6 (TID 1500 needs at least one of rows 6, 10 and 12; an empty row 6
 container would lack the Content Sequence that readers such as highdicom expect) and states the
@@ -40,6 +43,7 @@ The document is PARTIAL, UNVERIFIED and PRELIMINARY: AI output for review.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -193,7 +197,9 @@ def _measurement_group(
     }
     region = _image_region(finding, volume)
     if seg is None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+        _infer_measurements_from(planar[0].ContentSequence, region)
+        return planar
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
@@ -205,6 +211,7 @@ def _measurement_group(
     )
     items = group[0].ContentSequence
     items.append(region)
+    _infer_measurements_from(items, region)
     if volume.frame_of_reference_uid:
         items.append(hd.sr.Scoord3DContentItem(
             name=codes.DCM.Center,
@@ -214,6 +221,18 @@ def _measurement_group(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ))
     return group
+
+
+def _infer_measurements_from(items: Sequence[Dataset], region: hd.sr.ImageRegion) -> None:
+    """Give each NUM among ``items`` a copy of ``region`` as INFERRED FROM (TID 300 row 8)."""
+    for item in items:
+        if item.ValueType != "NUM":
+            continue
+        inferred = copy.deepcopy(region)
+        inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+        if "ContentSequence" not in item:
+            item.ContentSequence = hd.sr.ContentSequence()
+        item.ContentSequence.append(inferred)
 
 
 def source_series_text(volume: Volume, header: Dataset) -> str:
