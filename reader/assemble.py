@@ -6,7 +6,10 @@ so completion is inferred from the associations that carry a series:
 - a series is complete ``grace`` after the last association that carried one of its instances was
   released or aborted, with no instance of it arriving meanwhile (the usual PACS/modality push);
 - or ``idle_timeout`` after its last instance, for senders that keep associations open or spread
-  a series over several.
+  a series over several;
+- and only once every series of its study being tracked is complete too, so that a study whose
+  series come over one association (or several in a row) is taken whole, and a route that reads
+  a study (``reader.study``) chooses among all of its series.
 
 A late instance of an already processed series simply starts the clock again; processing then
 yields a new result version that supersedes the old one (``reader.jobs``).
@@ -94,10 +97,12 @@ class CompletionTracker:
             self._changed.notify_all()
 
     def pop_complete(self) -> list[CompleteSeries]:
-        """Series complete now, STAT ones first; they stop being tracked."""
+        """Series complete now, with every tracked series of their study, STAT ones first; they stop
+        being tracked."""
         now = self._clock()
         with self._changed:
-            done = [uid for uid, act in self._series.items() if self._deadline(act) <= now]
+            waiting = {act.study_uid for act in self._series.values() if self._deadline(act) > now}
+            done = [uid for uid, act in self._series.items() if act.study_uid not in waiting]
             popped = [(uid, self._series.pop(uid)) for uid in done]
             return sorted((CompleteSeries(a.study_uid, uid, a.stat) for uid, a in popped),
                           key=lambda c: not c.stat)
@@ -105,8 +110,10 @@ class CompletionTracker:
     def wait(self, timeout: float) -> None:
         """Block until activity is reported, the next series may complete, or ``timeout`` passes."""
         with self._changed:
-            deadlines = [self._deadline(a) for a in self._series.values()]
-            until_next = min(deadlines, default=float("inf")) - self._clock()
+            latest: dict[str, float] = {}  # a study completes with its last series
+            for act in self._series.values():
+                latest[act.study_uid] = max(latest.get(act.study_uid, 0.0), self._deadline(act))
+            until_next = min(latest.values(), default=float("inf")) - self._clock()
             if until_next > 0:
                 self._changed.wait(min(timeout, until_next))
 
@@ -131,8 +138,9 @@ class CompletionTracker:
 class SeriesSummary:
     """What routing reads of a series: header attributes of one instance plus the count.
 
-    PS3.3 C.7.3.1 (General Series: Modality, Series Description, Body Part Examined),
-    C.12.1 (SOP Common: SOP Class UID), C.7.6.2 (Image Plane: Slice Thickness).
+    PS3.3 C.7.3.1 (General Series: Modality, Series Number, Series Description, Body Part
+    Examined), C.12.1 (SOP Common: SOP Class UID), C.7.6.2 (Image Plane: Slice Thickness),
+    C.8.2.1 (CT Image: Convolution Kernel, its first value).
     """
 
     study_uid: str
@@ -144,6 +152,8 @@ class SeriesSummary:
     instance_count: int
     slice_thickness_mm: float | None
     accession_number_present: bool
+    kernel: str = ""
+    series_number: int | None = None
 
 
 def summarize_series(study_uid: str, series_uid: str, files: Sequence[Path]) -> SeriesSummary:
@@ -160,6 +170,14 @@ def summarize_series(study_uid: str, series_uid: str, files: Sequence[Path]) -> 
     except (TypeError, ValueError):
         thickness_mm = None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    kernel = ds.get("ConvolutionKernel", "")
+    if not isinstance(kernel, str):  # multi-valued (CS, VM 1-n): the first value names the kernel
+        kernel = str(kernel[0]) if len(kernel) else ""
+    number = ds.get("SeriesNumber")
+    try:
+        series_number = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        series_number = None
     return SeriesSummary(
         study_uid=study_uid,
         series_uid=series_uid,
@@ -170,4 +188,6 @@ def summarize_series(study_uid: str, series_uid: str, files: Sequence[Path]) -> 
         instance_count=len(files) if frames <= 1 else frames,
         slice_thickness_mm=thickness_mm,
         accession_number_present=bool(ds.get("AccessionNumber")),
+        kernel=kernel.strip(),
+        series_number=series_number,
     )

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from reader.access import AccessPolicy, AllowedCaller, parse_network
 from reader.errors import ConfigError
@@ -23,6 +23,7 @@ from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
 from reader.notify.webhook import WebhookEndpoint
 from reader.send import Destination, validate_ae_title
+from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
 __all__ = [
@@ -102,6 +103,10 @@ class Route:
     min_slice_thickness_mm: float | None = None
     max_slice_thickness_mm: float | None = None
     flag: FlagRule = field(default_factory=FlagRule.any_finding)  # docs/worklist.md
+    # "study": one result per study, from the series ``prefer`` ranks first (reader.study);
+    # "series": every matching series is read on its own.
+    read: Literal["study", "series"] = "study"
+    prefer: SeriesPreference = field(default_factory=lambda: SeriesPreference.of(DEFAULT_LUNG_KERNELS))
 
 
 @dataclass(frozen=True)
@@ -326,7 +331,8 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
             raise ConfigError(key, "must be a table")
         _known(entry, key + ".", {"name", "model", "modalities", "sop_classes", "body_parts",
                                   "series_description", "min_instances", "max_instances",
-                                  "min_slice_thickness_mm", "max_slice_thickness_mm", "flag"})
+                                  "min_slice_thickness_mm", "max_slice_thickness_mm", "flag", "read",
+                                  "prefer"})
         model = _str(entry.get("model"), key + ".model")
         if model not in names:
             raise ConfigError(key + ".model", f"no model named {model!r} in [models]")
@@ -338,7 +344,12 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
             except re.error as exc:
                 raise ConfigError(key + ".series_description", f"not a valid regular expression: {exc}") \
                     from exc
+        read = _str(entry.get("read", "study"), key + ".read")
+        if read not in ("study", "series"):
+            raise ConfigError(key + ".read", f'must be "study" or "series", got {read!r}')
         routes.append(Route(
+            read="study" if read == "study" else "series",
+            prefer=_preference(entry, key),
             name=_str(entry.get("name", f"route-{i}"), key + ".name"),
             model=model,
             modalities=_strs(entry.get("modalities", []), key + ".modalities", upper=True),
@@ -355,6 +366,17 @@ def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, 
             else FlagRule.any_finding(),
         ))
     return tuple(routes)
+
+
+def _preference(entry: Mapping[str, Any], key: str) -> SeriesPreference:
+    """``[routes.prefer]``: ``kernels``, regular expressions in order of preference."""
+    prefer = _table(entry, "prefer")
+    _known(prefer, key + ".prefer.", {"kernels"})
+    patterns = _strs(prefer.get("kernels", list(DEFAULT_LUNG_KERNELS)), key + ".prefer.kernels")
+    try:
+        return SeriesPreference.of(patterns)
+    except re.error as exc:
+        raise ConfigError(key + ".prefer.kernels", f"not a valid regular expression: {exc}") from exc
 
 
 def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:

@@ -2,6 +2,8 @@
 
 - :class:`SeriesState`: which instances of a series were last processed, as which result version.
 - :class:`ProcessJob`: a complete series waiting for route -> volume -> infer -> encode.
+- a study's result lineage (``state/studies/``, :meth:`JobStore.study_result_version`): which series
+  and instances each result version of a study read (``reader.study``) came from;
 - :class:`SendTicket`: result files owed to one destination, with attempts and the next retry;
   pending ones in ``state/sends/``, settled ones (done, superseded, parked) moved to
   ``state/sends-archive/`` so that the dispatcher's frequent passes read only pending work.
@@ -91,6 +93,13 @@ class SendTicket:
     last_error: str = ""
     last_status: int | None = None
     created_at: float = field(default_factory=time.time)
+    # whose result versions supersede each other: the series, or a study read from several series
+    lineage: str = ""
+
+    @property
+    def line(self) -> str:
+        """The lineage this ticket's version belongs to (its series when none was recorded)."""
+        return self.lineage or self.series_uid
 
 
 def backoff(attempts: int, initial: timedelta, maximum: timedelta, rng: random.Random) -> timedelta:
@@ -152,6 +161,33 @@ class JobStore:
             self.record_series(SeriesState(study_uid, series_uid, version, instances, SeriesStatus.QUEUED))
             return job
 
+    def study_result_version(self, key: str, series_uid: str, instances: tuple[str, ...],
+                             at_least: int) -> int:
+        """The result version of a study lineage ``key`` (``reader.study.study_result_key``) for
+        reading ``series_uid`` with ``instances``: the recorded one when that series and those
+        instances were read last (a job run again after a crash), else a new one above it and at
+        least ``at_least`` (the job's series version, so a study of one series keeps its series'
+        versions). Durable before it returns."""
+        with self._lock:
+            instances = tuple(sorted(instances))
+            raw = self.spool.read_state("studies", key)
+            reads: list[dict[str, Any]] = [] if raw is None else raw["reads"]
+            if reads and reads[-1]["series_uid"] == series_uid and tuple(reads[-1]["instances"]) == instances:
+                return int(reads[-1]["version"])
+            version = max(at_least, 1 if not reads else int(reads[-1]["version"]) + 1)
+            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version})
+            self.spool.write_state("studies", key, {"reads": reads})
+            return version
+
+    def earlier_results(self, lineage: str, version: int) -> list[tuple[str, int]]:
+        """(series UID, version) of the results of ``lineage`` before ``version``, newest first: a
+        study's lineage (:meth:`study_result_version`), or a series' own earlier versions."""
+        raw = self.spool.read_state("studies", lineage)
+        if raw is None:
+            return [(lineage, v) for v in range(version - 1, 0, -1)]
+        return [(str(r["series_uid"]), int(r["version"])) for r in reversed(raw["reads"])
+                if int(r["version"]) < version]
+
     # --- processing jobs -------------------------------------------------------------------
     def pending_jobs(self) -> list[ProcessJob]:
         """Queued jobs, highest priority first, then oldest first."""
@@ -185,12 +221,15 @@ class JobStore:
     # state/sends/ (durable, atomic), a copy written in the archive, the original deleted; the
     # reverse (``requeue_failed``) writes state/sends/ first and then deletes the archived copy.
     # Where a crash leaves both copies, the one in state/sends/ is the truth.
-    def add_send(self, series_uid: str, version: int, destination: str, files: list[Path]) -> SendTicket:
+    def add_send(self, series_uid: str, version: int, destination: str, files: list[Path],
+                 lineage: str = "") -> SendTicket:
         """Create (idempotently) the ticket for sending a result version to a destination,
-        superseding pending tickets of older versions of the same series to the same place."""
+        superseding pending tickets of older versions of the same lineage (the series, or the
+        study it was read for) to the same place."""
+        line = lineage or series_uid
         with self._lock:
             for old in self._active():
-                if (old.series_uid == series_uid and old.destination == destination
+                if (old.line == line and old.destination == destination
                         and old.version < version and old.state is SendState.PENDING):
                     self._write_send(replace(old, state=SendState.SUPERSEDED))
             digest = hashlib.sha256(destination.encode()).hexdigest()[:12]
@@ -198,7 +237,8 @@ class JobStore:
             existing = self.send(name)
             if existing is not None:
                 return existing
-            ticket = SendTicket(name, series_uid, version, destination, tuple(str(f) for f in files))
+            ticket = SendTicket(name, series_uid, version, destination, tuple(str(f) for f in files),
+                                lineage=lineage)
             self._write_send(ticket)
             return ticket
 

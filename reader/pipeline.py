@@ -6,6 +6,12 @@ per stage at a time (``reader.node``): :meth:`Pipeline.prepare` (route, load the
 notifications, queue send tickets, record the outcome). :meth:`Pipeline.process` runs them one
 after another.
 
+A route that reads studies (``read = "study"``, the default) reads one series per study: the one
+its preference ranks first among the study's series it matches (``reader.study``); the job of any
+other series is recorded as skipped, naming the series read. The study's results form one lineage
+(:func:`reader.study.study_result_key`): a better series arriving later is read as the study's next
+result version, whose SR names the previous one and whose sends supersede the older ones.
+
 Every stage logs a timing event; the outcome is recorded durably with the job (``reader.jobs``).
 Typed errors from the stages become a recorded status here: rejected input and unmatched routes
 are *skipped* with the reason, model and encoder failures *failed* with the reason. Nothing a
@@ -26,7 +32,7 @@ from typing import Any
 import pydicom
 import structlog
 
-from reader.assemble import summarize_series
+from reader.assemble import SeriesSummary, summarize_series
 from reader.config import NodeConfig, Route
 from reader.errors import EncodingError, InputRejected, ModelError
 from reader.findings import InferenceResult
@@ -38,13 +44,16 @@ from reader.notify.summary import StudyReport
 from reader.notify.webhook import event_json
 from reader.results import encode_results
 from reader.results.kos import encode_kos
-from reader.routing import Skip, route_series
+from reader.routing import RouteMatch, Skip, route_series
 from reader.spool import Spool
+from reader.study import choose_series, describe_series, study_result_key
 from reader.volume import Volume, load_volume
 
-__all__ = ["Inferred", "Pipeline", "Prepared", "destination_key"]
+__all__ = ["STUDY_READ_FROM", "Inferred", "Pipeline", "Prepared", "destination_key"]
 
 log = structlog.get_logger(__name__)
+
+STUDY_READ_FROM = "study read from "  # the reason a study's other series are skipped starts so
 
 
 def destination_key(ae_title: str, host: str, port: int) -> str:
@@ -63,6 +72,8 @@ class Prepared:
     route: Route
     model: ModelPackage
     volume: Volume
+    lineage: str  # whose result versions these are: the series UID, or a study's (study_result_key)
+    result_version: int  # the version of that lineage these results are
     started_at: float  # prepare began
     routed_at: float  # routing done, volume loading began
     loaded_at: float  # volume loaded
@@ -114,6 +125,19 @@ class Pipeline:
                 self.jobs.finish_job(job, SeriesStatus.SKIPPED, routed.reason)
                 return SeriesStatus.SKIPPED
             route = routed.route
+            lineage, result_version = job.series_uid, job.version
+            if route.read == "study":
+                chosen = self._study_choice(job, summary, route)
+                if chosen.series_uid != job.series_uid:
+                    reason = STUDY_READ_FROM + describe_series(chosen)
+                    bound.info("series.skipped", reason=reason, chosen_series_uid=chosen.series_uid)
+                    self.jobs.finish_job(job, SeriesStatus.SKIPPED, reason)
+                    return SeriesStatus.SKIPPED
+                lineage = study_result_key(job.study_uid, route.name)
+                result_version = self.jobs.study_result_version(lineage, job.series_uid, job.instances,
+                                                                at_least=job.version)
+                bound.info("study.series_chosen", route=route.name, kernel=summary.kernel,
+                           slice_thickness_mm=summary.slice_thickness_mm, result_version=result_version)
             model = self.models[route.model]
             bound.info("series.routed", route=route.name, model=model.manifest.model.name,
                        instances=len(files))
@@ -121,8 +145,30 @@ class Pipeline:
             volume = load_volume(files)
         except (InputRejected, ModelError, EncodingError) as exc:
             return self._record_error(job, bound, exc)
-        return Prepared(job=job, route=route, model=model, volume=volume, started_at=t0, routed_at=t1,
+        return Prepared(job=job, route=route, model=model, volume=volume, lineage=lineage,
+                        result_version=result_version, started_at=t0, routed_at=t1,
                         loaded_at=time.perf_counter(), seconds_queued=queued)
+
+    def _study_choice(self, job: ProcessJob, summary: SeriesSummary, route: Route) -> SeriesSummary:
+        """The series of ``job``'s study that ``route`` reads: ranked by its preference among the
+        study's stored series it matches, leaving out those that failed or were rejected."""
+        candidates = [summary]
+        for series_uid in self.spool.study_series(job.study_uid):
+            if series_uid == job.series_uid:
+                continue
+            state = self.jobs.series_state(series_uid)
+            if state is not None and (state.status is SeriesStatus.FAILED or (
+                    state.status is SeriesStatus.SKIPPED and not state.reason.startswith(STUDY_READ_FROM))):
+                continue  # it cannot be read (or matches no route): not a choice
+            files = self.spool.series_instances(job.study_uid, series_uid)
+            try:
+                other = summarize_series(job.study_uid, series_uid, files)
+            except InputRejected:
+                continue
+            match = route_series(self.config.routes, other)
+            if isinstance(match, RouteMatch) and match.route.name == route.name:
+                candidates.append(other)
+        return choose_series(route.prefer, candidates)
 
     def infer(self, prepared: Prepared) -> Inferred | SeriesStatus:
         """Run the model; a job superseded while it waited is dropped (its newer version is queued)."""
@@ -144,39 +190,40 @@ class Pipeline:
         the send tickets and record the job done; encoder failures are recorded as failed."""
         prepared, result = inferred.prepared, inferred.result
         job, volume, route = prepared.job, prepared.volume, prepared.route
+        series, lineage, version = job.series_uid, prepared.lineage, prepared.result_version
         bound = _bind(job)
         t3 = time.perf_counter()
         try:
-            objects = encode_results(volume, result, result_version=job.version,
-                                     previous_sr=self._previous_sr(job))
+            objects = encode_results(volume, result, result_version=version,
+                                     previous_sr=self._previous_sr(lineage, version))
             flag = decide(route.flag, result.findings)
             kos = None
             if flag.flagged:
                 kos = encode_kos(volume, result, seg=objects.seg, sr=objects.sr,
-                                 result_version=job.version, decision=flag)
+                                 result_version=version, decision=flag)
         except (InputRejected, ModelError, EncodingError) as exc:
             return self._record_error(job, bound, exc)
         t4 = time.perf_counter()
         encoded = [(kind, ds) for kind, ds in (("SEG", objects.seg), ("SR", objects.sr), ("KOS", kos))
                    if ds is not None]
-        paths = [self._write_dataset(job, kind.lower(), ds) for kind, ds in encoded]
+        paths = [self._write_dataset(series, version, kind.lower(), ds) for kind, ds in encoded]
         first = volume.sources[0]  # load_volume kept its header: no second read of the file
         report = StudyReport.build(
             source=first.header or pydicom.dcmread(first.path, stop_before_pixels=True),
             series_instance_uid=job.series_uid, decision=flag, findings=result.findings,
-            algorithm=result.algorithm, result_version=job.version, objects=encoded)
-        notifications = self._render_notifications(job, report)
+            algorithm=result.algorithm, result_version=version, objects=encoded)
+        notifications = self._render_notifications(series, version, report)
         t5 = time.perf_counter()
         if not self.jobs.job_is_current(job):
             bound.info("series.superseded", stage="finish")
             return SeriesStatus.DONE
-        self._queue_sends(job, paths)
-        for key, path in notifications:
-            self.jobs.add_send(job.series_uid, job.version, key, [path])
+        self._queue_sends(series, lineage, version, paths)
+        for destination, path in notifications:
+            self.jobs.add_send(series, version, destination, [path], lineage=lineage)
         self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record())
         waiting = (inferred.inference_started_at - prepared.loaded_at) + (t3 - inferred.inference_ended_at)
         bound.info("series.processed", findings=len(result.findings), flag=flag.state.value,
-                   route=route.name, provider=result.provider, **_seconds(
+                   route=route.name, provider=result.provider, result_version=version, **_seconds(
                        route=prepared.routed_at - prepared.started_at,
                        volume=prepared.loaded_at - prepared.routed_at,
                        inference=inferred.inference_ended_at - inferred.inference_started_at,
@@ -195,12 +242,13 @@ class Pipeline:
         self.jobs.finish_job(job, SeriesStatus.FAILED, f"{type(exc).__name__}: {exc}")
         return SeriesStatus.FAILED
 
-    def _write_dataset(self, job: ProcessJob, kind: str, ds: pydicom.Dataset) -> Path:
+    def _write_dataset(self, series_uid: str, version: int, kind: str, ds: pydicom.Dataset) -> Path:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        return self.spool.write_result(job.series_uid, job.version, kind, buffer.getvalue())
+        return self.spool.write_result(series_uid, version, kind, buffer.getvalue())
 
-    def _render_notifications(self, job: ProcessJob, report: StudyReport) -> list[tuple[str, Path]]:
+    def _render_notifications(self, series_uid: str, version: int,
+                              report: StudyReport) -> list[tuple[str, Path]]:
         """Render each HL7 message and the webhook event once, durably, so every retry sends the
         same bytes; returns (ticket destination key, file) pairs. Negative studies go only to
         targets that want them (``send_negative``)."""
@@ -208,39 +256,40 @@ class Pipeline:
         out: list[tuple[str, Path]] = []
         for hl7 in worklist.hl7:
             if report.flagged or hl7.send_negative:
-                key = hl7.endpoint.key
+                endpoint = hl7.endpoint.key
                 message = build_oru(report, sending_app=worklist.sending_application,
                                     sending_facility=worklist.sending_facility,
                                     receiving_app=hl7.receiving_application,
                                     receiving_facility=hl7.receiving_facility,
-                                    control_id=message_control_id(job.series_uid, job.version, key))
-                name = "hl7-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-                out.append((key, self.spool.write_result(job.series_uid, job.version, name,
-                                                         message.encode("utf-8"), suffix=".hl7")))
+                                    control_id=message_control_id(series_uid, version, endpoint))
+                name = "hl7-" + hashlib.sha256(endpoint.encode()).hexdigest()[:12]
+                out.append((endpoint, self.spool.write_result(series_uid, version, name,
+                                                              message.encode("utf-8"), suffix=".hl7")))
         hooks = [w for w in worklist.webhooks if report.flagged or w.send_negative]
         if hooks:
-            path = self.spool.write_result(job.series_uid, job.version, "webhook", event_json(report),
+            path = self.spool.write_result(series_uid, version, "webhook", event_json(report),
                                            suffix=".json")
             out.extend((w.endpoint.key, path) for w in hooks)
         return out
 
-    def _previous_sr(self, job: ProcessJob) -> pydicom.Dataset | None:
-        """The SR of the latest earlier result version of the series, which this one supersedes."""
-        for version in range(job.version - 1, 0, -1):
-            path = self.spool.result_path(job.series_uid, version, "sr")
+    def _previous_sr(self, lineage: str, version: int) -> pydicom.Dataset | None:
+        """The SR of the latest earlier result version of the lineage, which this one supersedes
+        (for a study read, possibly of another of the study's series)."""
+        for series_uid, earlier in self.jobs.earlier_results(lineage, version):
+            path = self.spool.result_path(series_uid, earlier, "sr")
             if path.is_file():
                 return pydicom.dcmread(path, stop_before_pixels=True)
         return None
 
-    def _queue_sends(self, job: ProcessJob, paths: list[Path]) -> None:
+    def _queue_sends(self, series_uid: str, lineage: str, version: int, paths: list[Path]) -> None:
         if not self.config.destinations:
-            log.info("result.kept", series_uid=job.series_uid, version=job.version,
+            log.info("result.kept", series_uid=series_uid, version=version,
                      folder=str(paths[0].parent) if paths else "")
             return
         for dest in self.config.destinations:
-            ticket = self.jobs.add_send(job.series_uid, job.version,
-                                        destination_key(dest.ae_title, dest.host, dest.port), paths)
-            log.info("result.queued", series_uid=job.series_uid, ticket=ticket.name,
+            destination = destination_key(dest.ae_title, dest.host, dest.port)
+            ticket = self.jobs.add_send(series_uid, version, destination, paths, lineage=lineage)
+            log.info("result.queued", series_uid=series_uid, ticket=ticket.name,
                      destination=ticket.destination)
 
 

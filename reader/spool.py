@@ -130,6 +130,13 @@ class Spool:
                     if series.is_dir():
                         yield study.name, series.name
 
+    def study_series(self, study_uid: str) -> list[str]:
+        """Series UIDs of a study with stored instances, sorted."""
+        folder = self.root / "incoming" / study_uid
+        if not folder.is_dir():
+            return []
+        return sorted(series.name for series in folder.iterdir() if series.is_dir())
+
     def check_free_space(self) -> None:
         """Raise OutOfResources when the data dir's filesystem is below the free-space watermark."""
         free = shutil.disk_usage(self.root).free

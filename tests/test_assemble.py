@@ -78,15 +78,32 @@ def test_new_instance_restarts_the_grace() -> None:
     assert t.pop_complete() == [CompleteSeries("st", "se")]
 
 
-def test_series_are_independent() -> None:
-    """Completion of one series does not depend on another series' activity."""
+def test_series_of_other_studies_are_independent() -> None:
+    """Completion of one study's series does not depend on another study's activity."""
+    clock = FakeClock()
+    t = _tracker(clock)
+    t.instance_stored(1, "st", "a")
+    t.association_ended(1)
+    t.instance_stored(2, "other", "b")
+    clock.now += 2.5
+    assert t.pop_complete() == [CompleteSeries("st", "a")]
+
+
+def test_a_study_completes_with_its_last_series() -> None:
+    """A series whose study has another series still arriving waits for it; then both complete
+    together, so a study read chooses among all of its series."""
     clock = FakeClock()
     t = _tracker(clock)
     t.instance_stored(1, "st", "a")
     t.association_ended(1)
     t.instance_stored(2, "st", "b")
     clock.now += 2.5
-    assert t.pop_complete() == [CompleteSeries("st", "a")]
+    assert t.pop_complete() == []
+    t.association_ended(2)
+    clock.now += 1.0
+    assert t.pop_complete() == []
+    clock.now += 1.1
+    assert sorted(t.pop_complete()) == [CompleteSeries("st", "a"), CompleteSeries("st", "b")]
 
 
 def test_stat_series_come_first_and_say_so() -> None:
