@@ -110,12 +110,35 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _overlaps_tumour(seg_ds: pydicom.Dataset, boxes: dict[str, tuple[int, int, int, int]]) -> bool:
+def _check_groups_and_segments(seg: pydicom.Dataset, sr: pydicom.Dataset, series_dir: Path) -> None:
+    """One SR measurement group per SEG segment: group n references segment n with the same tracking
+    UID, an outline (SCOORD) on an image of the series read, and a centre (SCOORD3D)."""
+    images = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+              for p in series_dir.glob("*.dcm")}
+    groups = [g for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"
+              for g in c.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert len(groups) == len(segments) >= 1
+    for group in groups:
+        items = group.ContentSequence
+        reference = next(i for i in items if i.ValueType == "IMAGE").ReferencedSOPSequence[0]
+        segment = segments[int(reference.ReferencedSegmentNumber)]
+        tracking = next(i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "112040").UID
+        assert tracking == segment.TrackingUID
+        outline = next(i for i in items if i.ValueType == "SCOORD")
+        assert outline.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in images
+        assert any(i.ValueType == "SCOORD3D" for i in items)
+    assert sorted(segments) == list(range(1, len(groups) + 1))
+
+
+def _overlaps_tumour(seg_ds: pydicom.Dataset, boxes: dict[str, tuple[int, int, int, int]],
+                     segment: int | None = None) -> bool:
     seg = hd.seg.segread(io.BytesIO(_bytes(seg_ds)))
     for sop_uid, (x0, y0, x1, y1) in boxes.items():
         try:
             mask = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=[sop_uid], combine_segments=True, skip_overlap_checks=True)
+                source_sop_instance_uids=[sop_uid], combine_segments=True, skip_overlap_checks=True,
+                segment_numbers=None if segment is None else [segment])
         except (KeyError, ValueError):
             continue  # no segment on that slice
         if np.any(np.asarray(mask)[0, y0:y1 + 1, x0:x1 + 1]):
@@ -123,26 +146,37 @@ def _overlaps_tumour(seg_ds: pydicom.Dataset, boxes: dict[str, tuple[int, int, i
     return False
 
 
-def test_modality_push_returns_valid_sr_and_seg_to_the_pacs(orthanc: Orthanc, tmp_path: Path) -> None:
-    """storescu of the real CT to a running node puts a valid TID 1500 SR (and a SEG overlapping the
-    annotated adenocarcinoma) into Orthanc, in the source study, with zero dciodvfy errors."""
+def test_modality_push_returns_one_result_per_study_to_the_pacs(orthanc: Orthanc, tmp_path: Path) -> None:
+    """storescu of both reconstructions of the real CT on one association to a running node puts
+    exactly one SR, one SEG and one KOS into Orthanc, in the source study, read from the lung kernel,
+    with zero dciodvfy errors: one SEG segment per SR group, each group referencing its own segment,
+    its outline on a source image and its centre, and the tumour's segment overlapping the
+    radiologist's boxes."""
     require_tool("storescu")
     require_tool("dciodvfy")
     series_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-lung-kernel")
+    standard_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-standard-kernel")
     boxes = _tumour_boxes(require_data("lung-pet-ct-dx/annotations-A0001"))
     source = pydicom.dcmread(sorted(series_dir.glob("*.dcm"))[0], stop_before_pixels=True)
     node = ReaderNode(tmp_path / "node", destinations=[f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"],
                       config_text=FAST)
     try:
-        sent = storescu(node.host, node.port, node.ae_title, [series_dir])
+        sent = storescu(node.host, node.port, node.ae_title, [series_dir, standard_dir])
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(lambda: _delivered(node), RESULT_DEADLINE_S, "the node's results sent to Orthanc")
         results = _check_results(orthanc, tmp_path, source)
         assert "SEG" in results, "the model found nothing in a CT with a known adenocarcinoma"
+        assert len(results["SEG"]) == 1, "exactly one SEG for the study"
         assert len(results.get("KO", [])) == 1, "a flagged study gets exactly one KOS"
-        assert _overlaps_tumour(results["SEG"][0], boxes), "no SEG segment overlaps the radiologist's box"
+        seg, sr = results["SEG"][0], results["SR"][0]
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+        _check_groups_and_segments(seg, sr, series_dir)
+        tumour = [n for n in range(1, len(seg.SegmentSequence) + 1) if _overlaps_tumour(seg, boxes, n)]
+        assert tumour, "no SEG segment overlaps the radiologist's box"
         completes = node.events("series.complete")
-        assert completes and completes[0]["instances"] == 64
+        assert sorted(e["instances"] for e in completes) == [64, 64]
+        skipped = [e for e in node.events("series.skipped") if e.get("chosen_series_uid")]
+        assert [e["chosen_series_uid"] for e in skipped] == [source.SeriesInstanceUID]
         log_text = node.log_path.read_text()
         for phi in (str(source.PatientName), str(source.PatientID)):
             assert phi not in log_text, "patient identity leaked into the log"

@@ -45,12 +45,15 @@ class GatedModel:
 
 
 def _copy_series(files: list[Path], out: Path, name: str, accession: str) -> list[Path]:
-    """The slices as a new series (new series and SOP instance UIDs) with ``accession``."""
+    """The slices as a new study of one series (new study, series and SOP instance UIDs) with
+    ``accession``: each is read on its own (a route reads one series per study)."""
     out.mkdir(parents=True)
     series_uid = result_uid(name, "test", "1", 1, "series")
+    study_uid = result_uid(name, "test", "1", 1, "study")
     paths = []
     for i, f in enumerate(files):
         ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = result_uid(name, "test", "1", 1, str(i))
         ds.AccessionNumber = accession

@@ -195,6 +195,11 @@ def evaluate_synthetic(package: ModelPackage, folder: Path, limit: int | None) -
             "dice_detected_median": float(np.median(found)) if found else None,
         }
     report["fp_per_scan_at_operating_point"] = fp_total / max(1, scans)
+    # every finding with what it overlapped: what models/training/calibrate.py fits the score on
+    report["detections"] = [
+        {"case": d.case, "score": d.score, "lesions": list(d.lesions), "false_positive": d.false_positive}
+        for d in detections
+    ]
     report["groups"] = table
     report["min_scores"] = operating_points(detections, groups[">=8"], scans)
     return report
