@@ -44,6 +44,7 @@ from reader.notify.summary import StudyReport
 from reader.notify.webhook import event_json
 from reader.results import encode_results
 from reader.results.kos import encode_kos
+from reader.results.seg import check_segmentable
 from reader.routing import RouteMatch, Skip, route_series
 from reader.spool import Spool
 from reader.study import choose_series, describe_series, study_result_key
@@ -143,6 +144,7 @@ class Pipeline:
                        instances=len(files))
             t1 = time.perf_counter()
             volume = load_volume(files)
+            check_segmentable(volume)
         except (InputRejected, ModelError, EncodingError) as exc:
             return self._record_error(job, bound, exc)
         return Prepared(job=job, route=route, model=model, volume=volume, lineage=lineage,

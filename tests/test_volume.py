@@ -17,7 +17,8 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 from structlog.testing import capture_logs
 
-from reader.errors import ConfigError, VolumeError
+from reader.errors import ConfigError, InputRejected, VolumeError
+from reader.results.seg import SEVERAL_MULTIFRAME, check_segmentable
 from reader.volume import GeometryTolerances, Volume, load_volume
 from tests.dicom_factory import (
     SeriesIds,
@@ -212,6 +213,18 @@ def test_two_enhanced_ct_instances_stack_into_one_volume(tmp_path: Path) -> None
     owners = [s.sop_instance_uid for s in volume.sources]
     assert owners == [lower.SOPInstanceUID, upper.SOPInstanceUID] * 3
     assert [s.frame_number for s in volume.sources] == [3, 3, 2, 2, 1, 1]
+
+
+def test_two_multiframe_instances_are_skipped_before_inference(tmp_path: Path) -> None:
+    """A series of two multi-frame instances loads, but is rejected as several_multiframe_instances
+    before the model runs (no SEG could reference it); one multi-frame instance passes."""
+    ids = SeriesIds()
+    lower = enhanced_series(3, ids=ids, slice_spacing_mm=5.0)
+    upper = enhanced_series(3, ids=ids, slice_spacing_mm=5.0, origin_mm=(-50.0, -40.0, 102.5))
+    with pytest.raises(InputRejected) as raised:
+        check_segmentable(load_volume(write_datasets([upper, lower], tmp_path / "two")))
+    assert raised.value.reason == SEVERAL_MULTIFRAME
+    check_segmentable(load_volume(write_datasets([enhanced_series(3)], tmp_path / "one")))
 
 
 def test_enhanced_mr_rle_multiframe(tmp_path: Path) -> None:

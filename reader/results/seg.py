@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.coding import Code as PydicomCode
 
 from reader import __version__
-from reader.errors import EncodingError
+from reader.errors import EncodingError, InputRejected
 from reader.findings import Code, Finding, InferenceResult
 from reader.results.wording import finding_label, finding_site, finding_type, volume_mm3
 from reader.volume import Volume
@@ -27,7 +27,9 @@ __all__ = [
     "SEG_CONTENT_LABEL",
     "SEG_SERIES_DESCRIPTION",
     "SEG_SERIES_NUMBER",
+    "SEVERAL_MULTIFRAME",
     "build_segmentation",
+    "check_segmentable",
     "coded",
     "tracking_id",
 ]
@@ -42,6 +44,20 @@ _COLOURS = ((97.1, -21.6, 94.5), (91.1, -48.1, -14.1), (60.3, 98.2, -60.8), (74.
             (87.7, -86.2, 83.2), (53.2, 80.1, 67.2))
 _LABEL_VALUES = 256  # label maps are uint8
 _CHUNK_VOXELS = 1 << 21  # label-map voxels checked at a time
+
+
+SEVERAL_MULTIFRAME = "several_multiframe_instances"  # InputRejected reason of check_segmentable
+
+
+def check_segmentable(volume: Volume) -> None:
+    """Raise InputRejected when no SEG can reference ``volume``'s sources: slices taken from more
+    than one multi-frame instance (a SEG's frames follow one multi-frame source, PS3.3 C.8.20.2).
+    Called before inference, so such a series is skipped with the reason instead of failing after
+    the model ran."""
+    owners = {s.sop_instance_uid for s in volume.sources if s.frame_number is not None}
+    if len(owners) > 1:
+        raise InputRejected(SEVERAL_MULTIFRAME, f"{len(owners)} multi-frame instances in one series; "
+                            "a segmentation can reference one")
 
 
 def coded(code: Code) -> PydicomCode:
