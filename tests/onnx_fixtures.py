@@ -8,6 +8,7 @@ normalization turns voxels brighter than about -300 HU into lesion probability ~
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -232,11 +233,16 @@ def write_package(
     model: onnx.ModelProto | None = None,
     *,
     fp16_model: onnx.ModelProto | None = None,
+    digests: bool = True,
 ) -> Path:
-    """Write ``model.toml`` and ``model.onnx`` (default: the sigmoid model) into ``folder``."""
+    """Write ``model.toml`` and ``model.onnx`` (default: the sigmoid model) into ``folder``.
+
+    With ``digests`` the manifest's ``[model]`` gets ``onnx_sha256`` (and ``onnx_fp16_sha256`` when it
+    names ``onnx_fp16``) of the files written, unless it sets them itself; an fp16 graph named but
+    not written gets :data:`ABSENT_SHA256`.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     data = copy.deepcopy(dict(manifest if manifest is not None else manifest_dict()))
-    (folder / "model.toml").write_text(to_toml(data), encoding="utf-8")
     dims = int(data.get("input", {}).get("dimensions", 3)) if isinstance(data.get("input"), dict) else 3
     onnx.save(
         model if model is not None else sigmoid_model(dimensions=dims if dims in (2, 3) else 3),
@@ -244,7 +250,23 @@ def write_package(
     )
     if fp16_model is not None:
         onnx.save(fp16_model, str(folder / "model.fp16.onnx"))
+    info = data.get("model")
+    if digests and isinstance(info, dict):
+        info.setdefault("onnx_sha256", sha256_of(folder / "model.onnx"))
+        if "onnx_fp16" in info:
+            fp16 = folder / "model.fp16.onnx"
+            info.setdefault("onnx_fp16_sha256", sha256_of(fp16) if fp16.is_file() else ABSENT_SHA256)
+    (folder / "model.toml").write_text(to_toml(data), encoding="utf-8")
     return folder
+
+
+# The digest written for an fp16 graph that a manifest names but the package does not hold.
+ABSENT_SHA256 = "0" * 64
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, lowercase hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- volumes -------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ version and source become Algorithm Identification (TID 4019).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ __all__ = [
     "ModelManifest",
     "OutputSpec",
     "Preprocessing",
+    "file_sha256",
     "load_manifest",
 ]
 
@@ -53,6 +56,10 @@ class ModelInfo:
     family: Code  # CID 7162 Artificial Intelligence, ...
     onnx: Path  # fp32 graph
     onnx_fp16: Path | None  # optional fp16 graph for CUDA/TensorRT; may be absent on disk
+    # SHA-256 (lowercase hex) of each graph, as the manifest records them and as checked at load
+    # against the files (the fp16 one only where its file exists): what identifies the weights.
+    onnx_sha256: str = ""
+    onnx_fp16_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,16 @@ class ModelManifest:
 
     @property
     def algorithm(self) -> AlgorithmIdentity:
-        """Algorithm Identification (TID 4019) for the SR and SEG."""
+        """Algorithm Identification (TID 4019) for the SR and SEG, with the fp32 graph's digest.
+
+        A package running its fp16 graph reports that graph's digest instead
+        (:attr:`reader.inference.ModelPackage.algorithm`)."""
         return AlgorithmIdentity(
             name=self.model.name,
             version=self.model.version,
             family=self.model.family,
             source=self.model.source,
+            weights_sha256=self.model.onnx_sha256,
         )
 
     @property
@@ -186,11 +197,18 @@ def _parse(raw: Mapping[str, object], folder: Path) -> ModelManifest:
 
 def _model(t: Mapping[str, object], folder: Path) -> ModelInfo:
     p = "model."
-    _only_keys(t, p, {"name", "version", "source", "description", "family", "onnx", "onnx_fp16"})
+    graphs = {"onnx", "onnx_fp16", "onnx_sha256", "onnx_fp16_sha256"}
+    _only_keys(t, p, {"name", "version", "source", "description", "family"} | graphs)
     onnx = _relative_file(t, "onnx", p, folder)
     if not onnx.is_file():
         raise ManifestError(p + "onnx", f"file not found: {onnx}")
+    onnx_sha256 = _checked_digest(t, "onnx_sha256", onnx)
     fp16 = _relative_file(t, "onnx_fp16", p, folder) if "onnx_fp16" in t else None
+    fp16_sha256 = None
+    if fp16 is not None:
+        fp16_sha256 = _checked_digest(t, "onnx_fp16_sha256", fp16)
+    elif "onnx_fp16_sha256" in t:
+        raise ManifestError(p + "onnx_fp16_sha256", "only allowed with onnx_fp16")
     return ModelInfo(
         name=_str(t, "name", p),
         version=_str(t, "version", p),
@@ -199,7 +217,39 @@ def _model(t: Mapping[str, object], folder: Path) -> ModelInfo:
         family=_code(t, "family", p),
         onnx=onnx,
         onnx_fp16=fp16,
+        onnx_sha256=onnx_sha256,
+        onnx_fp16_sha256=fp16_sha256,
     )
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_digest(t: Mapping[str, object], key: str, path: Path) -> str:
+    """``model.<key>``: the SHA-256 of the graph at ``path``, which must match where the file exists.
+
+    The file is read once here, at load: a package whose weights are not the ones its manifest
+    names is refused, so the digest in every result identifies what ran.
+    """
+    p = "model."
+    digest = _str(t, key, p).lower()
+    if not _SHA256.fullmatch(digest):
+        raise ManifestError(p + key, f"must be 64 hexadecimal digits (SHA-256), got {digest!r}")
+    if not path.is_file():
+        return digest  # an absent onnx_fp16 is allowed; it is checked when it is deployed
+    actual = file_sha256(path)
+    if actual != digest:
+        raise ManifestError(p + key, f"{path.name} has SHA-256 {actual}, the manifest says {digest}")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, lowercase hex, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def _input(t: Mapping[str, object]) -> InputSpec:

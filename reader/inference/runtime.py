@@ -10,13 +10,14 @@ SEG (PS3.3 C.8.20) and TID 1500 SR encoding. ``run`` is safe to call from severa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +26,7 @@ import structlog
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from reader.errors import InferenceError, ManifestError, ModelError
-from reader.findings import InferenceResult
+from reader.findings import AlgorithmIdentity, InferenceResult
 from reader.inference import anatomy, postprocess, preprocess
 from reader.inference.manifest import FlipAxis, LabelSpec, ModelManifest, load_manifest
 from reader.volume import Volume
@@ -41,6 +42,7 @@ DEFAULT_PROVIDERS: tuple[str, ...] = (
 )
 _IMAGE_AXES: Mapping[FlipAxis, int] = MappingProxyType({"slice": 0, "row": 1, "column": 2})
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+Precision = Literal["fp32", "fp16"]
 
 # What onnxruntime raises: its pybind11 exceptions derive from Exception directly, not RuntimeError.
 ORT_ERRORS: tuple[type[Exception], ...] = (
@@ -65,16 +67,35 @@ _FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, 
 class ModelPackage:
     """A model package loaded for inference; build it with :meth:`load`."""
 
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, provider: str) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        session: ort.InferenceSession,
+        provider: str,
+        precision: Precision = "fp32",
+    ) -> None:
         self._manifest = manifest
         self._session = session
         self._provider = provider
+        self._precision: Precision = precision
+        digest = manifest.model.onnx_fp16_sha256 if precision == "fp16" else manifest.model.onnx_sha256
+        self._algorithm = dataclasses.replace(manifest.algorithm, weights_sha256=digest or "")
         self._input_dtype = _check_io(session, manifest)
 
     @property
     def manifest(self) -> ModelManifest:
         """The validated manifest of this package."""
         return self._manifest
+
+    @property
+    def algorithm(self) -> AlgorithmIdentity:
+        """Algorithm Identification (TID 4019) with the SHA-256 of the graph that runs (fp32 or fp16)."""
+        return self._algorithm
+
+    @property
+    def precision(self) -> Precision:
+        """``"fp16"`` when the package's fp16 graph runs, else ``"fp32"``."""
+        return self._precision
 
     @property
     def provider(self) -> str:
@@ -99,16 +120,18 @@ class ModelPackage:
         manifest = load_manifest(folder)
         session, provider = _open_session(manifest.model.onnx, providers)
         graph = manifest.model.onnx
+        precision: Precision = "fp32"
         if fp16:
             fp16_path = manifest.model.onnx_fp16
             if provider in GPU_PROVIDERS and fp16_path is not None and fp16_path.is_file():
                 running = [provider, *(p for p in providers if p != provider)]
                 session, provider = _open_session(fp16_path, running)
                 graph = fp16_path
+                precision = "fp16"
             else:
                 reason = "no onnx_fp16 file" if fp16_path is None or not fp16_path.is_file() else "not on GPU"
                 log.info("model.fp16_skipped", name=manifest.model.name, reason=reason, provider=provider)
-        package = cls(manifest, session, provider)
+        package = cls(manifest, session, provider, precision)
         log.info(
             "model.loaded",
             name=manifest.model.name,
@@ -116,6 +139,8 @@ class ModelPackage:
             requested_providers=list(providers),
             provider=provider,
             graph=graph.name,
+            precision=precision,
+            weights_sha256=package.algorithm.weights_sha256,
         )
         return package
 
@@ -176,11 +201,12 @@ class ModelPackage:
             findings=len(findings),
         )
         return InferenceResult(
-            algorithm=m.algorithm,
+            algorithm=self._algorithm,
             finding_classes=m.finding_classes,
             findings=findings,
             label_map=label_map,
             provider=self._provider,
+            precision=self._precision,
         )
 
     def _infer(
