@@ -143,7 +143,59 @@ def reshape_model(target: Sequence[int]) -> onnx.ModelProto:
     )
 
 
+def boxes_model(
+    boxes: Sequence[Sequence[float]],
+    *,
+    dimensions: int = 3,
+    output_name: str = "boxes",
+    batch_axis: bool = False,
+    width: int | None = None,
+) -> onnx.ModelProto:
+    """A detector that outputs the constant ``boxes`` (rows of ``[x0, y0, (z0,) x1, y1, (z1,) score,
+    label]``) whatever its input, which is still wired in (its maximum times zero is added), so that
+    onnxruntime runs it as a real graph. ``batch_axis`` gives (1, N, K); ``width`` overrides K."""
+    k = width if width is not None else 2 * dimensions + 2
+    rows = [list(map(float, row)) for row in boxes]
+    shape = [1, len(rows), k] if batch_axis else [len(rows), k]
+    flat = [v for row in rows for v in row]
+    nodes = [
+        helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "zero"], ["nothing"]),
+        helper.make_node("Add", ["constant_boxes", "nothing"], [output_name]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, _dims(dimensions, None))],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, shape)],
+        [helper.make_tensor("constant_boxes", TensorProto.FLOAT, shape, flat), _scalar("zero", 0.0)],
+    )
+
+
 # --- manifests -----------------------------------------------------------------------------------
+
+
+def boxes_manifest_dict(*, dimensions: int = 3, modalities: Sequence[str] = ("CT",)) -> dict[str, Any]:
+    """A valid manifest of a detector (``output.kind = "boxes"``): no sliding-window or segmentation keys."""
+    data = manifest_dict(dimensions=dimensions)
+    del data["model"]["onnx_fp16"]
+    data["input"]["modalities"] = list(modalities)
+    for key in ("overlap", "blend"):
+        del data["preprocessing"][key]
+    data["preprocessing"]["patch_size"] = [4, 16, 16] if dimensions == 3 else [16, 16]
+    data["output"] = {"tensor": "boxes", "kind": "boxes"}
+    data["labels"] = [box_label_dict(1, "Lung lesion")]
+    return data
+
+
+def box_label_dict(
+    value: int, name: str, *, min_score: float = 0.5, max_findings: int = 10
+) -> dict[str, Any]:
+    """One ``[[labels]]`` entry of a boxes model."""
+    entry = label_dict(value, name)
+    for key in ("threshold", "min_volume_mm3"):
+        del entry[key]
+    entry.update(min_score=min_score, max_findings=max_findings)
+    return entry
 
 
 def manifest_dict(*, dimensions: int = 3) -> dict[str, Any]:

@@ -201,7 +201,6 @@ INVALID: list[tuple[str, Mutation]] = [
     ("preprocessing.edge_mirror_voxels[0]", _set("preprocessing.edge_mirror_voxels", [-1, 0, 0])),
     ("preprocessing.edge_mirror_voxels[2]", _set("preprocessing.edge_mirror_voxels", [4, 0, 0.5])),
     ("output.tensor", _drop("output.tensor")),
-    ("output.kind", _set("output.kind", "boxes")),
     ("output.kind", _set("output.kind", "heatmap")),
     ("labels", _set("labels", [])),
     ("labels", _drop("labels")),

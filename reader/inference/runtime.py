@@ -3,8 +3,12 @@
 ``ModelPackage.load`` validates the manifest (``models/MANIFEST.md``), opens the session once on the
 first execution provider that works, and checks the graph's input and output against the manifest.
 ``ModelPackage.run`` turns a :class:`reader.volume.Volume` into an
-:class:`reader.findings.InferenceResult` whose label map lies on the volume's own grid, ready for
-SEG (PS3.3 C.8.20) and TID 1500 SR encoding. ``run`` is safe to call from several threads.
+:class:`reader.findings.InferenceResult` on the volume's own grid, ready for SEG (PS3.3 C.8.20) and
+TID 1500 SR encoding: a segmentation model (``output.kind`` "probabilities" or "label_map") gives
+a label map and its components (:mod:`reader.inference.postprocess`), a detection model ("boxes")
+gives box findings and no label map (:mod:`reader.inference.boxes`). Either way each finding's
+score is then mapped through its label's calibration, where the package ships one, and the result
+names the graph that ran (its SHA-256 and precision). ``run`` is safe to call from several threads.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import structlog
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from reader.errors import InferenceError, ManifestError, ModelError
-from reader.findings import AlgorithmIdentity, InferenceResult
-from reader.inference import anatomy, postprocess, preprocess
-from reader.inference.manifest import FlipAxis, LabelSpec, ModelManifest, load_manifest
+from reader.findings import AlgorithmIdentity, Finding, InferenceResult
+from reader.inference import anatomy, boxes, postprocess, preprocess
+from reader.inference.manifest import Calibration, FlipAxis, LabelSpec, ModelManifest, load_manifest
 from reader.volume import Volume
 
-__all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage"]
+__all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage", "calibrate"]
 
 log = structlog.get_logger(__name__)
 
@@ -166,6 +170,12 @@ class ModelPackage:
         prepared = time.perf_counter()
 
         onnx_seconds: list[float] = []  # per patch; a local, so concurrent runs keep their own
+        if m.output.kind == "boxes":
+            run = functools.partial(self._run_graph, spent=onnx_seconds)
+            findings = boxes.detect(image, run=run, manifest=m, volume=volume, fill=preprocess.pad_value(pre))
+            del image
+            inferred = time.perf_counter()
+            return self._result(volume, findings, None, (started, prepared, inferred), onnx_seconds)
         probabilities = self._infer(image, functools.partial(self._predict, spent=onnx_seconds))
         del image
         inferred = time.perf_counter()
@@ -188,6 +198,20 @@ class ModelPackage:
             findings, label_map = postprocess.extract_findings(
                 selection, m.labels, volume, in_plane_only=in_plane_only, lung=lung
             )
+        return self._result(volume, findings, label_map, (started, prepared, inferred), onnx_seconds)
+
+    def _result(
+        self,
+        volume: Volume,
+        findings: tuple[Finding, ...],
+        label_map: npt.NDArray[np.uint8] | None,
+        times: tuple[float, float, float],
+        onnx_seconds: Sequence[float],
+    ) -> InferenceResult:
+        """The result of one run, its findings calibrated; logs ``inference.done`` with the timings."""
+        m = self._manifest
+        findings = calibrate(findings, m.labels)
+        started, prepared, inferred = times
         finished = time.perf_counter()
         log.info(
             "inference.done",
@@ -208,6 +232,19 @@ class ModelPackage:
             provider=self._provider,
             precision=self._precision,
         )
+
+    def _run_graph(self, image: npt.NDArray[np.float32], *, spent: list[float]) -> npt.NDArray[Any]:
+        """The whole padded ``image`` (spatial axes) through the session as ``(1, 1, *image.shape)``:
+        the raw output tensor. The seconds onnxruntime took are appended to ``spent``."""
+        m = self._manifest
+        feed = {m.input.tensor: image[np.newaxis, np.newaxis].astype(self._input_dtype, copy=False)}
+        started = time.perf_counter()
+        try:
+            outputs = self._session.run([m.output.tensor], feed)
+        except ORT_ERRORS as err:
+            raise InferenceError(f"onnxruntime failed running {m.model.name}: {err}") from err
+        spent.append(time.perf_counter() - started)
+        return np.asarray(outputs[0])
 
     def _infer(
         self, image: npt.NDArray[np.float32], predict: preprocess.Predictor
@@ -283,6 +320,18 @@ class ModelPackage:
         values = out.reshape(patch.shape)
         # A label map becomes one-hot channels, blended and resampled like probabilities.
         return np.stack([(values == label.value) for label in labels]).astype(np.float32)
+
+
+def calibrate(findings: tuple[Finding, ...], labels: Sequence[LabelSpec]) -> tuple[Finding, ...]:
+    """``findings`` with ``calibrated_score`` set by their label's calibration, where it has one."""
+    curves = {label.value: label.calibration for label in labels}
+    return tuple(_calibrated(finding, curves.get(finding.finding_class.label)) for finding in findings)
+
+
+def _calibrated(finding: Finding, curve: Calibration | None) -> Finding:
+    if curve is None:
+        return finding
+    return dataclasses.replace(finding, calibrated_score=curve(finding.score))
 
 
 def _native_channels(
@@ -364,6 +413,8 @@ def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np
                 key = f"preprocessing.patch_size[{axis}]"
                 raise ManifestError(key, f"the graph fixes this axis to {dim}")
     out_shape = list(outputs[manifest.output.tensor].shape or [])
+    if manifest.output.kind == "boxes":
+        _check_boxes_output(out_shape, manifest)
     if manifest.output.kind == "probabilities" and len(out_shape) >= 2:
         channels = out_shape[1]
         if isinstance(channels, int) and channels != len(manifest.labels):
@@ -372,3 +423,21 @@ def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np
                 f"the graph outputs {channels} channels, the manifest has {len(manifest.labels)} labels",
             )
     return _FLOAT_TYPES[arg.type]
+
+
+def _check_boxes_output(shape: Sequence[object], manifest: ModelManifest) -> None:
+    """A boxes output is (N, 6) for 2-D models, (N, 8) for 3-D, or the same with a leading 1."""
+    dims = manifest.input.dimensions
+    width = 2 * dims + 2
+    name = manifest.output.tensor
+    if not shape:  # rank unknown to onnxruntime: checked when the graph runs
+        return
+    if len(shape) not in (2, 3):
+        raise ManifestError("output.tensor", f"{name!r} has rank {len(shape)}; boxes are (N, {width})")
+    last = shape[-1]
+    if isinstance(last, int) and last != width:
+        raise ManifestError(
+            "output.tensor",
+            f"{name!r} gives {last} values per box, a {dims}-D boxes model gives {width} "
+            f"({'x0, y0, z0, x1, y1, z1' if dims == 3 else 'x0, y0, x1, y1'}, score, label)",
+        )
