@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,23 @@ def test_boxes_manifest_loads(tmp_path: Path) -> None:
     manifest = load_manifest(write_package(tmp_path / "b", data, boxes_model([])))
     assert manifest.output.nms_iou == 0.3
     assert manifest.labels[0].calibration == Calibration(scores=(0.5, 0.9), probabilities=(0.2, 0.8))
+
+
+def test_spec_boxes_example_loads(tmp_path: Path) -> None:
+    """The detector example in models/MANIFEST.md is a valid manifest, and its 2-D graph contract loads."""
+    spec = (Path(__file__).resolve().parents[1] / "models" / "MANIFEST.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", spec, re.DOTALL)
+    example = next(b for b in blocks if 'kind = "boxes"' in b)
+    graph = boxes_model([], dimensions=2)
+    (tmp_path / "model.onnx").write_bytes(graph.SerializeToString())
+    text, count = re.subn(
+        r'onnx_sha256 = "[0-9a-f]{64}"', f'onnx_sha256 = "{sha256_of(tmp_path / "model.onnx")}"', example
+    )
+    assert count == 1
+    (tmp_path / "model.toml").write_text(text, encoding="utf-8")
+    package = ModelPackage.load(tmp_path, providers=("CPUExecutionProvider",))
+    assert (package.manifest.output.kind, package.manifest.input.modalities) == ("boxes", ("CR", "DX"))
+    assert package.manifest.labels[0].max_findings == 5
 
 
 def _set_label(key: str, value: Any) -> Mutation:
