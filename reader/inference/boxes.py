@@ -144,8 +144,9 @@ def read_boxes(
     if not np.isfinite(values).all():
         raise InferenceError(f"{name} holds NaN or infinite values")
     scores = values[:, 2 * dims]
-    if ((scores < 0.0) | (scores > 1.0)).any():
-        raise InferenceError(f"{name} has scores outside [0, 1]: {sorted(set(scores.tolist()))[:5]}")
+    outside = scores[(scores < 0.0) | (scores > 1.0)]
+    if outside.size:
+        raise InferenceError(f"{name} has scores outside [0, 1]: {sorted(set(outside.tolist()))[:5]}")
     by_value = {label.value: label for label in labels}
     floor = min(label.min_score for label in labels)
     boxes: list[Box] = []
