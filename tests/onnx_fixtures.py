@@ -8,6 +8,7 @@ normalization turns voxels brighter than about -300 HU into lesion probability ~
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -142,7 +143,59 @@ def reshape_model(target: Sequence[int]) -> onnx.ModelProto:
     )
 
 
+def boxes_model(
+    boxes: Sequence[Sequence[float]],
+    *,
+    dimensions: int = 3,
+    output_name: str = "boxes",
+    batch_axis: bool = False,
+    width: int | None = None,
+) -> onnx.ModelProto:
+    """A detector that outputs the constant ``boxes`` (rows of ``[x0, y0, (z0,) x1, y1, (z1,) score,
+    label]``) whatever its input, which is still wired in (its maximum times zero is added), so that
+    onnxruntime runs it as a real graph. ``batch_axis`` gives (1, N, K); ``width`` overrides K."""
+    k = width if width is not None else 2 * dimensions + 2
+    rows = [list(map(float, row)) for row in boxes]
+    shape = [1, len(rows), k] if batch_axis else [len(rows), k]
+    flat = [v for row in rows for v in row]
+    nodes = [
+        helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "zero"], ["nothing"]),
+        helper.make_node("Add", ["constant_boxes", "nothing"], [output_name]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, _dims(dimensions, None))],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, shape)],
+        [helper.make_tensor("constant_boxes", TensorProto.FLOAT, shape, flat), _scalar("zero", 0.0)],
+    )
+
+
 # --- manifests -----------------------------------------------------------------------------------
+
+
+def boxes_manifest_dict(*, dimensions: int = 3, modalities: Sequence[str] = ("CT",)) -> dict[str, Any]:
+    """A valid manifest of a detector (``output.kind = "boxes"``): no sliding-window or segmentation keys."""
+    data = manifest_dict(dimensions=dimensions)
+    del data["model"]["onnx_fp16"]
+    data["input"]["modalities"] = list(modalities)
+    for key in ("overlap", "blend"):
+        del data["preprocessing"][key]
+    data["preprocessing"]["patch_size"] = [4, 16, 16] if dimensions == 3 else [16, 16]
+    data["output"] = {"tensor": "boxes", "kind": "boxes"}
+    data["labels"] = [box_label_dict(1, "Lung lesion")]
+    return data
+
+
+def box_label_dict(
+    value: int, name: str, *, min_score: float = 0.5, max_findings: int = 10
+) -> dict[str, Any]:
+    """One ``[[labels]]`` entry of a boxes model."""
+    entry = label_dict(value, name)
+    for key in ("threshold", "min_volume_mm3"):
+        del entry[key]
+    entry.update(min_score=min_score, max_findings=max_findings)
+    return entry
 
 
 def manifest_dict(*, dimensions: int = 3) -> dict[str, Any]:
@@ -232,11 +285,16 @@ def write_package(
     model: onnx.ModelProto | None = None,
     *,
     fp16_model: onnx.ModelProto | None = None,
+    digests: bool = True,
 ) -> Path:
-    """Write ``model.toml`` and ``model.onnx`` (default: the sigmoid model) into ``folder``."""
+    """Write ``model.toml`` and ``model.onnx`` (default: the sigmoid model) into ``folder``.
+
+    With ``digests`` the manifest's ``[model]`` gets ``onnx_sha256`` (and ``onnx_fp16_sha256`` when it
+    names ``onnx_fp16``) of the files written, unless it sets them itself; an fp16 graph named but
+    not written gets :data:`ABSENT_SHA256`.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     data = copy.deepcopy(dict(manifest if manifest is not None else manifest_dict()))
-    (folder / "model.toml").write_text(to_toml(data), encoding="utf-8")
     dims = int(data.get("input", {}).get("dimensions", 3)) if isinstance(data.get("input"), dict) else 3
     onnx.save(
         model if model is not None else sigmoid_model(dimensions=dims if dims in (2, 3) else 3),
@@ -244,7 +302,23 @@ def write_package(
     )
     if fp16_model is not None:
         onnx.save(fp16_model, str(folder / "model.fp16.onnx"))
+    info = data.get("model")
+    if digests and isinstance(info, dict):
+        info.setdefault("onnx_sha256", sha256_of(folder / "model.onnx"))
+        if "onnx_fp16" in info:
+            fp16 = folder / "model.fp16.onnx"
+            info.setdefault("onnx_fp16_sha256", sha256_of(fp16) if fp16.is_file() else ABSENT_SHA256)
+    (folder / "model.toml").write_text(to_toml(data), encoding="utf-8")
     return folder
+
+
+# The digest written for an fp16 graph that a manifest names but the package does not hold.
+ABSENT_SHA256 = "0" * 64
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, lowercase hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- volumes -------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ import pytest
 from reader.errors import ManifestError, ModelError
 from reader.findings import AlgorithmIdentity, Code, FindingClass
 from reader.inference import ModelManifest, load_manifest
-from tests.onnx_fixtures import label_dict, manifest_dict, sigmoid_model, to_toml, write_package
+from tests.onnx_fixtures import (
+    ABSENT_SHA256,
+    label_dict,
+    manifest_dict,
+    sha256_of,
+    sigmoid_model,
+    to_toml,
+    write_package,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +61,11 @@ def _zscore_zero_std(data: dict[str, Any]) -> None:
     data["preprocessing"].update(normalize="zscore", mean=0.0, std=0.0)
 
 
+def _drop_fp16_keep_digest(data: dict[str, Any]) -> None:
+    del data["model"]["onnx_fp16"]
+    data["model"]["onnx_fp16_sha256"] = "0" * 64
+
+
 def _two_labels(data: dict[str, Any]) -> None:
     data["labels"] = [label_dict(1, "a"), label_dict(1, "b")]
 
@@ -79,7 +92,9 @@ def test_valid_manifest_loads_typed(tmp_path: Path) -> None:
         version="0.0.1",
         family=Code("123110", "DCM", "Artificial Intelligence"),
         source="reader tests",
+        weights_sha256=sha256_of(folder / "model.onnx"),
     )
+    assert manifest.model.onnx_fp16_sha256 == ABSENT_SHA256
     (label,) = manifest.labels
     assert label.property_type == Code("27925004", "SCT", "Nodule")
     assert label.site == Code("39607008", "SCT", "Lung")
@@ -95,8 +110,14 @@ def test_spec_example_loads(tmp_path: Path) -> None:
     spec = (REPO / "models" / "MANIFEST.md").read_text(encoding="utf-8")
     example = re.search(r"```toml\n(.*?)```", spec, re.DOTALL)
     assert example is not None, "models/MANIFEST.md has no ```toml example"
-    (tmp_path / "model.toml").write_text(example.group(1), encoding="utf-8")
     (tmp_path / "model.onnx").write_bytes(sigmoid_model().SerializeToString())
+    # The example's digest is the reference model's; the stand-in graph here has its own.
+    text, count = re.subn(
+        r'onnx_sha256 = "[0-9a-f]{64}"', f'onnx_sha256 = "{sha256_of(tmp_path / "model.onnx")}"',
+        example.group(1),
+    )
+    assert count == 1, "the example records onnx_sha256 once"
+    (tmp_path / "model.toml").write_text(text, encoding="utf-8")
     manifest = load_manifest(tmp_path)
     assert manifest.model.name == "lung-lesion-unet"
     assert manifest.preprocessing.target_spacing_mm == (2.5, 1.5, 1.5)
@@ -148,6 +169,11 @@ INVALID: list[tuple[str, Mutation]] = [
     ("model.onnx", _set("model.onnx", "../model.onnx")),
     ("model.onnx_fp16", _set("model.onnx_fp16", "/abs/model.onnx")),
     ("model.colour", _set("model.colour", "red")),
+    ("model.onnx_sha256", _set("model.onnx_sha256", "a" * 64)),
+    ("model.onnx_sha256", _set("model.onnx_sha256", "not-a-digest")),
+    ("model.onnx_sha256", _set("model.onnx_sha256", 12)),
+    ("model.onnx_fp16_sha256", _set("model.onnx_fp16_sha256", "0" * 63)),
+    ("model.onnx_fp16_sha256", _drop_fp16_keep_digest),
     ("input", _drop("input")),
     ("input.dimensions", _set("input.dimensions", 4)),
     ("input.dimensions", _set("input.dimensions", True)),
@@ -175,7 +201,6 @@ INVALID: list[tuple[str, Mutation]] = [
     ("preprocessing.edge_mirror_voxels[0]", _set("preprocessing.edge_mirror_voxels", [-1, 0, 0])),
     ("preprocessing.edge_mirror_voxels[2]", _set("preprocessing.edge_mirror_voxels", [4, 0, 0.5])),
     ("output.tensor", _drop("output.tensor")),
-    ("output.kind", _set("output.kind", "boxes")),
     ("output.kind", _set("output.kind", "heatmap")),
     ("labels", _set("labels", [])),
     ("labels", _drop("labels")),
@@ -218,3 +243,43 @@ def test_missing_or_broken_file_names_model_toml(tmp_path: Path) -> None:
         load_manifest(tmp_path)
     assert broken.value.key == "model.toml"
     assert "TOML" in broken.value.problem
+
+
+def test_missing_digest_is_named(tmp_path: Path) -> None:
+    """A manifest without onnx_sha256, or naming onnx_fp16 without its digest, is refused naming the key."""
+    with pytest.raises(ManifestError) as fp32:
+        load_manifest(write_package(tmp_path / "a", manifest_dict(), digests=False))
+    assert fp32.value.key == "model.onnx_sha256"
+    data = manifest_dict()
+    data["model"]["onnx_sha256"] = sha256_of(write_package(tmp_path / "b") / "model.onnx")
+    with pytest.raises(ManifestError) as fp16:
+        load_manifest(write_package(tmp_path / "b", data, digests=False))
+    assert fp16.value.key == "model.onnx_fp16_sha256"
+
+
+def test_weights_that_differ_from_the_digest_are_refused(tmp_path: Path) -> None:
+    """A graph file replaced after the manifest was written is refused, naming the key and both digests;
+    an fp16 graph present on disk is checked the same way."""
+    folder = write_package(tmp_path, fp16_model=sigmoid_model(float16=True))
+    recorded = load_manifest(folder).model.onnx_sha256
+    (folder / "model.onnx").write_bytes(sigmoid_model(offset=0.6).SerializeToString())
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(folder)
+    assert caught.value.key == "model.onnx_sha256"
+    assert recorded in caught.value.problem
+    assert sha256_of(folder / "model.onnx") in caught.value.problem
+    data = manifest_dict()
+    data["model"]["onnx_fp16_sha256"] = "b" * 64
+    fp16 = write_package(tmp_path / "fp16", data, fp16_model=sigmoid_model(float16=True))
+    with pytest.raises(ManifestError, match="b" * 64) as wrong16:
+        load_manifest(fp16)
+    assert wrong16.value.key == "model.onnx_fp16_sha256"
+
+
+def test_uppercase_digest_is_read_as_lowercase(tmp_path: Path) -> None:
+    """A digest written in uppercase hex matches its file and is kept in lowercase."""
+    probe = write_package(tmp_path / "probe")
+    data = manifest_dict()
+    data["model"]["onnx_sha256"] = sha256_of(probe / "model.onnx").upper()
+    manifest = load_manifest(write_package(tmp_path / "pkg", data))
+    assert manifest.model.onnx_sha256 == sha256_of(probe / "model.onnx")

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from scipy.spatial.distance import pdist
 from structlog.testing import capture_logs
 
 from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
-from reader.inference import ModelPackage
+from reader.inference import ModelPackage, load_manifest
 from reader.inference.postprocess import longest_diameter_mm
 from reader.inference.preprocess import patch_starts, resample, resample_above, sliding_window
 from reader.volume import Volume
@@ -24,6 +25,7 @@ from tests.onnx_fixtures import (
     make_volume,
     manifest_dict,
     reshape_model,
+    sha256_of,
     shifted_sigmoid_model,
     sigmoid_model,
     two_class_model,
@@ -45,6 +47,12 @@ def _blobs(shape: tuple[int, int, int] = (20, 40, 40)) -> np.ndarray[Any, np.dty
     voxels[BLOB_A] = BRIGHT
     voxels[BLOB_B] = DIM
     return voxels
+
+
+def _label_map(result: InferenceResult) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """The result's label map, which a segmentation model always has."""
+    assert result.label_map is not None
+    return result.label_map
 
 
 def _cuboid_diameter(box: tuple[slice, ...], spacing: tuple[float, ...]) -> float:
@@ -110,6 +118,26 @@ def test_fp16_is_not_used_on_cpu(tmp_path: Path) -> None:
     assert [e["graph"] for e in logs if e["event"] == "model.loaded"] == ["model.onnx"]
 
 
+def test_result_names_the_weights_that_ran(tmp_path: Path) -> None:
+    """A result carries the SHA-256 of the fp32 graph that ran and says it ran in fp32."""
+    package = _package(tmp_path)
+    result = package.run(make_volume(np.full((6, 20, 24), AIR, dtype=np.float32), spacing_mm=SPACING))
+    digest = sha256_of(tmp_path / "model.onnx")
+    assert result.algorithm.weights_sha256 == digest == package.algorithm.weights_sha256
+    assert (result.precision, package.precision) == ("fp32", "fp32")
+
+
+def test_fp16_session_reports_the_fp16_digest(tmp_path: Path) -> None:
+    """A package whose fp16 graph runs names that graph's digest and precision "fp16" in its results."""
+    folder = write_package(tmp_path, fp16_model=sigmoid_model(float16=True))
+    manifest = load_manifest(folder)
+    session = ort.InferenceSession(str(folder / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    package = ModelPackage(manifest, session, "CPUExecutionProvider", "fp16")
+    assert package.algorithm.weights_sha256 == sha256_of(folder / "model.fp16.onnx")
+    assert package.algorithm.weights_sha256 != manifest.algorithm.weights_sha256
+    assert package.precision == "fp16"
+
+
 def test_two_blobs_give_two_measured_findings(tmp_path: Path) -> None:
     """Two cuboid blobs become two findings with exact volume, diameter, centroid and slices."""
     package = _package(tmp_path)
@@ -133,12 +161,12 @@ def test_two_blobs_give_two_measured_findings(tmp_path: Path) -> None:
         assert finding.centroid_mm == pytest.approx(volume.voxel_to_patient(_centre(box)))
         assert finding.slice_indices == tuple(range(box[0].start, box[0].stop))
         assert finding.finding_class.label == 1
-    assert result.label_map.dtype == np.uint8
-    assert result.label_map.shape == volume.voxels.shape
+    assert _label_map(result).dtype == np.uint8
+    assert _label_map(result).shape == volume.voxels.shape
     expected = np.zeros(volume.voxels.shape, dtype=np.uint8)
     expected[BLOB_A] = 1
     expected[BLOB_B] = 1
-    assert np.array_equal(result.label_map, expected)
+    assert np.array_equal(_label_map(result), expected)
     (done,) = [e for e in logs if e["event"] == "inference.done"]
     assert done["findings"] == 2
     assert done["series_uid"] == volume.series_instance_uid
@@ -155,7 +183,7 @@ def test_thresholds_and_filters_drop_components(tmp_path: Path) -> None:
         entry = label_dict(1, "Lung lesion") | label
         result = _package(tmp_path / name, labels=[entry]).run(volume)
         counts = {f.voxel_count for f in result.findings}
-        assert int(np.count_nonzero(result.label_map)) == sum(counts)
+        assert int(np.count_nonzero(_label_map(result))) == sum(counts)
         return counts
 
     assert kept("all") == {120, 240, 8}
@@ -171,7 +199,7 @@ def test_sliding_window_matches_one_big_patch(tmp_path: Path) -> None:
     small = _package(tmp_path / "small", preprocessing={"patch_size": [8, 16, 16], "overlap": 0.5})
     big = _package(tmp_path / "big", preprocessing={"patch_size": [20, 40, 40], "blend": "constant"})
     a, b = small.run(volume), big.run(volume)
-    assert np.array_equal(a.label_map, b.label_map)
+    assert np.array_equal(_label_map(a), _label_map(b))
     assert len(a.findings) == len(b.findings) == 2
     for fa, fb in zip(a.findings, b.findings, strict=True):
         assert fa.score == pytest.approx(fb.score, abs=1e-5)
@@ -216,7 +244,7 @@ def test_edge_mirror_keeps_findings_in_place(tmp_path: Path) -> None:
     volume = make_volume(_blobs(), spacing_mm=SPACING)
     plain = _package(tmp_path / "plain").run(volume)
     mirrored = _package(tmp_path / "mirrored", preprocessing={"edge_mirror_voxels": [3, 2, 5]}).run(volume)
-    assert np.array_equal(plain.label_map, mirrored.label_map)
+    assert np.array_equal(_label_map(plain), _label_map(mirrored))
     assert [f.voxel_count for f in plain.findings] == [f.voxel_count for f in mirrored.findings]
     assert len(plain.findings) == 2
 
@@ -247,7 +275,7 @@ def test_test_time_flips_average_mirrored_passes(
     )
     result = package.run(make_volume(voxels))
     (finding,) = result.findings
-    found = np.flatnonzero(result.label_map.any(axis=(0, 1)))
+    found = np.flatnonzero(_label_map(result).any(axis=(0, 1)))
     assert (int(found[0]), int(found[-1])) == columns
     assert finding.slice_indices == (2, 3)
     assert finding.score == pytest.approx(1.0, abs=1e-3)
@@ -258,7 +286,7 @@ def test_volume_smaller_than_patch_is_padded(tmp_path: Path) -> None:
     voxels = np.full((5, 10, 12), AIR, dtype=np.float32)
     voxels[1:3, 2:5, 3:9] = BRIGHT
     result = _package(tmp_path).run(make_volume(voxels))
-    assert result.label_map.shape == (5, 10, 12)
+    assert _label_map(result).shape == (5, 10, 12)
     (finding,) = result.findings
     assert finding.voxel_count == 36
     assert finding.slice_indices == (1, 2)
@@ -273,13 +301,13 @@ def test_resampling_returns_to_native_grid(tmp_path: Path) -> None:
     volume = make_volume(voxels, spacing_mm=spacing)
     package = _package(tmp_path, preprocessing={"target_spacing_mm": [2.5, 1.5, 1.5]})
     result = package.run(volume)
-    assert result.label_map.shape == voxels.shape
+    assert _label_map(result).shape == voxels.shape
     (finding,) = result.findings
     true_mm3 = 10 * 20 * 22 * math.prod(spacing)
     assert finding.volume_mm3 == pytest.approx(true_mm3, rel=0.15)
     assert finding.centroid_mm == pytest.approx(volume.voxel_to_patient(_centre(box)), abs=1.0)
     assert finding.longest_diameter_mm == pytest.approx(_cuboid_diameter(box, spacing), rel=0.1)
-    overlap = np.logical_and(result.label_map == 1, voxels == BRIGHT).sum()
+    overlap = np.logical_and(_label_map(result) == 1, voxels == BRIGHT).sum()
     assert overlap / finding.voxel_count > 0.85
 
 
@@ -293,7 +321,7 @@ def test_two_d_model_on_one_slice_radiograph(tmp_path: Path) -> None:
     package = ModelPackage.load(write_package(tmp_path, data), providers=("CPUExecutionProvider",))
     volume = make_volume(pixels, spacing_mm=(1.0, 0.2, 0.2), modality="DX")
     result = package.run(volume)
-    assert result.label_map.shape == (1, 50, 70)
+    assert _label_map(result).shape == (1, 50, 70)
     (finding,) = result.findings
     assert finding.voxel_count == 120
     assert finding.slice_indices == (0,)
@@ -345,8 +373,8 @@ def test_two_labels_most_probable_wins(tmp_path: Path) -> None:
     assert by_label["bright"].voxel_count == 120
     assert by_label["mid"].voxel_count == 240
     assert sorted(f.number for f in result.findings) == [1, 2]
-    assert set(np.unique(result.label_map)) == {0, 1, 2}
-    assert np.all(result.label_map[BLOB_A] == 2)
+    assert set(np.unique(_label_map(result))) == {0, 1, 2}
+    assert np.all(_label_map(result)[BLOB_A] == 2)
 
 
 def test_graph_not_matching_manifest_is_rejected_at_load(tmp_path: Path) -> None:
@@ -420,5 +448,5 @@ def test_negative_volume_has_no_findings(tmp_path: Path) -> None:
     result = _package(tmp_path, preprocessing={"target_spacing_mm": [3.0, 1.5, 1.5]}).run(volume)
     assert result.findings == ()
     assert not result.positive
-    assert result.label_map.shape == (6, 20, 24)
-    assert not result.label_map.any()
+    assert _label_map(result).shape == (6, 20, 24)
+    assert not _label_map(result).any()

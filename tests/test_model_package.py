@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from reader.config import bundled_models_dir
+from reader.findings import InferenceResult
 from reader.inference import ModelPackage
 from tests.onnx_fixtures import make_volume
 
 PACKAGE = bundled_models_dir() / "lung-lesion-unet"
+
+
+def _label_map(result: InferenceResult) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """The result's label map, which a segmentation model always has."""
+    assert result.label_map is not None
+    return result.label_map
 
 
 def test_reference_package_runs_on_cpu() -> None:
@@ -22,7 +30,7 @@ def test_reference_package_runs_on_cpu() -> None:
     voxels = np.full((12, 96, 96), -850.0, dtype=np.float32)  # lung-like background
     voxels[4:8, 40:56, 40:56] = 20.0  # a solid 2 cm block
     result = package.run(make_volume(voxels, spacing_mm=(5.0, 0.8, 0.8)))
-    assert result.label_map.shape == voxels.shape
+    assert _label_map(result).shape == voxels.shape
     assert all(0.5 <= f.score <= 1.0 for f in result.findings)
 
 

@@ -2,12 +2,15 @@
 
 ``load_manifest`` validates a package folder; ``ModelPackage.load`` opens one warm onnxruntime
 session and ``ModelPackage.run`` turns a :class:`reader.volume.Volume` into an
-:class:`reader.findings.InferenceResult` on the volume's native grid.
+:class:`reader.findings.InferenceResult` on the volume's native grid: a segmentation model's
+label map and components (``postprocess``), or a detection model's boxes (``boxes``), each
+finding's score mapped through the package's calibration where it ships one.
 """
 
 from __future__ import annotations
 
 from reader.inference.manifest import (
+    Calibration,
     InputSpec,
     LabelSpec,
     ModelInfo,
@@ -16,10 +19,11 @@ from reader.inference.manifest import (
     Preprocessing,
     load_manifest,
 )
-from reader.inference.runtime import DEFAULT_PROVIDERS, ModelPackage
+from reader.inference.runtime import DEFAULT_PROVIDERS, ModelPackage, calibrate
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "Calibration",
     "InputSpec",
     "LabelSpec",
     "ModelInfo",
@@ -27,5 +31,6 @@ __all__ = [
     "ModelPackage",
     "OutputSpec",
     "Preprocessing",
+    "calibrate",
     "load_manifest",
 ]

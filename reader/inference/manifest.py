@@ -10,7 +10,10 @@ version and source become Algorithm Identification (TID 4019).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +24,9 @@ from reader.errors import ManifestError
 from reader.findings import AlgorithmIdentity, Code, FindingClass
 
 __all__ = [
+    "DEFAULT_NMS_IOU",
     "MANIFEST_FILE",
+    "Calibration",
     "FlipAxis",
     "InputSpec",
     "LabelSpec",
@@ -29,6 +34,7 @@ __all__ = [
     "ModelManifest",
     "OutputSpec",
     "Preprocessing",
+    "file_sha256",
     "load_manifest",
 ]
 
@@ -39,7 +45,11 @@ _MAX_LUNG_MARGIN_MM = 30.0  # lung_margin_mm: beyond this the gate stops meaning
 Normalize = Literal["window", "zscore"]
 Blend = Literal["gaussian", "constant"]
 FlipAxis = Literal["slice", "row", "column"]
-OutputKind = Literal["probabilities", "label_map"]
+OutputKind = Literal["probabilities", "label_map", "boxes"]
+DEFAULT_NMS_IOU = 0.5  # output.nms_iou of a boxes model when the manifest does not set it
+# Keys a boxes model does not use, refused so that none is read as doing something.
+_SEGMENTATION_LABEL_KEYS = ("threshold", "min_volume_mm3", "min_lung_fraction", "lung_margin_mm")
+_SLIDING_WINDOW_KEYS = ("overlap", "blend", "test_time_flips", "edge_mirror_voxels")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,10 @@ class ModelInfo:
     family: Code  # CID 7162 Artificial Intelligence, ...
     onnx: Path  # fp32 graph
     onnx_fp16: Path | None  # optional fp16 graph for CUDA/TensorRT; may be absent on disk
+    # SHA-256 (lowercase hex) of each graph, as the manifest records them and as checked at load
+    # against the files (the fp16 one only where its file exists): what identifies the weights.
+    onnx_sha256: str = ""
+    onnx_fp16_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +89,11 @@ class Preprocessing:
     normalize: Normalize
     mean: float | None  # only for "zscore"
     std: float | None  # only for "zscore", > 0
-    patch_size: tuple[int, ...]  # (D, H, W) for 3-D models, (H, W) for 2-D
-    overlap: float  # fraction of a patch shared with its neighbour, in [0, 1)
-    blend: Blend
+    # (D, H, W) for 3-D models, (H, W) for 2-D; a boxes model: the least input size (the image is
+    # padded at the far end of each axis up to it), run once over the whole image.
+    patch_size: tuple[int, ...]
+    overlap: float  # fraction of a patch shared with its neighbour, in [0, 1); 0 for boxes models
+    blend: Blend  # "constant" for boxes models (no sliding window)
     # Test-time augmentation: the model also runs on the image mirrored along each of these axes
     # and the probabilities are averaged (one pass more per axis). Empty: one plain pass.
     test_time_flips: tuple[FlipAxis, ...] = ()
@@ -93,6 +109,33 @@ class OutputSpec:
 
     tensor: str
     kind: OutputKind
+    # Boxes models: a box is suppressed when its intersection over union with a better-scoring box of
+    # the same label exceeds this (greedy non-maximum suppression).
+    nms_iou: float = DEFAULT_NMS_IOU
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``calibration``: a label's raw score -> probability that the finding is a true lesion.
+
+    Piecewise linear through the points (``scores[i]``, ``probabilities[i]``), measured on a
+    validation set; constant beyond the first and last point. ``scores`` strictly increase and
+    ``probabilities`` never decrease, all in [0, 1] (checked by the manifest loader).
+    """
+
+    scores: tuple[float, ...]
+    probabilities: tuple[float, ...]
+
+    def __call__(self, score: float) -> float:
+        """The calibrated probability of a finding with raw ``score``."""
+        xs, ys = self.scores, self.probabilities
+        if score <= xs[0]:
+            return ys[0]
+        if score >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, score)  # xs[i - 1] <= score < xs[i]
+        t = (score - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return min(1.0, max(0.0, ys[i - 1] + t * (ys[i] - ys[i - 1])))
 
 
 @dataclass(frozen=True)
@@ -104,12 +147,13 @@ class LabelSpec:
     category: Code  # Segmented Property Category, CID 7150
     property_type: Code  # Segmented Property Type, CID 7151 (``type`` in the TOML)
     site: Code | None  # Finding Site / Anatomic Region
-    threshold: float  # voxel probability that counts as this label
-    min_score: float  # a component is reported only if its max probability reaches this
-    min_volume_mm3: float  # ... and its volume reaches this
+    threshold: float  # voxel probability that counts as this label (boxes models: = min_score)
+    min_score: float  # a component (or box) is reported only if its max probability reaches this
+    min_volume_mm3: float  # ... and its volume reaches this (boxes models: 0, unused)
     max_findings: int  # at most this many findings of this label per series
     min_lung_fraction: float = 0.0  # ... and at least this fraction of it lies in the lung field
     lung_margin_mm: float = 0.0  # ... grown by this margin (lesions at the pleura or hilum)
+    calibration: Calibration | None = None  # raw score -> calibrated probability; None: none shipped
 
     @property
     def finding_class(self) -> FindingClass:
@@ -137,12 +181,16 @@ class ModelManifest:
 
     @property
     def algorithm(self) -> AlgorithmIdentity:
-        """Algorithm Identification (TID 4019) for the SR and SEG."""
+        """Algorithm Identification (TID 4019) for the SR and SEG, with the fp32 graph's digest.
+
+        A package running its fp16 graph reports that graph's digest instead
+        (:attr:`reader.inference.ModelPackage.algorithm`)."""
         return AlgorithmIdentity(
             name=self.model.name,
             version=self.model.version,
             family=self.model.family,
             source=self.model.source,
+            weights_sha256=self.model.onnx_sha256,
         )
 
     @property
@@ -176,9 +224,10 @@ def _parse(raw: Mapping[str, object], folder: Path) -> ModelManifest:
         raise ManifestError("schema", f"unsupported schema {schema}, this node reads {SCHEMA_VERSION}")
     model = _model(_table(raw, "model", ""), folder)
     inp = _input(_table(raw, "input", ""))
-    pre = _preprocessing(_table(raw, "preprocessing", ""), inp.dimensions)
     out = _output(_table(raw, "output", ""))
-    labels = _labels(raw)
+    boxes = out.kind == "boxes"
+    pre = _preprocessing(_table(raw, "preprocessing", ""), inp.dimensions, boxes=boxes)
+    labels = _labels(raw, boxes=boxes)
     return ModelManifest(
         folder=folder, schema=schema, model=model, input=inp, preprocessing=pre, output=out, labels=labels
     )
@@ -186,11 +235,18 @@ def _parse(raw: Mapping[str, object], folder: Path) -> ModelManifest:
 
 def _model(t: Mapping[str, object], folder: Path) -> ModelInfo:
     p = "model."
-    _only_keys(t, p, {"name", "version", "source", "description", "family", "onnx", "onnx_fp16"})
+    graphs = {"onnx", "onnx_fp16", "onnx_sha256", "onnx_fp16_sha256"}
+    _only_keys(t, p, {"name", "version", "source", "description", "family"} | graphs)
     onnx = _relative_file(t, "onnx", p, folder)
     if not onnx.is_file():
         raise ManifestError(p + "onnx", f"file not found: {onnx}")
+    onnx_sha256 = _checked_digest(t, "onnx_sha256", onnx)
     fp16 = _relative_file(t, "onnx_fp16", p, folder) if "onnx_fp16" in t else None
+    fp16_sha256 = None
+    if fp16 is not None:
+        fp16_sha256 = _checked_digest(t, "onnx_fp16_sha256", fp16)
+    elif "onnx_fp16_sha256" in t:
+        raise ManifestError(p + "onnx_fp16_sha256", "only allowed with onnx_fp16")
     return ModelInfo(
         name=_str(t, "name", p),
         version=_str(t, "version", p),
@@ -199,7 +255,39 @@ def _model(t: Mapping[str, object], folder: Path) -> ModelInfo:
         family=_code(t, "family", p),
         onnx=onnx,
         onnx_fp16=fp16,
+        onnx_sha256=onnx_sha256,
+        onnx_fp16_sha256=fp16_sha256,
     )
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_digest(t: Mapping[str, object], key: str, path: Path) -> str:
+    """``model.<key>``: the SHA-256 of the graph at ``path``, which must match where the file exists.
+
+    The file is read once here, at load: a package whose weights are not the ones its manifest
+    names is refused, so the digest in every result identifies what ran.
+    """
+    p = "model."
+    digest = _str(t, key, p).lower()
+    if not _SHA256.fullmatch(digest):
+        raise ManifestError(p + key, f"must be 64 hexadecimal digits (SHA-256), got {digest!r}")
+    if not path.is_file():
+        return digest  # an absent onnx_fp16 is allowed; it is checked when it is deployed
+    actual = file_sha256(path)
+    if actual != digest:
+        raise ManifestError(p + key, f"{path.name} has SHA-256 {actual}, the manifest says {digest}")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, lowercase hex, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def _input(t: Mapping[str, object]) -> InputSpec:
@@ -215,8 +303,12 @@ def _input(t: Mapping[str, object]) -> InputSpec:
     return InputSpec(tensor=_str(t, "tensor", p), dimensions=cast(Literal[2, 3], dims), modalities=mods)
 
 
-def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
+def _preprocessing(t: Mapping[str, object], dims: int, *, boxes: bool = False) -> Preprocessing:
     p = "preprocessing."
+    if boxes:
+        for key in _SLIDING_WINDOW_KEYS:
+            if key in t:
+                raise ManifestError(p + key, 'not used by an output.kind = "boxes" model (no sliding window)')
     allowed = {
         "target_spacing_mm",
         "window",
@@ -234,9 +326,10 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
     window, mean, std = _intensity(t, normalize)
     patch_size = _axis_ints(t, "patch_size", dims, minimum=1)
     mirror = _axis_ints(t, "edge_mirror_voxels", dims, minimum=0) if "edge_mirror_voxels" in t else ()
-    overlap = _float(t, "overlap", p)
+    overlap = 0.0 if boxes else _float(t, "overlap", p)
     if not 0.0 <= overlap < 1.0:
         raise ManifestError(p + "overlap", f"must be in [0, 1), got {overlap}")
+    blend = "constant" if boxes else _choice(t, "blend", p, ("gaussian", "constant"))
     return Preprocessing(
         target_spacing_mm=_target_spacing(t, dims) if "target_spacing_mm" in t else None,
         window=window,
@@ -245,7 +338,7 @@ def _preprocessing(t: Mapping[str, object], dims: int) -> Preprocessing:
         std=std,
         patch_size=patch_size,
         overlap=overlap,
-        blend=cast(Blend, _choice(t, "blend", p, ("gaussian", "constant"))),
+        blend=cast(Blend, blend),
         test_time_flips=_test_time_flips(t, dims),
         edge_mirror_voxels=mirror,
     )
@@ -321,15 +414,44 @@ def _intensity(
 
 def _output(t: Mapping[str, object]) -> OutputSpec:
     p = "output."
-    _only_keys(t, p, {"tensor", "kind"})
-    kind = _str(t, "kind", p)
-    if kind == "boxes":
-        raise ManifestError(p + "kind", "boxes not supported yet")
-    kind = _choice(t, "kind", p, ("probabilities", "label_map"))
-    return OutputSpec(tensor=_str(t, "tensor", p), kind=cast(OutputKind, kind))
+    _only_keys(t, p, {"tensor", "kind", "nms_iou"})
+    kind = _choice(t, "kind", p, ("probabilities", "label_map", "boxes"))
+    nms_iou = DEFAULT_NMS_IOU
+    if "nms_iou" in t:
+        if kind != "boxes":
+            raise ManifestError(p + "nms_iou", 'only allowed with kind = "boxes"')
+        nms_iou = _unit(t, "nms_iou", p)
+    return OutputSpec(tensor=_str(t, "tensor", p), kind=cast(OutputKind, kind), nms_iou=nms_iou)
 
 
-def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
+def _calibration(t: Mapping[str, object], prefix: str) -> Calibration:
+    """``<label>.calibration``: ``{ scores = [...], probabilities = [...] }``, a monotone curve in [0, 1]."""
+    table = _table(t, "calibration", prefix)
+    p = prefix + "calibration."
+    _only_keys(table, p, {"scores", "probabilities"})
+    scores = _floats(table, "scores", p)
+    probabilities = _floats(table, "probabilities", p)
+    if len(scores) < 2:
+        raise ManifestError(p + "scores", f"needs at least 2 points, got {len(scores)}")
+    if len(probabilities) != len(scores):
+        raise ManifestError(
+            p + "probabilities", f"needs one value per score ({len(scores)}), got {len(probabilities)}"
+        )
+    for key, values in (("scores", scores), ("probabilities", probabilities)):
+        for i, value in enumerate(values):
+            if not 0.0 <= value <= 1.0:
+                raise ManifestError(f"{p}{key}[{i}]", f"must be in [0, 1], got {value}")
+    for i in range(1, len(scores)):
+        if not scores[i] > scores[i - 1]:
+            raise ManifestError(f"{p}scores[{i}]", f"scores must increase strictly, got {list(scores)}")
+        if probabilities[i] < probabilities[i - 1]:
+            raise ManifestError(
+                f"{p}probabilities[{i}]", f"probabilities must not decrease, got {list(probabilities)}"
+            )
+    return Calibration(scores=scores, probabilities=probabilities)
+
+
+def _labels(raw: Mapping[str, object], *, boxes: bool = False) -> tuple[LabelSpec, ...]:
     entries = _list(raw, "labels", "")
     if not entries:
         raise ManifestError("labels", "at least one [[labels]] entry is required")
@@ -340,8 +462,12 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
         if not isinstance(entry, dict):
             raise ManifestError(f"labels[{i}]", "must be a table ([[labels]])")
         t = cast(Mapping[str, object], entry)
-        allowed = {"value", "name", "category", "type", "site", "threshold", "min_score"}
+        allowed = {"value", "name", "category", "type", "site", "threshold", "min_score", "calibration"}
         _only_keys(t, p, allowed | {"min_volume_mm3", "max_findings", "min_lung_fraction", "lung_margin_mm"})
+        if boxes:
+            for key in _SEGMENTATION_LABEL_KEYS:
+                if key in t:
+                    raise ManifestError(p + key, 'not used by an output.kind = "boxes" model')
         value = _int(t, "value", p)
         if not 1 <= value <= 255:
             raise ManifestError(p + "value", f"must be in 1..255, got {value}")
@@ -351,7 +477,8 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
         max_findings = _int(t, "max_findings", p)
         if max_findings < 1:
             raise ManifestError(p + "max_findings", f"must be >= 1, got {max_findings}")
-        min_volume = _float(t, "min_volume_mm3", p)
+        min_score = _unit(t, "min_score", p)
+        min_volume = 0.0 if boxes else _float(t, "min_volume_mm3", p)
         if min_volume < 0.0:
             raise ManifestError(p + "min_volume_mm3", f"must be >= 0, got {min_volume}")
         margin = _float(t, "lung_margin_mm", p) if "lung_margin_mm" in t else 0.0
@@ -367,12 +494,13 @@ def _labels(raw: Mapping[str, object]) -> tuple[LabelSpec, ...]:
                 category=_code(t, "category", p),
                 property_type=_code(t, "type", p),
                 site=_code(t, "site", p) if "site" in t else None,
-                threshold=_unit(t, "threshold", p),
-                min_score=_unit(t, "min_score", p),
+                threshold=min_score if boxes else _unit(t, "threshold", p),
+                min_score=min_score,
                 min_volume_mm3=min_volume,
                 max_findings=max_findings,
                 min_lung_fraction=_unit(t, "min_lung_fraction", p) if "min_lung_fraction" in t else 0.0,
                 lung_margin_mm=margin,
+                calibration=_calibration(t, p) if "calibration" in t else None,
             )
         )
     return tuple(labels)

@@ -3,20 +3,25 @@
 ``ModelPackage.load`` validates the manifest (``models/MANIFEST.md``), opens the session once on the
 first execution provider that works, and checks the graph's input and output against the manifest.
 ``ModelPackage.run`` turns a :class:`reader.volume.Volume` into an
-:class:`reader.findings.InferenceResult` whose label map lies on the volume's own grid, ready for
-SEG (PS3.3 C.8.20) and TID 1500 SR encoding. ``run`` is safe to call from several threads.
+:class:`reader.findings.InferenceResult` on the volume's own grid, ready for SEG (PS3.3 C.8.20) and
+TID 1500 SR encoding: a segmentation model (``output.kind`` "probabilities" or "label_map") gives
+a label map and its components (:mod:`reader.inference.postprocess`), a detection model ("boxes")
+gives box findings and no label map (:mod:`reader.inference.boxes`). Either way each finding's
+score is then mapped through its label's calibration, where the package ships one, and the result
+names the graph that ran (its SHA-256 and precision). ``run`` is safe to call from several threads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,12 +30,12 @@ import structlog
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from reader.errors import InferenceError, ManifestError, ModelError
-from reader.findings import InferenceResult
-from reader.inference import anatomy, postprocess, preprocess
-from reader.inference.manifest import FlipAxis, LabelSpec, ModelManifest, load_manifest
+from reader.findings import AlgorithmIdentity, Finding, InferenceResult
+from reader.inference import anatomy, boxes, postprocess, preprocess
+from reader.inference.manifest import Calibration, FlipAxis, LabelSpec, ModelManifest, load_manifest
 from reader.volume import Volume
 
-__all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage"]
+__all__ = ["DEFAULT_PROVIDERS", "GPU_PROVIDERS", "ModelPackage", "calibrate"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +46,7 @@ DEFAULT_PROVIDERS: tuple[str, ...] = (
 )
 _IMAGE_AXES: Mapping[FlipAxis, int] = MappingProxyType({"slice": 0, "row": 1, "column": 2})
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+Precision = Literal["fp32", "fp16"]
 
 # What onnxruntime raises: its pybind11 exceptions derive from Exception directly, not RuntimeError.
 ORT_ERRORS: tuple[type[Exception], ...] = (
@@ -65,16 +71,35 @@ _FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, 
 class ModelPackage:
     """A model package loaded for inference; build it with :meth:`load`."""
 
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, provider: str) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        session: ort.InferenceSession,
+        provider: str,
+        precision: Precision = "fp32",
+    ) -> None:
         self._manifest = manifest
         self._session = session
         self._provider = provider
+        self._precision: Precision = precision
+        digest = manifest.model.onnx_fp16_sha256 if precision == "fp16" else manifest.model.onnx_sha256
+        self._algorithm = dataclasses.replace(manifest.algorithm, weights_sha256=digest or "")
         self._input_dtype = _check_io(session, manifest)
 
     @property
     def manifest(self) -> ModelManifest:
         """The validated manifest of this package."""
         return self._manifest
+
+    @property
+    def algorithm(self) -> AlgorithmIdentity:
+        """Algorithm Identification (TID 4019) with the SHA-256 of the graph that runs (fp32 or fp16)."""
+        return self._algorithm
+
+    @property
+    def precision(self) -> Precision:
+        """``"fp16"`` when the package's fp16 graph runs, else ``"fp32"``."""
+        return self._precision
 
     @property
     def provider(self) -> str:
@@ -99,16 +124,18 @@ class ModelPackage:
         manifest = load_manifest(folder)
         session, provider = _open_session(manifest.model.onnx, providers)
         graph = manifest.model.onnx
+        precision: Precision = "fp32"
         if fp16:
             fp16_path = manifest.model.onnx_fp16
             if provider in GPU_PROVIDERS and fp16_path is not None and fp16_path.is_file():
                 running = [provider, *(p for p in providers if p != provider)]
                 session, provider = _open_session(fp16_path, running)
                 graph = fp16_path
+                precision = "fp16"
             else:
                 reason = "no onnx_fp16 file" if fp16_path is None or not fp16_path.is_file() else "not on GPU"
                 log.info("model.fp16_skipped", name=manifest.model.name, reason=reason, provider=provider)
-        package = cls(manifest, session, provider)
+        package = cls(manifest, session, provider, precision)
         log.info(
             "model.loaded",
             name=manifest.model.name,
@@ -116,6 +143,8 @@ class ModelPackage:
             requested_providers=list(providers),
             provider=provider,
             graph=graph.name,
+            precision=precision,
+            weights_sha256=package.algorithm.weights_sha256,
         )
         return package
 
@@ -141,6 +170,12 @@ class ModelPackage:
         prepared = time.perf_counter()
 
         onnx_seconds: list[float] = []  # per patch; a local, so concurrent runs keep their own
+        if m.output.kind == "boxes":
+            run = functools.partial(self._run_graph, spent=onnx_seconds)
+            findings = boxes.detect(image, run=run, manifest=m, volume=volume, fill=preprocess.pad_value(pre))
+            del image
+            inferred = time.perf_counter()
+            return self._result(volume, findings, None, (started, prepared, inferred), onnx_seconds)
         probabilities = self._infer(image, functools.partial(self._predict, spent=onnx_seconds))
         del image
         inferred = time.perf_counter()
@@ -163,6 +198,20 @@ class ModelPackage:
             findings, label_map = postprocess.extract_findings(
                 selection, m.labels, volume, in_plane_only=in_plane_only, lung=lung
             )
+        return self._result(volume, findings, label_map, (started, prepared, inferred), onnx_seconds)
+
+    def _result(
+        self,
+        volume: Volume,
+        findings: tuple[Finding, ...],
+        label_map: npt.NDArray[np.uint8] | None,
+        times: tuple[float, float, float],
+        onnx_seconds: Sequence[float],
+    ) -> InferenceResult:
+        """The result of one run, its findings calibrated; logs ``inference.done`` with the timings."""
+        m = self._manifest
+        findings = calibrate(findings, m.labels)
+        started, prepared, inferred = times
         finished = time.perf_counter()
         log.info(
             "inference.done",
@@ -176,12 +225,26 @@ class ModelPackage:
             findings=len(findings),
         )
         return InferenceResult(
-            algorithm=m.algorithm,
+            algorithm=self._algorithm,
             finding_classes=m.finding_classes,
             findings=findings,
             label_map=label_map,
             provider=self._provider,
+            precision=self._precision,
         )
+
+    def _run_graph(self, image: npt.NDArray[np.float32], *, spent: list[float]) -> npt.NDArray[Any]:
+        """The whole padded ``image`` (spatial axes) through the session as ``(1, 1, *image.shape)``:
+        the raw output tensor. The seconds onnxruntime took are appended to ``spent``."""
+        m = self._manifest
+        feed = {m.input.tensor: image[np.newaxis, np.newaxis].astype(self._input_dtype, copy=False)}
+        started = time.perf_counter()
+        try:
+            outputs = self._session.run([m.output.tensor], feed)
+        except ORT_ERRORS as err:
+            raise InferenceError(f"onnxruntime failed running {m.model.name}: {err}") from err
+        spent.append(time.perf_counter() - started)
+        return np.asarray(outputs[0])
 
     def _infer(
         self, image: npt.NDArray[np.float32], predict: preprocess.Predictor
@@ -257,6 +320,18 @@ class ModelPackage:
         values = out.reshape(patch.shape)
         # A label map becomes one-hot channels, blended and resampled like probabilities.
         return np.stack([(values == label.value) for label in labels]).astype(np.float32)
+
+
+def calibrate(findings: tuple[Finding, ...], labels: Sequence[LabelSpec]) -> tuple[Finding, ...]:
+    """``findings`` with ``calibrated_score`` set by their label's calibration, where it has one."""
+    curves = {label.value: label.calibration for label in labels}
+    return tuple(_calibrated(finding, curves.get(finding.finding_class.label)) for finding in findings)
+
+
+def _calibrated(finding: Finding, curve: Calibration | None) -> Finding:
+    if curve is None:
+        return finding
+    return dataclasses.replace(finding, calibrated_score=curve(finding.score))
 
 
 def _native_channels(
@@ -338,6 +413,8 @@ def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np
                 key = f"preprocessing.patch_size[{axis}]"
                 raise ManifestError(key, f"the graph fixes this axis to {dim}")
     out_shape = list(outputs[manifest.output.tensor].shape or [])
+    if manifest.output.kind == "boxes":
+        _check_boxes_output(out_shape, manifest)
     if manifest.output.kind == "probabilities" and len(out_shape) >= 2:
         channels = out_shape[1]
         if isinstance(channels, int) and channels != len(manifest.labels):
@@ -346,3 +423,21 @@ def _check_io(session: ort.InferenceSession, manifest: ModelManifest) -> type[np
                 f"the graph outputs {channels} channels, the manifest has {len(manifest.labels)} labels",
             )
     return _FLOAT_TYPES[arg.type]
+
+
+def _check_boxes_output(shape: Sequence[object], manifest: ModelManifest) -> None:
+    """A boxes output is (N, 6) for 2-D models, (N, 8) for 3-D, or the same with a leading 1."""
+    dims = manifest.input.dimensions
+    width = 2 * dims + 2
+    name = manifest.output.tensor
+    if not shape:  # rank unknown to onnxruntime: checked when the graph runs
+        return
+    if len(shape) not in (2, 3):
+        raise ManifestError("output.tensor", f"{name!r} has rank {len(shape)}; boxes are (N, {width})")
+    last = shape[-1]
+    if isinstance(last, int) and last != width:
+        raise ManifestError(
+            "output.tensor",
+            f"{name!r} gives {last} values per box, a {dims}-D boxes model gives {width} "
+            f"({'x0, y0, z0, x1, y1, z1' if dims == 3 else 'x0, y0, x1, y1'}, score, label)",
+        )
