@@ -144,7 +144,8 @@ class Pipeline:
                        instances=len(files))
             t1 = time.perf_counter()
             volume = load_volume(files)
-            check_segmentable(volume)
+            if model.manifest.output.kind != "boxes":  # a detection model's result has no SEG
+                check_segmentable(volume)
         except (InputRejected, ModelError, EncodingError) as exc:
             return self._record_error(job, bound, exc)
         return Prepared(job=job, route=route, model=model, volume=volume, lineage=lineage,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -42,6 +43,13 @@ __all__ = [
 
 MODEL_NAME = "test-blobs"
 MODEL_VERSION = "0.0.1"
+
+
+def fixture_identities() -> tuple[str, ...]:
+    """What identifies the fixture models' weights in result UIDs (``model_identity``): the SHA-256
+    of each graph ``write_fixture_model`` can write."""
+    return tuple("sha256:" + hashlib.sha256(m.SerializeToString()).hexdigest()
+                 for m in (sigmoid_model(), sigmoid_model(offset=50.0)))
 
 
 def write_fixture_model(folder: Path, *, findings: bool = True) -> Path:
@@ -152,9 +160,10 @@ class PacsResult:
 
 
 def _version_of(sop_uid: str, series_uid: str, kind: str, max_version: int) -> int | None:
-    for version in range(1, max_version + 1):
-        if result_uid(series_uid, MODEL_NAME, MODEL_VERSION, version, kind) == sop_uid:
-            return version
+    for identity in fixture_identities():
+        for version in range(1, max_version + 1):
+            if result_uid(series_uid, MODEL_NAME, identity, version, kind) == sop_uid:
+                return version
     return None
 
 

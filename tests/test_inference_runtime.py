@@ -164,9 +164,14 @@ def test_two_blobs_give_two_measured_findings(tmp_path: Path) -> None:
     assert _label_map(result).dtype == np.uint8
     assert _label_map(result).shape == volume.voxels.shape
     expected = np.zeros(volume.voxels.shape, dtype=np.uint8)
-    expected[BLOB_A] = 1
-    expected[BLOB_B] = 1
+    expected[BLOB_A] = 1  # each finding is its own label-map value: its number
+    expected[BLOB_B] = 2
     assert np.array_equal(_label_map(result), expected)
+    for finding, box in ((first, BLOB_A), (second, BLOB_B)):
+        assert box[0].start <= finding.outline.slice_index < box[0].stop
+        xs = [x for x, _ in finding.outline.points]
+        ys = [y for _, y in finding.outline.points]
+        assert (min(ys), max(ys), min(xs), max(xs)) == (box[1].start, box[1].stop, box[2].start, box[2].stop)
     (done,) = [e for e in logs if e["event"] == "inference.done"]
     assert done["findings"] == 2
     assert done["series_uid"] == volume.series_instance_uid

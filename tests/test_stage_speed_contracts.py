@@ -164,11 +164,19 @@ def test_sparse_postprocessing_matches_the_dense_path(tmp_path: Path, seed: int)
     ]
     assert lung is not None
 
-    def gate(box: tuple[slice, ...], margin_mm: float) -> npt.NDArray[np.bool_] | None:
-        assert margin_mm == 0.0  # the labels here set no lung_margin_mm
-        return lung[box]
+    field = lung
 
-    found = findings_from_pieces(channels, volume, in_plane_only=False, lung=gate)
+    class Gate:
+        """The dense path's lung mask as a LungGate that tells no side (the dense path does not)."""
+
+        def __call__(self, box: tuple[slice, ...], margin_mm: float, /) -> npt.NDArray[np.bool_] | None:
+            assert margin_mm == 0.0  # the labels here set no lung_margin_mm
+            return field[box]
+
+        def site(self, point_mm: tuple[float, float, float], /) -> None:
+            return None
+
+    found = findings_from_pieces(channels, volume, in_plane_only=False, lung=Gate())
     assert expected[0], "the random probabilities should give findings"
     assert found[0] == expected[0]
     assert np.array_equal(found[1], expected[1])

@@ -223,6 +223,17 @@ def _measurement_group(
     return group
 
 
+def _describable(header: Dataset) -> bool:
+    """Whether highdicom can make an Image Library entry (TID 1601) of ``header``: it needs, e.g.,
+    Imager Pixel Spacing of a radiograph, which some lack (pydicom-data's RG1_UNCR.dcm). Such an
+    image stays out of the library; the SR's evidence and its groups still reference it."""
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(header)
+    except (AttributeError, ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
 def _infer_measurements_from(items: Sequence[Dataset], region: hd.sr.ImageRegion) -> None:
     """Give each NUM among ``items`` a copy of ``region`` as INFERRED FROM (TID 300 row 8)."""
     for item in items:
@@ -344,7 +355,8 @@ def build_report(
     notes = [source_series_text(volume, sources[0]), _provenance_text(result)]
     by_uid = {str(header.SOPInstanceUID): header for header in sources}
     key_uids = dict.fromkeys(volume.sources[f.outline.slice_index].sop_instance_uid for f in result.findings)
-    key_images = [by_uid[uid] for uid in key_uids if uid in by_uid]
+    key_images = [header for uid in key_uids if (header := by_uid.get(uid)) is not None
+                  and _describable(header)]
     if result.findings:
         notes.insert(1, _score_text(result))
     try:
