@@ -9,6 +9,8 @@ The fp16 graph keeps float32 input and output (casts inside), so the node feeds 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -114,6 +116,23 @@ def main() -> None:
         f"exported {fp32} ({fp32.stat().st_size} B) and {fp16} ({fp16.stat().st_size} B); "
         f"max |fp16 - fp32| = {check(fp32, fp16):.4f}"
     )
+    manifest = args.package / "model.toml"
+    if manifest.is_file():
+        write_digests(manifest, {"onnx_sha256": fp32, "onnx_fp16_sha256": fp16})
+
+
+def write_digests(manifest: Path, graphs: dict[str, Path]) -> None:
+    """Replace the ``<key> = "<sha256>"`` lines of ``manifest`` with the graphs' digests: the node
+    refuses a package whose graph does not match its manifest (models/MANIFEST.md)."""
+    text = manifest.read_text()
+    for key, graph in graphs.items():
+        digest = hashlib.sha256(graph.read_bytes()).hexdigest()
+        pattern = rf'^{key}\s*=\s*"[0-9a-fA-F]*"'
+        text, count = re.subn(pattern, f'{key} = "{digest}"', text, flags=re.MULTILINE)
+        if count != 1:
+            raise SystemExit(f"export: {manifest} has no single {key} line to update")
+        print(f"{key} = {digest}")
+    manifest.write_text(text)
 
 
 if __name__ == "__main__":
