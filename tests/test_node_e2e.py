@@ -34,6 +34,15 @@ from tests.peers import (
     storescu,
     wait_until,
 )
+from tests.viewers import (
+    OhifServer,
+    OhifViewer,
+    artifacts,
+    dcmqi_measurements,
+    dcmqi_segments,
+    dicomweb_config,
+    ohif_dist,
+)
 from tests.worklist_peers import Listener, Receiver
 
 pytestmark = pytest.mark.integration
@@ -110,6 +119,26 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def _check_in_viewers(orthanc: Orthanc, seg: pydicom.Dataset, sr: pydicom.Dataset, tmp_path: Path) -> None:
+    """OHIF lists every segment by label and draws and lists every SR group; dcmqi reads the SEG's
+    segments and the SR's groups with the measurements as encoded."""
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    seg.save_as(seg_path, enforce_file_format=True)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert [s.label for s in dcmqi_segments(seg_path, tmp_path / "dcmqi-seg")] == labels
+    groups = dcmqi_measurements(sr_path, tmp_path / "dcmqi-sr")
+    assert len(groups) == len(labels)
+    assert all({"Volume", "Long axis"} <= {m.quantity for m in g.measurements} for g in groups)
+    with OhifServer(ohif_dist(), orthanc) as server, OhifViewer(server, artifacts("e2e")) as viewer:
+        shown = viewer.open_study(str(seg.StudyInstanceUID))
+        assert shown.segment_labels == labels and shown.console_errors == [], shown
+        drawn = viewer.open_sr(str(sr.StudyInstanceUID), expected=len(labels))
+        assert len(drawn.measurement_labels) == len(labels), drawn
+        assert drawn.dropped_annotations == [] and drawn.console_errors == [], drawn
+        assert all(view.annotations >= 1 for view in drawn.row_views), drawn.row_views
+
+
 def _check_groups_and_segments(seg: pydicom.Dataset, sr: pydicom.Dataset, series_dir: Path) -> None:
     """One SR measurement group per SEG segment: group n references segment n with the same tracking
     UID, an outline (SCOORD) on an image of the series read, and a centre (SCOORD3D)."""
@@ -146,13 +175,15 @@ def _overlaps_tumour(seg_ds: pydicom.Dataset, boxes: dict[str, tuple[int, int, i
     return False
 
 
-def test_modality_push_returns_one_result_per_study_to_the_pacs(orthanc: Orthanc, tmp_path: Path) -> None:
+def test_modality_push_returns_one_result_per_study_to_the_pacs(orthanc_factory: Any, tmp_path: Path) -> None:
     """storescu of both reconstructions of the real CT on one association to a running node puts
     exactly one SR, one SEG and one KOS into Orthanc, in the source study, read from the lung kernel,
     with zero dciodvfy errors: one SEG segment per SR group, each group referencing its own segment,
     its outline on a source image and its centre, and the tumour's segment overlapping the
-    radiologist's boxes."""
+    radiologist's boxes. OHIF (over Orthanc's DICOMweb, in headless Chromium) lists those segments
+    and draws and lists those findings; dcmqi reads both objects back with the same measurements."""
     require_tool("storescu")
+    orthanc = orthanc_factory(extra_config=dicomweb_config())
     require_tool("dciodvfy")
     series_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-lung-kernel")
     standard_dir = require_data("lung-pet-ct-dx/ct-A0001-5mm-standard-kernel")
@@ -173,6 +204,7 @@ def test_modality_push_returns_one_result_per_study_to_the_pacs(orthanc: Orthanc
         _check_groups_and_segments(seg, sr, series_dir)
         tumour = [n for n in range(1, len(seg.SegmentSequence) + 1) if _overlaps_tumour(seg, boxes, n)]
         assert tumour, "no SEG segment overlaps the radiologist's box"
+        _check_in_viewers(orthanc, seg, sr, tmp_path)
         completes = node.events("series.complete")
         assert sorted(e["instances"] for e in completes) == [64, 64]
         skipped = [e for e in node.events("series.skipped") if e.get("chosen_series_uid")]

@@ -6,7 +6,7 @@ monotone curve by isotonic regression (pool-adjacent-violators), keeps the findi
 reports (score >= ``--min-score``, the shipped operating point), and writes:
 
 * the manifest snippet: ``calibration = { scores = [...], probabilities = [...] }``
-  (``models/MANIFEST.md``), at most ``--points`` knots at score quantiles, piecewise linear;
+  (``models/MANIFEST.md``), at most ``--points`` knots following the fit's steps (:func:`fit`);
 * a reliability table: per bin of raw score, the findings, the fraction that were true lesions and
   the mean calibrated probability.
 
@@ -14,8 +14,8 @@ A finding is *true* when its voxels overlap a synthetic lesion, *false* when eva
 as a false positive (it overlaps none and lies mostly outside the ignored region); findings that
 overlap only the ignored region (the real tumour of the host scans) are left out.
 
-Raw scores of a segmentation network crowd just below 1.0, so bins and knots are placed on
-``-log10(1 - score)`` quantiles rather than on the score itself.
+Raw scores of a segmentation network crowd just below 1.0 (many are 1.0 in float32), so the
+reliability bins hold equal numbers of findings rather than equal score ranges.
 """
 
 from __future__ import annotations
@@ -33,14 +33,19 @@ _EPS = 1e-7  # 1 - score floor: a float32 probability of 1.0 is "at least 1 - 1e
 
 def isotonic(y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Pool-adjacent-violators: the non-decreasing sequence closest (least squares) to ``y``."""
-    blocks: list[list[float]] = []  # [mean, weight]
+    return np.concatenate([np.full(n, mean) for mean, n, _ in _blocks(y)])
+
+
+def _blocks(y: npt.NDArray[np.float64]) -> list[tuple[float, int, float]]:
+    """The pooled blocks of pool-adjacent-violators: (mean, count, sum) in order."""
+    blocks: list[tuple[float, int, float]] = []
     for value in y:
-        blocks.append([float(value), 1.0])
+        blocks.append((float(value), 1, float(value)))
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            mean, weight = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * weight) / (blocks[-1][1] + weight),
-                          blocks[-1][1] + weight]
-    return np.concatenate([np.full(int(w), m) for m, w in blocks])
+            _, n2, s2 = blocks.pop()
+            _, n1, s1 = blocks.pop()
+            blocks.append(((s1 + s2) / (n1 + n2), n1 + n2, s1 + s2))
+    return blocks
 
 
 def logit_scale(score: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -50,23 +55,40 @@ def logit_scale(score: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 def fit(scores: npt.NDArray[np.float64], truth: npt.NDArray[np.float64], points: int,
         floor: float) -> tuple[list[float], list[float]]:
-    """Knots (scores strictly increasing from ``floor``, up to 1.0) and calibrated probabilities."""
+    """Knots (scores strictly increasing from ``floor`` to 1.0) and calibrated probabilities.
+
+    The isotonic fit is a step function; each step is kept as two knots (the last score of one
+    block, the first of the next), so the piecewise-linear table follows the steps rather than
+    smearing them across the crowded scores near 1.0. Each block's value is its Laplace estimate
+    ``(true + 1) / (findings + 2)``: 41 true findings of 41 give 0.98, not a certainty. Adjacent
+    blocks are merged (smallest first) until the table has at most ``points`` knots.
+    """
     order = np.argsort(scores, kind="stable")
-    s, fitted = scores[order], isotonic(truth[order])
-    quantiles = np.quantile(logit_scale(s), np.linspace(0.0, 1.0, points - 1))
-    knots = sorted({floor, *(float(1.0 - 10.0 ** -q) for q in quantiles), 1.0})
-    knots = [k for k in knots if floor <= k <= 1.0]
-    probabilities = []
-    for k in knots:
-        below = np.flatnonzero(s <= k + 1e-12)
-        probabilities.append(float(fitted[below[-1]]) if below.size else float(fitted[0]))
-    rounded = [round(p, 3) for p in np.maximum.accumulate(probabilities)]
-    kept_s, kept_p = [], []
-    for k, p in zip(knots, rounded, strict=True):
-        if not kept_s or k > kept_s[-1] + 1e-9:
-            kept_s.append(round(k, 7))
-            kept_p.append(p)
-    return kept_s, kept_p
+    s, t = scores[order], truth[order]
+    spans: list[list[float]] = []  # [low score, high score, true, count]
+    start = 0
+    for _, n, total in _blocks(t):
+        spans.append([float(s[start]), float(s[start + n - 1]), total, float(n)])
+        start += n
+    while 2 * len(spans) > points and len(spans) > 1:
+        i = min(range(len(spans) - 1), key=lambda k: spans[k][3] + spans[k + 1][3])
+        a, b = spans[i], spans.pop(i + 1)
+        spans[i] = [a[0], b[1], a[2] + b[2], a[3] + b[3]]
+    knots: list[float] = []
+    probabilities: list[float] = []
+    for low, high, total, count in spans:
+        value = round((total + 1.0) / (count + 2.0), 3)
+        for k in (max(low, floor), high):
+            if not knots or k > knots[-1]:
+                knots.append(k)
+                probabilities.append(max(value, probabilities[-1] if probabilities else 0.0))
+    if knots[0] > floor:
+        knots.insert(0, floor)
+        probabilities.insert(0, probabilities[0])
+    if knots[-1] < 1.0:
+        knots.append(1.0)
+        probabilities.append(probabilities[-1])
+    return [round(k, 7) for k in knots], probabilities
 
 
 def apply(knots: list[float], probabilities: list[float], score: float) -> float:
@@ -95,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evaluation", type=Path, help="evaluate.py --json output on the validation set")
     parser.add_argument("--min-score", type=float, default=0.95, help="the label's shipped min_score")
-    parser.add_argument("--points", type=int, default=8, help="knots of the curve (at most 12)")
+    parser.add_argument("--points", type=int, default=12, help="knots of the curve (at most 12)")
     parser.add_argument("--bins", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -118,7 +140,8 @@ def main() -> None:
     for row in table:
         print(f"| {row['score_low']:.5f}-{row['score_high']:.7f} | {row['findings']} | "
               f"{row['observed_true']:.2f} | {row['calibrated_mean']:.2f} |")
-    snippet = f"calibration = {{ scores = {knots}, probabilities = {probabilities} }}"
+    snippet = (f"calibration = {{ scores = {[float(k) for k in knots]}, "
+               f"probabilities = {[float(p) for p in probabilities]} }}")
     print(snippet)
     brier = float(np.mean([(apply(knots, probabilities, s) - t) ** 2
                            for s, t in zip(scores, truth, strict=True)]))
