@@ -354,3 +354,15 @@ def make_volume(
         series_instance_uid="1.2.826.0.1.3680043.8.498.200",
         frame_of_reference_uid="1.2.826.0.1.3680043.8.498.300",
     )
+
+
+def blob_package(folder: Path) -> Path:
+    """A package of :func:`sigmoid_model` marking dense (bright) structures, resampled coarsely
+    (5 x 4 x 4 mm) so that a node test processes a CT series in about a second; at most 2 findings
+    of 5 mL or more."""
+    m = manifest_dict()
+    m["preprocessing"]["patch_size"] = [16, 128, 128]
+    m["preprocessing"]["target_spacing_mm"] = [5.0, 4.0, 4.0]
+    m["labels"][0]["min_volume_mm3"] = 5000.0
+    m["labels"][0]["max_findings"] = 2
+    return write_package(folder, m)

@@ -28,7 +28,7 @@ from reader.jobs import SendState, SeriesStatus
 from reader.node import Node
 from reader.requestor import keep_responses_for_caller
 from reader.send import Destination
-from tests.onnx_fixtures import manifest_dict, write_package
+from tests.onnx_fixtures import blob_package
 from tests.peers import (
     LOCALHOST,
     Orthanc,
@@ -46,12 +46,7 @@ DEADLINE_S = 120.0
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     """A real ONNX model marking dense (bright) structures, with coarse resampling for speed."""
-    m = manifest_dict()
-    m["preprocessing"]["patch_size"] = [16, 128, 128]
-    m["preprocessing"]["target_spacing_mm"] = [5.0, 4.0, 4.0]
-    m["labels"][0]["min_volume_mm3"] = 5000.0
-    m["labels"][0]["max_findings"] = 2
-    return ModelPackage.load(write_package(tmp_path_factory.mktemp("pkg"), m))
+    return ModelPackage.load(blob_package(tmp_path_factory.mktemp("pkg")))
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from reader.jobs import SeriesStatus
 from reader.node import Node
 from reader.pipeline import STUDY_READ_FROM
 from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference, choose_series, describe_series
-from tests.onnx_fixtures import manifest_dict, write_package
+from tests.onnx_fixtures import blob_package
 from tests.peers import LOCALHOST, free_port, require_data, require_tool, storescu, wait_until
 
 DEADLINE_S = 120.0
@@ -108,12 +108,7 @@ def _write(folder: Path, text: str) -> Path:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     """A real ONNX model marking dense (bright) structures, with coarse resampling for speed."""
-    m = manifest_dict()
-    m["preprocessing"]["patch_size"] = [16, 128, 128]
-    m["preprocessing"]["target_spacing_mm"] = [5.0, 4.0, 4.0]
-    m["labels"][0]["min_volume_mm3"] = 5000.0
-    m["labels"][0]["max_findings"] = 2
-    return ModelPackage.load(write_package(tmp_path_factory.mktemp("pkg"), m))
+    return ModelPackage.load(blob_package(tmp_path_factory.mktemp("pkg")))
 
 
 @pytest.fixture

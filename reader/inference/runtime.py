@@ -300,14 +300,7 @@ class ModelPackage:
         The seconds onnxruntime took are appended to ``spent``.
         """
         m = self._manifest
-        feed = {m.input.tensor: patch[np.newaxis, np.newaxis].astype(self._input_dtype, copy=False)}
-        started = time.perf_counter()
-        try:
-            outputs = self._session.run([m.output.tensor], feed)
-        except ORT_ERRORS as err:
-            raise InferenceError(f"onnxruntime failed running {m.model.name}: {err}") from err
-        spent.append(time.perf_counter() - started)
-        out = np.asarray(outputs[0])
+        out = self._run_graph(patch, spent=spent)
         labels = m.labels
         if m.output.kind == "probabilities":
             if out.shape != (1, len(labels), *patch.shape):
