@@ -83,7 +83,8 @@ def _set(keyword: str, value: Any, index: int) -> Callable[[list[Dataset]], None
 def _truncate(index: int, keep: int) -> Callable[[list[Dataset]], None]:
     def apply(series: list[Dataset]) -> None:
         ds = series[index % len(series)]
-        if "PixelData" in ds:
+        # another mutation may have set Pixel Data to a number already: only bytes can be cut
+        if "PixelData" in ds and isinstance(ds.PixelData, bytes):
             ds.PixelData = ds.PixelData[: keep % max(1, len(ds.PixelData))]
     return apply
 

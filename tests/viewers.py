@@ -328,11 +328,13 @@ _CHROMIUM_ARGS = (
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
 _SR_DROP = re.compile(
-    r"skipping annotation|Unable to generate tool state|not rehydratable|ReferencedSOPSequence"
+    r"skipping annotation|Unable to generate tool state|ReferencedSOPSequence"
     r"|Unable to apply reference viewable",
     re.IGNORECASE,
 )
-"""Console warnings with which OHIF says it dropped an SR measurement group (PS3.16 TID 1501)."""
+"""Console warnings with which OHIF says it dropped an SR measurement group (PS3.16 TID 1501).
+"Measurement is not rehydratable" is not one: OHIF then draws the SR read-only, with its own
+measurements (a polygon outline, which OHIF cannot turn into one of its editable tools)."""
 _CONSOLE_FAILURE = re.compile(r"Error Boundary|Something went wrong|Uncaught")
 """Failures OHIF logs below SEVERE: its React error boundary logs a crash as DEBUG."""
 _CONSOLE_NOISE: tuple[re.Pattern[str], ...] = ()
