@@ -188,6 +188,16 @@ class JobStore:
         return [(str(r["series_uid"]), int(r["version"])) for r in reversed(raw["reads"])
                 if int(r["version"]) < version]
 
+    def requeue_series(self, state: SeriesState) -> ProcessJob:
+        """Queue a series again as its next version with the instances it had (e.g. a study's
+        second choice, once its first choice was rejected); durable before it returns."""
+        with self._lock:
+            job = ProcessJob(state.study_uid, state.series_uid, state.version + 1, state.instances)
+            self.spool.write_state("jobs", state.series_uid, _dump(job))
+            self.record_series(SeriesState(state.study_uid, state.series_uid, job.version, state.instances,
+                                           SeriesStatus.QUEUED))
+            return job
+
     # --- processing jobs -------------------------------------------------------------------
     def pending_jobs(self) -> list[ProcessJob]:
         """Queued jobs, highest priority first, then oldest first."""

@@ -118,6 +118,7 @@ class Pipeline:
         queued = max(0.0, time.time() - job.created_at)
         wanted = set(job.instances)
         files = [p for p in self.spool.series_instances(job.study_uid, job.series_uid) if p.stem in wanted]
+        study_read = False
         try:
             summary = summarize_series(job.study_uid, job.series_uid, files)
             routed = route_series(self.config.routes, summary)
@@ -134,11 +135,8 @@ class Pipeline:
                     bound.info("series.skipped", reason=reason, chosen_series_uid=chosen.series_uid)
                     self.jobs.finish_job(job, SeriesStatus.SKIPPED, reason)
                     return SeriesStatus.SKIPPED
+                study_read = True
                 lineage = study_result_key(job.study_uid, route.name)
-                result_version = self.jobs.study_result_version(lineage, job.series_uid, job.instances,
-                                                                at_least=job.version)
-                bound.info("study.series_chosen", route=route.name, kernel=summary.kernel,
-                           slice_thickness_mm=summary.slice_thickness_mm, result_version=result_version)
             model = self.models[route.model]
             bound.info("series.routed", route=route.name, model=model.manifest.model.name,
                        instances=len(files))
@@ -146,8 +144,16 @@ class Pipeline:
             volume = load_volume(files)
             if model.manifest.output.kind != "boxes":  # a detection model's result has no SEG
                 check_segmentable(volume)
+            if study_read:  # minted once the series is known readable: a rejection uses no version
+                result_version = self.jobs.study_result_version(lineage, job.series_uid, job.instances,
+                                                                at_least=job.version)
+                bound.info("study.series_chosen", route=route.name, kernel=summary.kernel,
+                           slice_thickness_mm=summary.slice_thickness_mm, result_version=result_version)
         except (InputRejected, ModelError, EncodingError) as exc:
-            return self._record_error(job, bound, exc)
+            status = self._record_error(job, bound, exc)
+            if study_read and isinstance(exc, InputRejected):
+                self._requeue_passed_over(job, bound)
+            return status
         return Prepared(job=job, route=route, model=model, volume=volume, lineage=lineage,
                         result_version=result_version, started_at=t0, routed_at=t1,
                         loaded_at=time.perf_counter(), seconds_queued=queued)
@@ -172,6 +178,17 @@ class Pipeline:
             if isinstance(match, RouteMatch) and match.route.name == route.name:
                 candidates.append(other)
         return choose_series(route.prefer, candidates)
+
+    def _requeue_passed_over(self, job: ProcessJob, bound: Any) -> None:
+        """The series a study was to be read from was rejected: queue again the study's series that
+        were skipped for it, so the study is read from its next choice."""
+        passed_over = f"{STUDY_READ_FROM}series {job.series_uid} "
+        for series_uid in self.spool.study_series(job.study_uid):
+            state = self.jobs.series_state(series_uid)
+            if (state is not None and state.status is SeriesStatus.SKIPPED
+                    and state.reason.startswith(passed_over)):
+                again = self.jobs.requeue_series(state)
+                bound.info("study.series_requeued", requeued_series_uid=series_uid, version=again.version)
 
     def infer(self, prepared: Prepared) -> Inferred | SeriesStatus:
         """Run the model; a job superseded while it waited is dropped (its newer version is queued)."""

@@ -212,3 +212,23 @@ def test_read_series_routes_read_every_series(tmp_path: Path, model: ModelPackag
                    and _settled(running, _uid(standard), SeriesStatus.DONE), DEADLINE_S, "both series read")
     finally:
         running.stop()
+
+
+def test_a_rejected_first_choice_hands_the_study_to_the_next_series(node: Node, tmp_path: Path) -> None:
+    """When the preferred series cannot be read (a missing slice), it is recorded as rejected and the
+    study is read from its next choice: the series that had been skipped for it is queued again."""
+    lung = _slices("lung", tmp_path / "lung")
+    gap = lung.pop(8)
+    gap.unlink()
+    standard = _slices("standard", tmp_path / "standard")
+    # the standard kernel arrives first, so its job runs first and is skipped for the lung kernel
+    sent = storescu(LOCALHOST, node.scp.port, node.config.ae_title, [*standard, *lung])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: _settled(node, _uid(standard), SeriesStatus.DONE), DEADLINE_S,
+               "the standard kernel read once the lung kernel was rejected")
+    rejected = node.jobs.series_state(_uid(lung))
+    assert rejected is not None and rejected.status is SeriesStatus.SKIPPED
+    assert rejected.reason.startswith("slice_gap"), rejected.reason
+    read = node.jobs.series_state(_uid(standard))
+    assert read is not None and read.version == 2, "skipped as version 1, queued again as version 2"
+    assert node.spool.result_path(_uid(standard), read.version, "sr").is_file()
