@@ -32,8 +32,8 @@ from reader.findings import Finding, InferenceResult
 from reader.flag import FlagDecision
 from reader.results.clean import clean_copied_attributes
 from reader.results.sources import source_headers
-from reader.results.sr import AI_NOTICE
-from reader.results.uids import device_observer_uid, model_identity, result_uids
+from reader.results.sr import AI_NOTICE, device_observer
+from reader.results.uids import result_uids
 from reader.results.wording import finding_label
 from reader.volume import Volume
 
@@ -70,20 +70,6 @@ def _key_image_headers(volume: Volume, result: InferenceResult, decision: FlagDe
     return source_headers(volume.sources[i] for i in slices)
 
 
-def _observer(result: InferenceResult) -> hd.sr.ObserverContext:
-    """The algorithm as device observer (TID 1004), as in the SR."""
-    algorithm = result.algorithm
-    return hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(algorithm.name, model_identity(algorithm), algorithm.source),
-            name=algorithm.name,
-            manufacturer_name=algorithm.source,
-            model_name=f"{algorithm.name} {algorithm.version}",
-        ),
-    )
-
-
 def encode_kos(
     volume: Volume,
     result: InferenceResult,
@@ -108,7 +94,7 @@ def encode_kos(
         content = hd.ko.KeyObjectSelection(
             document_title=KOS_TITLE,
             referenced_objects=referenced,
-            observer_device_context=_observer(result),
+            observer_device_context=device_observer(result),
             description=kos_description(decision, result.findings),
         )
         kos = hd.ko.KeyObjectSelectionDocument(

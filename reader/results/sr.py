@@ -57,7 +57,7 @@ from reader import __version__
 from reader.errors import EncodingError
 from reader.findings import Finding, InferenceResult
 from reader.results.seg import coded, tracking_id
-from reader.results.uids import device_observer_uid, model_identity
+from reader.results.uids import device_observer_uid
 from reader.results.wording import (
     CALIBRATED_SCORE,
     finding_site,
@@ -74,6 +74,7 @@ __all__ = [
     "SR_SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
     "build_report",
+    "device_observer",
     "procedure_reported",
     "source_series_text",
 ]
@@ -103,20 +104,23 @@ def procedure_reported(modality: str) -> PydicomCode:
     return _PROCEDURES.get(modality, _IMAGING_PROCEDURE)
 
 
+def device_observer(result: InferenceResult) -> hd.sr.ObserverContext:
+    """The algorithm as device observer (TID 1002/1004), in the SR and the KOS alike."""
+    algorithm = result.algorithm
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(algorithm),
+            name=algorithm.name,
+            manufacturer_name=algorithm.source,
+            model_name=f"{algorithm.name} {algorithm.version}",
+        ),
+    )
+
+
 def _observation_context(result: InferenceResult) -> hd.sr.ObservationContext:
     """TID 1001 with the algorithm as device observer (TID 1004)."""
-    algorithm = result.algorithm
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_observer_uid(algorithm.name, model_identity(algorithm), algorithm.source),
-        name=algorithm.name,
-        manufacturer_name=algorithm.source,
-        model_name=f"{algorithm.name} {algorithm.version}",
-    )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
+    return hd.sr.ObservationContext(observer_device_context=device_observer(result))
 
 
 def algorithm_identification(result: InferenceResult) -> hd.sr.AlgorithmIdentification:

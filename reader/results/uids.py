@@ -59,7 +59,7 @@ def model_identity(algorithm: AlgorithmIdentity) -> str:
     return f"sha256:{algorithm.weights_sha256}" if algorithm.weights_sha256 else algorithm.version
 
 
-def device_observer_uid(model_name: str, model_version: str, model_source: str) -> str:
-    """Device Observer UID (TID 1004) of the algorithm: stable per model name, identity and source
-    (pass :func:`model_identity` as ``model_version``)."""
-    return _uid("device/1", model_name, model_version, model_source)
+def device_observer_uid(algorithm: AlgorithmIdentity) -> str:
+    """Device Observer UID (TID 1004) of the algorithm: stable per model name, weights
+    (:func:`model_identity`) and source."""
+    return _uid("device/1", algorithm.name, model_identity(algorithm), algorithm.source)
