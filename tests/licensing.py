@@ -80,27 +80,40 @@ def _project_requirements(extras: tuple[str, ...]) -> list[Requirement]:
     return [Requirement(line) for line in lines]
 
 
+def _wanted(line: str, extras: frozenset[str]) -> Requirement | None:
+    """``line`` as a Requirement if its marker holds here for no extra or one of ``extras``."""
+    req = Requirement(line)
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
+        return req
+    return None
+
+
 def required_distributions(extras: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
     """Installed distributions the project requires with ``extras``, transitively.
 
     Returns ({normalized name: the chain of requirements that pulls it in}, [requirements not
-    installed]). Markers are evaluated for this interpreter, without extras below the project.
+    installed]). Markers are evaluated for this interpreter; a requirement's own extras
+    (``pylibjpeg[libjpeg]``) bring in what that extra of its distribution requires.
     """
     found: dict[str, str] = {}
     absent: list[str] = []
-    queue = [(req, "pyproject.toml") for req in _project_requirements(extras)]
+    expanded: set[tuple[str, str]] = set()
+    top = [_wanted(str(req), frozenset()) for req in _project_requirements(extras)]
+    queue = [(req, "pyproject.toml") for req in top if req is not None]
     while queue:
         req, chain = queue.pop()
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
         key = normalize(req.name)
-        if key in found:
+        wanted = {"", *req.extras} - {e for k, e in expanded if k == key}
+        if not wanted:
             continue
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             absent.append(f"{req} (from {chain})")
             continue
-        found[key] = f"{chain} -> {key}"
-        queue += [(Requirement(line), found[key]) for line in dist.requires or []]
+        found.setdefault(key, f"{chain} -> {key}")
+        expanded |= {(key, e) for e in wanted}
+        for line in dist.requires or []:
+            if (sub := _wanted(line, frozenset(wanted))) is not None:
+                queue.append((sub, found[key]))
     return found, absent
