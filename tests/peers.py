@@ -54,6 +54,12 @@ _DEBIAN_PACKAGE = {
     "storescp": "dcmtk",
     "echoscu": "dcmtk",
     "dcmdump": "dcmtk",
+    "dcmconv": "dcmtk",
+    "dcmcjpeg": "dcmtk",
+    "dcmdjpeg": "dcmtk",
+    "dcmcjpls": "dcmtk",
+    "dcmdjpls": "dcmtk",
+    "dcmcrle": "dcmtk",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
 }
