@@ -322,3 +322,15 @@ def test_example_config_copied_anywhere_resolves_the_bundled_model(tmp_path: Pat
     assert (path / "model.toml").is_file()
     assert cfg.destinations == ()
     assert cfg.data_dir == folder.resolve() / "reader-data"
+
+
+def test_example_destination_is_a_valid_commented_out_example(tmp_path: Path) -> None:
+    """Uncommenting the example's [[destinations]] table (as deploy/SYSTEMD.md says) gives one destination."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    block = re.search(r"(?m)^# \[\[destinations\]\].*\n(?:# (?:ae_title|host|port) = .*\n){3}", text)
+    assert block, "deploy/reader.example.toml: no commented-out [[destinations]] example"
+    uncommented = re.sub(r"(?m)^# ", "", block.group(0))
+    copy = tmp_path / "reader.toml"
+    copy.write_text(text.replace(block.group(0), uncommented), encoding="utf-8")
+    (destination,) = load_config(copy).destinations
+    assert (destination.ae_title, destination.port) == ("ORTHANC", 4242)
