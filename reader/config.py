@@ -42,6 +42,7 @@ __all__ = [
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = "lung-lesion-unet"
+BUNDLED_PREFIX = "bundled:"  # a model path "bundled:NAME" names the package models/NAME of this checkout
 
 
 def bundled_models_dir() -> Path:
@@ -191,7 +192,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     """Read ``path`` (TOML) over the defaults, then apply command-line ``overrides``.
 
     ``overrides`` keys: ae_title, port, data_dir, bind_address, destinations (list of
-    ``AE@HOST:PORT``). Relative paths in the file are relative to the file's folder.
+    ``AE@HOST:PORT``). Relative paths in the file are relative to the file's folder; a model path
+    ``"bundled:NAME"`` is the package ``NAME`` in :func:`bundled_models_dir`, wherever the file sits.
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
@@ -318,8 +320,20 @@ def _models(raw: Mapping[str, Any], base: Path) -> tuple[ModelRef, ...]:
         _known(entry, key + ".", {"path"})
         if "path" not in entry:
             raise ConfigError(key + ".path", "is required")
-        refs.append(ModelRef(name=name, path=_path(entry["path"], key + ".path", base)))
+        refs.append(ModelRef(name=name, path=_model_path(entry["path"], key + ".path", base)))
     return tuple(refs)
+
+
+def _model_path(value: Any, key: str, base: Path) -> Path:
+    """``"bundled:NAME"``: the package shipped with this checkout; anything else a path (see _path)."""
+    text = _str(value, key)
+    if not text.startswith(BUNDLED_PREFIX):
+        return _path(text, key, base)
+    name = text.removeprefix(BUNDLED_PREFIX)
+    if name in {"", ".", ".."} or "/" in name or "\\" in name:
+        raise ConfigError(key, f"{BUNDLED_PREFIX!r} takes the name of a folder in {bundled_models_dir()}, "
+                               f"got {name!r}")
+    return bundled_models_dir() / name
 
 
 def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, ...]:

@@ -62,6 +62,7 @@ _DEBIAN_PACKAGE = {
     "dcmcrle": "dcmtk",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
+    "systemd-analyze": "systemd",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _POLL_S = 0.05
