@@ -56,6 +56,7 @@ _DEBIAN_PACKAGE = {
     "dcmdump": "dcmtk",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
+    "kubectl": "kubectl",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _POLL_S = 0.05
