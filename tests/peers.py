@@ -63,6 +63,7 @@ _DEBIAN_PACKAGE = {
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
     "systemd-analyze": "systemd",
+    "kubectl": "kubectl",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _POLL_S = 0.05
