@@ -4,8 +4,11 @@ A :class:`StowDestination` is a DICOMweb service's base URL (``https://pacs/dico
 are POSTed to ``<url>/studies``), how to authenticate (none, HTTP basic, or a bearer token) and
 which certificate authorities to trust. Credentials are never part of the configuration itself:
 it names an environment variable or a file, read again at every attempt (so a renewed token is
-picked up) and never logged. TLS certificates are always verified, against ``ca_certificates``
-when given, else the system's trust store.
+picked up) and never logged; they are sent only over ``https://`` (or ``http://`` to a loopback
+address). TLS certificates are always verified, against ``ca_certificates`` when given, else the
+bundle named by ``REQUESTS_CA_BUNDLE`` (or ``CURL_CA_BUNDLE``), else requests' own (certifi).
+Proxies come from the usual environment variables (``HTTPS_PROXY``, ``NO_PROXY``); ``~/.netrc`` is
+not read.
 
 Outcomes of :func:`store_instances`, classified as the C-STORE sends are (``reader.send``) so that
 the same ticket, retry and parking rules apply (``reader.dispatch``):
@@ -27,6 +30,7 @@ URLs of webhooks.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import time
 import urllib.parse
@@ -115,6 +119,16 @@ class Credential:
         return f"${self.env}" if self.env is not None else str(self.file)
 
 
+def _loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class StowDestination:
     """A DICOMweb service that receives results by STOW-RS.
@@ -151,6 +165,8 @@ class StowDestination:
             raise ValueError("a basic auth username must not contain ':' (RFC 7617)")
         if self.auth is StowAuth.BEARER and (self.username or self.secret is None):
             raise ValueError("bearer auth needs a token and no username")
+        if self.auth is not StowAuth.NONE and parts.scheme == "http" and not _loopback(parts.hostname):
+            raise ValueError("credentials go only over https:// (http:// only to a loopback address)")
         if not self.timeout_s > 0:
             raise ValueError(f"DICOMweb timeout must be positive, got {self.timeout_s}")
 
@@ -256,7 +272,12 @@ def _response_dataset(response: requests.Response) -> pydicom.Dataset:
 def _session(destination: StowDestination) -> requests.Session:
     """An HTTP session with the destination's TLS trust and credentials; redirects are refused."""
     session = requests.Session()
-    session.verify = str(destination.ca_certificates) if destination.ca_certificates else True
+    # requests would let REQUESTS_CA_BUNDLE override our CA bundle and ~/.netrc our credentials:
+    # the environment is read here instead, for the proxies and the default trust only.
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(destination.base_url)
+    session.verify = (str(destination.ca_certificates) if destination.ca_certificates
+                      else os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True)
     session.max_redirects = 0
     session.headers["User-Agent"] = f"dicom-second-reader/{__version__}"
     try:

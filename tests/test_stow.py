@@ -10,8 +10,10 @@ set built with pydicom.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from reader.spool import Spool
 from tests.node_process import ReaderNode
 from tests.peers import LOCALHOST, Orthanc, free_port, require_tool, storescu, wait_until
 from tests.reliability import serve_config, write_fixture_model, write_study
+from tests.tls_certs import Pki, make_pki
 from tests.viewers import DICOMWEB_ROOT, dicomweb_config
 
 DEADLINE_S = 120.0
@@ -63,15 +66,15 @@ class StowPeer:
     body: bytes = b""
     content_type: str = "application/dicom+json"
     headers: list[dict[str, str]] = field(default_factory=list)
+    scheme: str = "http"
 
     def url(self, path: str = "/dicom-web") -> str:
         """The base URL of ``path`` on this server."""
-        return f"http://{LOCALHOST}:{self.server.server_address[1]}{path}"
+        return f"{self.scheme}://{LOCALHOST}:{self.server.server_address[1]}{path}"
 
 
-@pytest.fixture
-def peer() -> Iterator[StowPeer]:
-    """A running :class:`StowPeer`; shut down at teardown."""
+def _serve(context: ssl.SSLContext | None = None) -> tuple[StowPeer, threading.Thread]:
+    """Start a :class:`StowPeer` on an ephemeral loopback port, over TLS when ``context`` is given."""
     holder: list[StowPeer] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -97,13 +100,37 @@ def peer() -> Iterator[StowPeer]:
             """Keep the test output quiet."""
 
     server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
-    holder.append(StowPeer(server))
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    holder.append(StowPeer(server, scheme="https" if context is not None else "http"))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield holder[0]
-    server.shutdown()
-    server.server_close()
+    return holder[0], thread
+
+
+def _shut(peer: StowPeer, thread: threading.Thread) -> None:
+    peer.server.shutdown()
+    peer.server.server_close()
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def peer() -> Iterator[StowPeer]:
+    """A running plain-HTTP :class:`StowPeer`; shut down at teardown."""
+    running, thread = _serve()
+    yield running
+    _shut(running, thread)
+
+
+@pytest.fixture
+def tls_peer(tmp_path: Path) -> Iterator[tuple[StowPeer, Pki]]:
+    """A :class:`StowPeer` over HTTPS with a certificate for 127.0.0.1 from the test CA."""
+    pki = make_pki(tmp_path / "pki")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    running, thread = _serve(context)
+    yield running, pki
+    _shut(running, thread)
 
 
 def _result_file(folder: Path) -> tuple[Path, str]:
@@ -235,6 +262,27 @@ def test_bearer_token_is_sent_and_never_logged(peer: StowPeer, tmp_path: Path,
         store_instances(gone, [path])
 
 
+def test_https_certificates_are_verified(tls_peer: tuple[StowPeer, Pki], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over HTTPS the server's certificate is verified: trusted through ``ca_certificates`` the
+    results and the basic credentials go through, even with REQUESTS_CA_BUNDLE naming another CA;
+    with the default trust or another CA the attempt fails transiently (the certificate may be
+    fixed) and nothing is sent."""
+    peer, pki = tls_peer
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.rogue_ca))
+    path, uid = _result_file(tmp_path)
+    (tmp_path / "pw").write_text("tls-password", encoding="utf-8")
+    peer.body = _stow_response([], stored=[uid])
+    for untrusted in (None, pki.rogue_ca):
+        with pytest.raises(TransientSendError, match="TLS handshake or certificate check failed"):
+            store_instances(StowDestination(peer.url(), ca_certificates=untrusted), [path])
+    assert peer.headers == []
+    trusted = StowDestination(peer.url(), auth=StowAuth.BASIC, username="reader",
+                              secret=Credential(file=tmp_path / "pw"), ca_certificates=pki.ca)
+    assert store_instances(trusted, [path]).sent == (uid,)
+    assert peer.headers[-1]["authorization"].startswith("Basic ")
+
+
 # --- configuration ------------------------------------------------------------------------------------
 
 
@@ -277,6 +325,22 @@ port = 104
         StowDestination("http://127.0.0.1:8042/dicom-web"),)
 
 
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    """The commented DICOMweb destination of deploy/reader.example.toml, uncommented (with its files
+    made), is a valid configuration: basic auth with a password file and a CA bundle."""
+    example = (Path(__file__).resolve().parents[1] / "deploy" / "reader.example.toml").read_text("utf-8")
+    block = example[example.index("# [[destinations]]", example.index("STOW-RS")):].split("\n\n")[0]
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    (tmp_path / "pw").write_text("pw-from-file", encoding="utf-8")
+    (tmp_path / "ca.pem").write_text("unused", encoding="utf-8")
+    text = text.replace("/etc/reader/pacs-password", str(tmp_path / "pw"))
+    text = text.replace("/etc/reader/tls/pacs-ca.pem", str(tmp_path / "ca.pem"))
+    (destination,) = _load(tmp_path, text).destinations
+    assert isinstance(destination, StowDestination) and destination.auth is StowAuth.BASIC
+    assert destination.key == "stow:https://pacs.example.org/dicom-web"
+    assert destination.ca_certificates == tmp_path / "ca.pem" and destination.timeout_s == 60
+
+
 @pytest.mark.parametrize(("table", "key"), [
     ('url = "https://reader:pw@pacs/dicom-web"', "destinations[0]"),
     ('url = "ftp://pacs/dicom-web"', "destinations[0]"),
@@ -290,10 +354,12 @@ port = 104
     ('url = "https://pacs/dicom-web"\ntoken_file = "t"', "destinations[0].token_file"),
     ('url = "https://pacs/dicom-web"\nca_certificates = "none.pem"', "destinations[0].ca_certificates"),
     ('url = "https://pacs/dicom-web"\nport = 104', "destinations[0].port"),
+    ('url = "http://pacs/dicom-web"\nauth = "bearer"\ntoken_file = "reader.toml"', "destinations[0]"),
 ])
 def test_invalid_dicomweb_destinations_are_refused(tmp_path: Path, table: str, key: str) -> None:
     """Credentials in the URL, another scheme, a query, an unknown auth, a missing or unreadable
-    password, a token without bearer auth, a missing CA bundle or a DICOM key refuse to start."""
+    password, a token without bearer auth, a missing CA bundle, a DICOM key, or credentials over
+    plain http to a host that is not loopback refuse to start."""
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, f"[[destinations]]\n{table}\n")
     assert caught.value.key == key
@@ -434,3 +500,32 @@ def test_results_wait_for_a_dicomweb_server_that_is_down(tmp_path: Path) -> None
         if orthanc is not None:
             orthanc.kill()
 
+
+
+@pytest.mark.integration
+def test_a_result_over_the_chunk_size_is_stored(tmp_path: Path) -> None:
+    """A result file larger than dicomweb-client's 1 MB chunk goes by chunked transfer encoding
+    and Orthanc stores it whole (a large SEG takes this path)."""
+    orthanc = _dicomweb_orthanc(tmp_path / "pacs")
+    try:
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (generate_uid() for _ in range(3))
+        ds.Modality, ds.PatientID = "OT", "SYNTH-0002"
+        ds.Rows = ds.Columns = 1024
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = bytes(range(256)) * (1024 * 1024 * 2 // 256)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        path = tmp_path / "large.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert path.stat().st_size > 2 * 1024 * 1024
+        (tmp_path / "pw").write_text(PASSWORD, encoding="utf-8")
+        destination = StowDestination(_stow_url(orthanc.http_port), auth=StowAuth.BASIC, username=USER,
+                                      secret=Credential(file=tmp_path / "pw"))
+        assert store_instances(destination, [path]).http_status == 200
+        (instance,) = orthanc.instances()
+        assert pydicom.dcmread(io.BytesIO(orthanc.download(instance))).PixelData == ds.PixelData
+    finally:
+        orthanc.kill()
