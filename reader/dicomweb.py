@@ -69,6 +69,7 @@ _DICOM_JSON = ("application/dicom+json", "application/json")
 _RESPONSE_READ_LIMIT = 1024 * 1024
 _HINTS: dict[int, str] = {HTTPStatus.UNAUTHORIZED: " (unauthorized: check the credentials)",
                           HTTPStatus.FORBIDDEN: " (forbidden: the account may not store)"}
+_WHY_LIMIT = 200
 _NAMED_FAILURES = 5  # failed instances named one by one in an error message; the rest are counted
 
 
@@ -304,6 +305,14 @@ def _read(files: Iterable[Path]) -> list[pydicom.Dataset]:
     return datasets
 
 
+def _why(exc: requests.RequestException) -> str:
+    """The innermost reason urllib3 gave (``[Errno 111] Connection refused``, ``certificate verify
+    failed: ...``), without the connection object's repr; it holds no URL and no header."""
+    inner = exc.args[0] if exc.args else exc
+    text = str(getattr(inner, "reason", inner))
+    return text.split(">: ", 1)[-1][:_WHY_LIMIT]
+
+
 def _post(destination: StowDestination, datasets: Sequence[pydicom.Dataset]) -> tuple[int, pydicom.Dataset]:
     """One STOW-RS request; its HTTP status and response data set, or the transport's typed error.
 
@@ -327,9 +336,10 @@ def _post(destination: StowDestination, datasets: Sequence[pydicom.Dataset]) -> 
     except requests.Timeout as exc:
         raise TransientSendError(f"{destination.key}: timed out") from exc
     except requests.exceptions.SSLError as exc:
-        raise TransientSendError(f"{destination.key}: TLS handshake or certificate check failed") from exc
+        raise TransientSendError(f"{destination.key}: TLS handshake or certificate check failed: "
+                                 f"{_why(exc)}") from exc
     except requests.ConnectionError as exc:
-        raise TransientSendError(f"{destination.key}: connection failed") from exc
+        raise TransientSendError(f"{destination.key}: connection failed: {_why(exc)}") from exc
     except requests.RequestException as exc:
         raise TransientSendError(f"{destination.key}: {type(exc).__name__}") from exc
     finally:
