@@ -463,10 +463,11 @@ def test_results_reach_orthanc_by_stow_and_a_wrong_password_parks(tmp_path: Path
 @pytest.mark.integration
 def test_results_wait_for_a_dicomweb_server_that_is_down(tmp_path: Path) -> None:
     """With the DICOMweb server down the send is retried with backoff (transient, not parked), and
-    the SR and SEG are stored once Orthanc starts on that port."""
+    the SR and SEG are stored once Orthanc starts again on the same port and storage."""
     require_tool("storescu")
-    dicomweb_config()  # fail (CI) or skip now when the plugin is missing, not after the retries
-    port = free_port()
+    first = _dicomweb_orthanc(tmp_path / "pacs")
+    port = first.http_port
+    first.stop()  # down before the results are made
     url = _stow_url(port)
     (tmp_path / "right").write_text(PASSWORD, encoding="utf-8")
     model = write_fixture_model(tmp_path / "model")
