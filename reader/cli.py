@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", help="listening port (default 11112)")
     serve.add_argument("--bind", help="listening address (default 0.0.0.0)")
     serve.add_argument("--send-to", action="append", default=[], metavar="AE@HOST:PORT",
-                       help="destination for results; repeat for several")
+                       help="destination for results (C-STORE), or a DICOMweb base URL (STOW-RS, "
+                            "no authentication); repeat for several")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     status = sub.add_parser("status", help="what is queued, in flight, failed and done")
     common(status)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reader.access import AccessPolicy, AllowedCaller, parse_network
+from reader.dicomweb import Credential, CredentialError, StowAuth, StowDestination
 from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
@@ -28,6 +29,7 @@ from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "AnyDestination",
     "CompletionConfig",
     "InferenceConfig",
     "ModelRef",
@@ -43,6 +45,9 @@ __all__ = [
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = "lung-lesion-unet"
 BUNDLED_PREFIX = "bundled:"  # a model path "bundled:NAME" names the package models/NAME of this checkout
+
+AnyDestination = Destination | StowDestination
+"""Where results go: a C-STORE SCP (``reader.send``) or a DICOMweb service (STOW-RS, ``reader.dicomweb``)."""
 
 
 def bundled_models_dir() -> Path:
@@ -158,7 +163,7 @@ class NodeConfig:
     bind_address: str = "0.0.0.0"
     port: int = 11112
     data_dir: Path = Path("reader-data")
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[AnyDestination, ...] = ()
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     sending: SendingConfig = field(default_factory=SendingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -192,8 +197,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     """Read ``path`` (TOML) over the defaults, then apply command-line ``overrides``.
 
     ``overrides`` keys: ae_title, port, data_dir, bind_address, destinations (list of
-    ``AE@HOST:PORT``). Relative paths in the file are relative to the file's folder; a model path
-    ``"bundled:NAME"`` is the package ``NAME`` in :func:`bundled_models_dir`, wherever the file sits.
+    ``AE@HOST:PORT``, or a DICOMweb URL without authentication). Relative paths in the file are
+    relative to the file's folder; a model path ``"bundled:NAME"`` is the package ``NAME`` in
+    :func:`bundled_models_dir`, wherever the file sits.
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
@@ -237,8 +243,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
                                           defaults.network_timeout.total_seconds()),
                                  "node.network_timeout_seconds", 1, 3600),
         security=_security(_table(raw, "security"), base),
-        destinations=tuple(_destination(d, f"destinations[{i}]", base)
-                           for i, d in enumerate(_list(raw.get("destinations", []), "destinations"))),
+        destinations=_destinations(_list(raw.get("destinations", []), "destinations"), "destinations", base),
         completion=_completion(_table(raw, "completion")),
         sending=_sending(_table(raw, "sending")),
         inference=_inference(_table(raw, "inference")),
@@ -259,9 +264,7 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("data_dir") is not None:
         changes["data_dir"] = Path(overrides["data_dir"])
     if overrides.get("destinations"):
-        changes["destinations"] = tuple(
-            _destination(d, "--send-to", Path.cwd()) for d in overrides["destinations"]
-        )
+        changes["destinations"] = _destinations(list(overrides["destinations"]), "--send-to", Path.cwd())
     return replace(config, **changes)
 
 
@@ -465,12 +468,28 @@ def _secret(t: Mapping[str, Any], key: str, base: Path) -> bytes:
         raise ConfigError(key + ".secret_file", f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _destination(value: Any, key: str, base: Path) -> Destination:
+def _destinations(values: list[Any], key: str, base: Path) -> tuple[AnyDestination, ...]:
+    """Every destination, each once: two entries that a send ticket would name alike are refused."""
+    parsed = tuple(_destination(d, f"{key}[{i}]", base) for i, d in enumerate(values))
+    seen: dict[str, int] = {}
+    for i, dest in enumerate(parsed):
+        name = dest.key if isinstance(dest, StowDestination) else str(dest)
+        if name in seen:
+            raise ConfigError(f"{key}[{i}]", f"repeats {key}[{seen[name]}] ({name})")
+        seen[name] = i
+    return parsed
+
+
+def _destination(value: Any, key: str, base: Path) -> AnyDestination:
     if isinstance(value, str):
         try:
+            if "://" in value:
+                return StowDestination(url=value)
             return Destination.parse(value)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from exc
+    if isinstance(value, Mapping) and "url" in value:
+        return _stow_destination(value, key, base)
     if isinstance(value, Mapping):
         _known(value, key + ".", {"ae_title", "host", "port", "tls", "certificate", "private_key",
                                   "ca_certificates", "server_name"})
@@ -480,7 +499,60 @@ def _destination(value: Any, key: str, base: Path) -> Destination:
             port=_port(value.get("port"), key + ".port"),
             tls=_client_tls(value, key, base),
         )
-    raise ConfigError(key, "must be 'AE@HOST:PORT' or a table with ae_title, host, port")
+    raise ConfigError(key, "must be 'AE@HOST:PORT', a DICOMweb URL, or a table with ae_title, host, "
+                           "port or with url")
+
+
+_STOW_KEYS = {"url", "auth", "username", "password_env", "password_file", "token_env", "token_file",
+              "ca_certificates", "timeout_seconds"}
+
+
+def _stow_destination(t: Mapping[str, Any], key: str, base: Path) -> StowDestination:
+    """A DICOMweb destination (``reader.dicomweb``); its credential is read once here, so a missing
+    one fails at start, and again at every attempt."""
+    _known(t, key + ".", _STOW_KEYS)
+    auth_text = _str(t.get("auth", "none"), key + ".auth")
+    try:
+        auth = StowAuth(auth_text)
+    except ValueError as exc:
+        raise ConfigError(key + ".auth", f'must be "none", "basic" or "bearer", got {auth_text!r}') from exc
+    kind = {StowAuth.BASIC: "password", StowAuth.BEARER: "token"}.get(auth)
+    for other in ("password", "token"):
+        if other != kind:
+            given = sorted(k for k in (f"{other}_env", f"{other}_file") if k in t)
+            if given:
+                raise ConfigError(f"{key}.{given[0]}", f'is not used with auth = "{auth}"')
+    if "username" in t and auth is not StowAuth.BASIC:
+        raise ConfigError(key + ".username", 'is only used with auth = "basic"')
+    secret = _credential(t, key, kind, base) if kind is not None else None
+    timeout = _seconds(t.get("timeout_seconds", 60), key + ".timeout_seconds", 0.1, 3600)
+    try:
+        destination = StowDestination(
+            url=_str(t.get("url"), key + ".url"), auth=auth,
+            username=_str(t.get("username"), key + ".username") if auth is StowAuth.BASIC else "",
+            secret=secret,
+            ca_certificates=_opt_path(t.get("ca_certificates"), key + ".ca_certificates", base),
+            timeout_s=timeout.total_seconds(),
+        )
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
+    if destination.ca_certificates is not None and not destination.ca_certificates.is_file():
+        raise ConfigError(key + ".ca_certificates", f"{destination.ca_certificates} is not a file")
+    return destination
+
+
+def _credential(t: Mapping[str, Any], key: str, kind: str, base: Path) -> Credential:
+    """Where a DICOMweb password or token is read from: ``<kind>_env`` or ``<kind>_file``."""
+    env_key, file_key = f"{kind}_env", f"{kind}_file"
+    if (env_key in t) == (file_key in t):
+        raise ConfigError(f"{key}.{env_key}", f"give exactly one of {env_key} and {file_key}")
+    credential = (Credential(env=_str(t[env_key], f"{key}.{env_key}")) if env_key in t
+                  else Credential(file=_path(t[file_key], f"{key}.{file_key}", base)))
+    try:
+        credential.read()
+    except CredentialError as exc:
+        raise ConfigError(f"{key}.{env_key if env_key in t else file_key}", str(exc)) from exc
+    return credential
 
 
 def _client_tls(t: Mapping[str, Any], key: str, base: Path) -> TlsClientConfig | None:

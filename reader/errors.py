@@ -14,7 +14,7 @@ state (``reader.node``)::
     │   ├── ManifestError      invalid model manifest (TOML)
     │   └── InferenceError     onnxruntime failed while running
     ├── EncodingError          SEG/SR could not be built from the findings
-    └── SendError              a C-STORE to a destination did not succeed
+    └── SendError              a delivery (C-STORE, STOW-RS, HL7, webhook) did not succeed
         ├── TransientSendError worth retrying later (association refused for load, timeout, 0xA7xx)
         └── PermanentSendError retrying cannot help (SOP class not supported, AE unknown, 0xA9xx/0xCxxx)
 """

@@ -34,11 +34,12 @@ import structlog
 
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
-from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, WebhookDelivery
+from reader.dicomweb import StowDestination
+from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
-from reader.pipeline import Inferred, Pipeline, Prepared, destination_key
+from reader.pipeline import Inferred, Pipeline, Prepared, send_key
 from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
@@ -68,7 +69,8 @@ def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
 def _targets(config: NodeConfig, scu: StoreSCU) -> dict[str, Delivery]:
     """Every configured send target by the key its tickets carry."""
     targets: dict[str, Delivery] = {
-        destination_key(d.ae_title, d.host, d.port): DicomDelivery(scu, d) for d in config.destinations}
+        send_key(d): StowDelivery(d) if isinstance(d, StowDestination) else DicomDelivery(scu, d)
+        for d in config.destinations}
     targets.update({h.endpoint.key: MllpDelivery(h.endpoint) for h in config.worklist.hl7})
     targets.update({w.endpoint.key: WebhookDelivery(w.endpoint) for w in config.worklist.webhooks})
     return targets
