@@ -190,7 +190,7 @@ class WebConfig:
 
     bind_address: str = "127.0.0.1"
     port: int = 8080
-    max_request_bytes: int = 2 * 1024**3  # a larger STOW-RS body is refused (413) before it is read
+    max_request_bytes: int = 1024**3  # a larger STOW-RS body is refused (413); held in memory while parsed
     tls: WebTlsConfig | None = None
 
     @property

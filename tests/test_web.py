@@ -7,21 +7,24 @@ httpx; the configuration rules are checked with ``load_config``.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 
 from reader.config import load_config
 from reader.errors import ConfigError
 from tests.node_process import ReaderNode
-from tests.reliability import serve_config, write_fixture_model
+from tests.reliability import serve_config, write_fixture_model, write_study
 from tests.tls_certs import make_pki
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 30.0
+RELATED = 'multipart/related; type="application/dicom"; boundary=b1'
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def test_stow_without_callers_is_open_on_loopback(node: ReaderNode) -> None:
     """With no [[security.web_callers]] a loopback node admits a STOW-RS caller without a token:
     a malformed body gets 400 (judged), not 401."""
     answer = httpx.post(f"{node.web_url}/dicom-web/studies", content=b"not multipart",
-                        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'},
+                        headers={"Content-Type": RELATED},
                         timeout=TIMEOUT_S)
     assert answer.status_code == 400, answer.text
 
@@ -82,7 +85,8 @@ def test_readyz_is_503_naming_the_disk_when_below_the_watermark(
     tmp_path: Path, model_dir: Path
 ) -> None:
     """A free-disk watermark above the free space makes /readyz answer 503 with "disk" failed and
-    its reason; /healthz still answers 200."""
+    its reason; /healthz still answers 200; STOW-RS refuses the instance with 0xA700 (409), as
+    C-STORE answers Out of Resources, and stores nothing."""
     node = ReaderNode(tmp_path / "node", config_text=serve_config(model_dir, min_free_disk_mb=2**30))
     try:
         answer = httpx.get(f"{node.web_url}/readyz", timeout=TIMEOUT_S)
@@ -92,6 +96,34 @@ def test_readyz_is_503_naming_the_disk_when_below_the_watermark(
         assert "watermark" in body["checks"]["disk"] and body["checks"]["spool"] == "ok"
         assert httpx.get(f"{node.web_url}/healthz", timeout=TIMEOUT_S).status_code == 200
         assert node.events("node.readiness")[-1]["failed"] == ["disk"]
+
+        study = write_study(tmp_path / "study", n_slices=1)
+        body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + study.files[0].read_bytes()
+                + b"\r\n--b1--\r\n")
+        stow = httpx.post(f"{node.web_url}/dicom-web/studies", content=body, timeout=TIMEOUT_S,
+                          headers={"Content-Type": RELATED})
+        assert stow.status_code == 409, stow.text
+        (failed,) = Dataset.from_json(stow.json()).FailedSOPSequence
+        assert failed.FailureReason == 0xA700
+        assert not (node.data_dir / "incoming" / study.study_uid).exists()
+    finally:
+        node.stop()
+
+
+def test_web_tls_serves_https_only(tmp_path: Path, model_dir: Path) -> None:
+    """With [web.tls] the port speaks HTTPS with the configured certificate (verified against its
+    CA); a plain HTTP request gets no answer."""
+    pki = make_pki(tmp_path / "pki")
+    tls = f'\n[web.tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.server_key}"\n'
+    node = ReaderNode(tmp_path / "node", config_text=serve_config(model_dir) + tls)
+    try:
+        (event,) = node.events("web.listening")
+        assert event["tls"] is True
+        verify = ssl.create_default_context(cafile=str(pki.ca))
+        answer = httpx.get(f"https://127.0.0.1:{node.web_port}/healthz", verify=verify, timeout=TIMEOUT_S)
+        assert (answer.status_code, answer.text) == (200, "ok")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{node.web_url}/healthz", timeout=TIMEOUT_S)
     finally:
         node.stop()
 

@@ -24,18 +24,18 @@ Like the C-STORE handler, this only stores: pixel data is never decoded here.
 
 from __future__ import annotations
 
-import email.policy
 import io
 import itertools
 import time
 from dataclasses import dataclass
-from email.message import EmailMessage, Message
-from email.parser import BytesParser
-from typing import Final
+from email.message import Message
+from typing import TYPE_CHECKING, Final
 
 import pydicom
 import structlog
 from pydicom.dataset import Dataset
+from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.multipart import MultipartParser
 
 from reader import dimse
 from reader.assemble import CompletionTracker
@@ -43,6 +43,9 @@ from reader.errors import InputRejected, OutOfResources, RequestRejected, Storag
 from reader.intake import InstanceIds, instance_ids, store_received
 from reader.scp import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
 from reader.spool import Spool
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 __all__ = ["MEDIA_DICOM", "MEDIA_DICOM_JSON", "Instance", "StowResult", "read_request", "store_request"]
 
@@ -85,41 +88,81 @@ class StowResult:
     failed: int
 
 
-def _parts(content_type: str, body: bytes) -> list[Message]:
-    """The parts of a multipart/related body (stdlib ``email``, its HTTP policy); RequestRejected
-    for another media type, a malformed body or one without parts."""
-    if "\r" in content_type or "\n" in content_type:
+def _media_type(header_value: str) -> Message:
+    """A Content-Type header value parsed (stdlib ``email``): type, subtype and parameters."""
+    if "\r" in header_value or "\n" in header_value:
         raise RequestRejected(HTTP_BAD_REQUEST, "bad_content_type", "Content-Type spans lines")
-    message = BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if message.get_content_type() != "multipart/related":
+    header = Message()
+    header["Content-Type"] = header_value
+    return header
+
+
+class _Collector:
+    """Callbacks of python-multipart's streaming parser: each part's headers and bytes."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[dict[str, str], list[bytes]]] = []
+        self.ended = False
+        self._field: list[bytes] = []
+        self._value: list[bytes] = []
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": lambda: self.parts.append(({}, [])),
+            "on_header_field": lambda data, start, end: self._field.append(data[start:end]),
+            "on_header_value": lambda data, start, end: self._value.append(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_part_data": lambda data, start, end: self.parts[-1][1].append(data[start:end]),
+            "on_end": self._end,
+        }
+
+    def _header_end(self) -> None:
+        name = b"".join(self._field).decode("latin-1").strip().lower()
+        self.parts[-1][0][name] = b"".join(self._value).decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def _parts(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """``(media type, bytes)`` of each part of a multipart/related body; RequestRejected for another
+    media type, a malformed body or one without parts. A part without Content-Type has the
+    request's ``type``. The body is split by python-multipart's streaming parser (the one
+    Starlette uses for forms), which checks the boundaries and part headers."""
+    request_type = _media_type(content_type)
+    if request_type.get_content_type() != "multipart/related":
         raise RequestRejected(HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
                               f"expected multipart/related; type=\"{MEDIA_DICOM}\"")
-    root_type = message.get_param("type")
+    root_type = request_type.get_param("type")
     if root_type is not None and str(root_type).lower() != MEDIA_DICOM:
         raise RequestRejected(HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
                               f"only type=\"{MEDIA_DICOM}\" is accepted")
-    defects = [*message.defects]
-    parts: list[Message] = list(message.iter_parts()) if isinstance(message, EmailMessage) else []
-    for part in parts:
-        defects.extend(part.defects)
-    if defects:
-        names = ", ".join(sorted({type(d).__name__ for d in defects}))
-        raise RequestRejected(HTTP_BAD_REQUEST, "bad_multipart", f"malformed multipart body: {names}")
-    if not message.is_multipart() or not parts:
+    boundary = request_type.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise RequestRejected(HTTP_BAD_REQUEST, "bad_multipart", "Content-Type has no boundary")
+    collector = _Collector()
+    try:
+        parser = MultipartParser(boundary.encode("latin-1"), collector.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, FormParserError, UnicodeEncodeError) as exc:
+        raise RequestRejected(HTTP_BAD_REQUEST, "bad_multipart", f"malformed multipart body: {exc}") from exc
+    if not collector.ended:
+        raise RequestRejected(HTTP_BAD_REQUEST, "bad_multipart", "the body ends before its closing boundary")
+    if not collector.parts:
         raise RequestRejected(HTTP_BAD_REQUEST, "bad_multipart", "the body holds no parts")
-    return parts
+    return [(_media_type(headers.get("content-type", MEDIA_DICOM)).get_content_type(), b"".join(chunks))
+            for headers, chunks in collector.parts]
 
 
-def _instance(number: int, part: Message, study_uid: str | None) -> Instance:
+def _instance(number: int, media_type: str, data: bytes, study_uid: str | None) -> Instance:
     """Read part ``number`` (1-based) as a Part 10 file and judge it; RequestRejected if it is not
     DICOM. Reads the header only; pixel data is not decoded."""
-    if part.get_content_type() != MEDIA_DICOM:
+    if media_type != MEDIA_DICOM:
         raise RequestRejected(HTTP_BAD_REQUEST, "not_dicom",
-                              f"part {number} is {part.get_content_type()}, not {MEDIA_DICOM}")
-    data = part.get_payload(decode=True)
-    if not isinstance(data, bytes):
-        raise RequestRejected(HTTP_BAD_REQUEST, "not_dicom", f"part {number} has no body")
+                              f"part {number} is {media_type}, not {MEDIA_DICOM}")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)  # needs the "DICM" prefix
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
@@ -147,7 +190,8 @@ def _instance(number: int, part: Message, study_uid: str | None) -> Instance:
 
 def read_request(content_type: str, body: bytes, study_uid: str | None) -> list[Instance]:
     """Parse and judge every part of a request before anything is stored (phase 1)."""
-    return [_instance(n, part, study_uid) for n, part in enumerate(_parts(content_type, body), start=1)]
+    return [_instance(n, media_type, data, study_uid)
+            for n, (media_type, data) in enumerate(_parts(content_type, body), start=1)]
 
 
 def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Instance], *,
