@@ -9,7 +9,8 @@ state (``reader.node``)::
     ├── StorageError           the spool could not write or read durably
     │   └── OutOfResources     free disk below the watermark (DIMSE 0xA700)
     ├── InputRejected          a dataset or series we will not process; ``reason`` is recorded
-    │   └── VolumeError        geometry that cannot form a trustworthy volume
+    │   ├── VolumeError        geometry that cannot form a trustworthy volume
+    │   └── RequestRejected    a STOW-RS request refused whole (HTTP 400 / 415), nothing stored
     ├── ModelError             a model package that cannot be loaded or run
     │   ├── ManifestError      invalid model manifest (TOML)
     │   └── InferenceError     onnxruntime failed while running
@@ -31,6 +32,7 @@ __all__ = [
     "OutOfResources",
     "PermanentSendError",
     "ReaderError",
+    "RequestRejected",
     "SendError",
     "StorageError",
     "TransientSendError",
@@ -70,6 +72,14 @@ class InputRejected(ReaderError):
 
 class VolumeError(InputRejected):
     """Instances that cannot be assembled into a geometry-checked volume."""
+
+
+class RequestRejected(InputRejected):
+    """An HTTP request refused as a whole; ``http_status`` is the answer (400, 415)."""
+
+    def __init__(self, http_status: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.http_status = http_status
 
 
 class ModelError(ReaderError):

@@ -44,6 +44,7 @@ from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
+from reader.web import Readiness, WebContext, WebServer, build_app
 
 __all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
 
@@ -265,6 +266,13 @@ class Node:
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.web: WebServer | None = None
+        if config.web is not None:
+            readiness = Readiness(self.spool, (r.model for r in config.routes), models,
+                                  lambda: self.scp.listening)
+            self.web = WebServer(config.web, build_app(WebContext(
+                self.spool, self.tracker, readiness, config.security.web_callers,
+                config.web.max_request_bytes)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
@@ -277,13 +285,18 @@ class Node:
             t.start()
             self._threads.append(t)
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
+                 web_port=self.web.port if self.web is not None else None,
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations; the load, inference, encoding and send in progress
         end, volumes still waiting are dropped (their jobs stay queued); then return."""
         log.info("node.stopping")
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self._stopping.set()
         self.board.close()
