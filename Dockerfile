@@ -44,6 +44,6 @@ VOLUME /var/lib/reader
 EXPOSE 11112 8080
 # Ready = model loaded, spool writable, disk above the watermark, DICOM listener up (/readyz).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python3", "-c", "import sys; from pynetdicom import AE; ae = AE('HEALTHCHECK'); ae.add_requested_context('1.2.840.10008.1.1'); a = ae.associate('127.0.0.1', 11112, ae_title='SECONDREADER'); ok = a.is_established and a.send_c_echo().Status == 0; a.release(); sys.exit(0 if ok else 1)"]
+  CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8080/readyz', timeout=4).status != 200)"]
 ENTRYPOINT ["reader"]
 CMD ["serve", "--data-dir", "/var/lib/reader"]

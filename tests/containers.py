@@ -28,6 +28,7 @@ _ENGINE_START_S = 60.0
 _ENGINE_STOP_S = 30.0
 _BUILD_S = 1200.0
 _CALL_S = 120.0
+_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin"])
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class DockerEngine:
     docker: str
     env: dict[str, str]
 
-    def run(self, *args: str, timeout: float = _CALL_S, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = _CALL_S, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``docker ARGS``; raise AssertionError with its output when ``check`` and it fails."""
         done = subprocess.run([self.docker, *args], capture_output=True, text=True, timeout=timeout,
                               env=self.env, check=False)
@@ -52,12 +55,13 @@ class DockerEngine:
 
     def base_images(self) -> None:
         """Make the local stand-ins of the base images the Dockerfiles name (kept once made)."""
-        if shutil.which("debootstrap", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])) is None:
+        if shutil.which("debootstrap", path=_SBIN_PATH) is None:
             missing("program 'debootstrap' not found: install the Debian package 'debootstrap'")
         done = subprocess.run([str(REPO / "scripts" / "local-base-images")], capture_output=True, text=True,
                               timeout=_BUILD_S, env=self.env, check=False)
         if done.returncode != 0:
-            raise AssertionError(f"scripts/local-base-images failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            raise AssertionError(
+                f"scripts/local-base-images failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,9 @@ class Compose:
     file: Path
     env: dict[str, str]
 
-    def __call__(self, *args: str, timeout: float = _CALL_S, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, timeout: float = _CALL_S, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run one compose command; raise AssertionError with its output when ``check`` and it fails."""
         command = [str(COMPOSE_BINARY), "-p", self.project, "-f", str(self.file), *args]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -95,7 +101,7 @@ def _client() -> str:
 
 
 def _start_daemon(log_dir: Path) -> subprocess.Popen[bytes]:
-    dockerd = shutil.which("dockerd", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"]))
+    dockerd = shutil.which("dockerd", path=_SBIN_PATH)
     if dockerd is None:
         missing("program 'dockerd' not found: install the Debian package 'docker.io'")
     if os.geteuid() != 0:

@@ -13,7 +13,6 @@ import json
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -52,7 +51,8 @@ def stack(docker_engine: DockerEngine) -> Iterator[Compose]:
     Compose.binary()
     docker_engine.base_images()
     ports = published(["PACS_DICOM_PORT", "PACS_HTTP_PORT", "READER_DICOM_PORT", "VIEWER_PORT"])
-    compose = Compose(docker_engine, f"srtest{uuid.uuid4().hex[:8]}", COMPOSE_FILE, {"BIND": LOCALHOST, **ports})
+    project = f"srtest{uuid.uuid4().hex[:8]}"
+    compose = Compose(docker_engine, project, COMPOSE_FILE, {"BIND": LOCALHOST, **ports})
     compose("build", timeout=_BUILD_S)
     try:
         yield compose
@@ -72,7 +72,8 @@ def test_node_image_runs_as_a_user_with_its_model_and_the_cpu_runtime(stack: Com
     assert "/var/lib/reader" in config["Volumes"]
     assert "/readyz" in " ".join(config["Healthcheck"]["Test"])
     probe = ("import importlib.metadata as m, reader.config as c; "
-             "print(sorted(d.metadata['Name'] for d in m.distributions() if 'onnxruntime' in d.metadata['Name'])); "
+             "names = [d.metadata['Name'] for d in m.distributions()]; "
+             "print(sorted(n for n in names if 'onnxruntime' in n)); "
              "print((c.bundled_models_dir() / 'lung-lesion-unet' / 'model.toml').is_file())")
     done = engine.run("run", "--rm", "--network", "none", "--entrypoint", "python3", NODE_IMAGE, "-c", probe)
     assert done.stdout.split("\n")[:2] == ["['onnxruntime']", "True"], done.stdout
@@ -85,7 +86,8 @@ def test_compose_demo_stack_returns_sr_and_seg_for_a_study_sent_to_its_pacs(stac
     the PACS with storescu is routed to the node, whose SR and SEG come back into the PACS; the
     viewer serves OHIF and the PACS's DICOMweb through its proxy; `down` removes the stack."""
     series = [require_data(s) for s in SAMPLE_SERIES]
-    study_uid = str(pydicom.dcmread(next(iter(sorted(series[0].iterdir()))), stop_before_pixels=True).StudyInstanceUID)
+    first = min(series[0].iterdir())
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
     stack("up", "--detach", "--wait", "--wait-timeout", str(int(_UP_S)), timeout=_UP_S + 60)
     env = stack.env
     pacs = f"http://{LOCALHOST}:{env['PACS_HTTP_PORT']}"
@@ -98,7 +100,8 @@ def test_compose_demo_stack_returns_sr_and_seg_for_a_study_sent_to_its_pacs(stac
         wanted = [s for s in found if s["MainDicomTags"].get("StudyInstanceUID") == study_uid]
         if not wanted:
             return set()
-        return {_json(f"{pacs}/series/{sid}")["MainDicomTags"].get("Modality", "") for sid in wanted[0]["Series"]}
+        return {_json(f"{pacs}/series/{sid}")["MainDicomTags"].get("Modality", "")
+                for sid in wanted[0]["Series"]}
 
     wait_until(lambda: {"SR", "SEG"} <= modalities(), _RESULTS_S, "the node's SR and SEG in the compose PACS")
     assert {"CT", "SR", "SEG", "KO"} <= modalities()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 
 from reader.config import load_config
 from tests.peers import require_tool
+from tests.tls_certs import make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
@@ -32,6 +34,7 @@ KUBERNETES_VERSION = "1.32.0"  # the API the manifests are checked against (sche
 FORMS = ("base", "overlays/gpu", "overlays/cluster")
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 DATABASE_SECRET = "reader-database"
+SECRETS_MOUNT = "/etc/reader-secrets"  # where the Deployment mounts the web server's Secrets
 _RENDER_TIMEOUT_S = 60
 
 _NAME = {"type": "string", "minLength": 1}
@@ -55,7 +58,10 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                             "matchLabels"),
         "endpoints": {"type": "array", "minItems": 1, "items": _closed({
             "port": _NAME, "path": {"type": "string", "pattern": "^/"},
-            "interval": _DURATION, "scrapeTimeout": _DURATION}, "port")},
+            "interval": _DURATION, "scrapeTimeout": _DURATION, "scheme": {"enum": ["http", "https"]},
+            "tlsConfig": _closed({
+                "ca": _closed({"secret": _closed({"name": _NAME, "key": _NAME}, "name", "key")}, "secret"),
+                "serverName": _NAME})}, "port")},
     }, "selector", "endpoints")),
     "ScaledObject": _resource("keda.sh/v1alpha1", "ScaledObject", _closed({
         "scaleTargetRef": _closed({"name": _NAME, "kind": _NAME, "apiVersion": _NAME}, "name"),
@@ -148,15 +154,15 @@ def test_the_validators_refuse_a_misspelt_or_mistyped_field() -> None:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_probes_ask_healthz_and_readyz_on_the_http_port(form: str) -> None:
-    """Every pod's liveness and startup probes GET /healthz, its readiness probe /readyz, on the
-    port named ``http`` (8080)."""
+    """Every pod's liveness and startup probes GET /healthz, its readiness probe /readyz, over HTTPS
+    on the port named ``http`` (8080)."""
     for name, deployment in deployments(render(form)).items():
         c = container(deployment)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["http"] == 8080, name
         for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"),
                             ("readinessProbe", "/readyz")):
-            assert c[probe]["httpGet"] == {"path": path, "port": "http"}, (name, probe)
+            assert c[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTPS"}, (name, probe)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -166,8 +172,18 @@ def test_the_configmap_is_a_valid_reader_toml_matching_the_ports(form: str, tmp_
     once the node has an HTTP server, that server on a non-loopback address at the port ``http``."""
     objects = render(form)
     (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    # The Secrets' files, where the Deployment mounts them, made here: a certificate and a token.
+    pki = make_pki(tmp_path / "pki")
+    secrets = tmp_path / "secrets"
+    (secrets / "web-tls").mkdir(parents=True)
+    shutil.copy(pki.server_cert, secrets / "web-tls" / "tls.crt")
+    shutil.copy(pki.server_key, secrets / "web-tls" / "tls.key")
+    (secrets / "web-callers").mkdir()
+    (secrets / "web-callers" / "pacs").write_text("a-token-of-sixteen-characters-or-more", encoding="utf-8")
+    text = config_map["data"]["reader.toml"]
+    assert SECRETS_MOUNT in text
     path = tmp_path / "reader.toml"
-    path.write_text(config_map["data"]["reader.toml"], encoding="utf-8")
+    path.write_text(text.replace(SECRETS_MOUNT, secrets.as_posix()), encoding="utf-8")
     config = load_config(path)
     assert config.bind_address == "0.0.0.0"
     assert config.port == 11112
@@ -177,10 +193,16 @@ def test_the_configmap_is_a_valid_reader_toml_matching_the_ports(form: str, tmp_
         assert {"name": "config", "configMap": {"name": config_map["metadata"]["name"]}} in volumes, name
         ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
         assert ports.get("dicom", config.port) == config.port, name
-    web = getattr(config, "web", None)  # reader.web's settings, when the node has them
-    if web is not None:
-        assert web.port == 8080
-        assert not web.loopback, "probes and Prometheus reach the pod's address, not its loopback"
+    web = config.web
+    assert web is not None
+    assert web.port == 8080
+    assert not web.loopback, "probes and Prometheus reach the pod's address, not its loopback"
+    assert web.tls is not None and config.security.web_callers, "anywhere but loopback: HTTPS and callers"
+    for name, deployment in deployments(objects).items():
+        probes = [container(deployment)[p] for p in ("startupProbe", "livenessProbe", "readinessProbe")]
+        assert {p["httpGet"]["scheme"] for p in probes} == {"HTTPS"}, name
+        mounts = {m["mountPath"] for m in container(deployment)["volumeMounts"]}
+        assert {f"{SECRETS_MOUNT}/web-tls", f"{SECRETS_MOUNT}/web-callers"} <= mounts, name
 
 
 def test_images_carry_the_project_version() -> None:
@@ -234,7 +256,8 @@ def test_single_node_base_is_one_locked_down_pod() -> None:
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts == {"/etc/reader": "config", "/var/lib/reader": "data", "/tmp": "tmp"}
+    assert mounts == {"/etc/reader": "config", "/var/lib/reader": "data", "/tmp": "tmp",
+                      f"{SECRETS_MOUNT}/web-tls": "web-tls", f"{SECRETS_MOUNT}/web-callers": "web-callers"}
     claim = {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
     one(objects, "PersistentVolumeClaim", claim)
     assert {o["kind"] for o in render("overlays/gpu")} == {o["kind"] for o in objects}
