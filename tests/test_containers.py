@@ -103,8 +103,8 @@ def test_compose_demo_stack_returns_sr_and_seg_for_a_study_sent_to_its_pacs(stac
         return {_json(f"{pacs}/series/{sid}")["MainDicomTags"].get("Modality", "")
                 for sid in wanted[0]["Series"]}
 
-    wait_until(lambda: {"SR", "SEG"} <= modalities(), _RESULTS_S, "the node's SR and SEG in the compose PACS")
-    assert {"CT", "SR", "SEG", "KO"} <= modalities()
+    wait_until(lambda: {"CT", "SR", "SEG", "KO"} <= modalities(), _RESULTS_S,
+               "the node's SR, SEG and KOS in the compose PACS")
 
     viewer = f"http://{LOCALHOST}:{env['VIEWER_PORT']}"
     assert b"<title>" in _get(f"{viewer}/") and b"dataSources" in _get(f"{viewer}/app-config.js")
