@@ -33,7 +33,7 @@ from tests.peers import LOCALHOST, echoscu, free_port, missing, require_tool, wa
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "deploy" / "reader.service"
 EXAMPLE = REPO / "deploy" / "reader.example.toml"
-GUIDE = REPO / "deploy" / "SYSTEMD.md"
+GUIDE = REPO / "README.md"  # its "### systemd" section
 CONFIG = "/etc/reader/reader.toml"  # where the install steps put the example configuration
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"  # systemd's PATH for services
 _START_S = 60.0
@@ -78,9 +78,10 @@ def _install_steps() -> list[str]:
 
 
 def _guide_steps() -> list[str]:
-    """The command lines of the first ```sh block in deploy/SYSTEMD.md."""
-    match = re.search(r"```sh\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.DOTALL)
-    assert match, "deploy/SYSTEMD.md: no ```sh block with the install steps"
+    """The command lines of the first ```sh block in the README's "### systemd" section."""
+    section = GUIDE.read_text(encoding="utf-8").split("\n### systemd\n", 1)[-1]
+    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert match, "README.md: no ```sh block with the install steps under ### systemd"
     return [line.strip() for line in match.group(1).splitlines() if line.strip()]
 
 
@@ -217,7 +218,7 @@ def _listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> b
 
 
 def test_install_steps_in_the_unit_and_in_systemd_md_are_the_same() -> None:
-    """deploy/SYSTEMD.md shows exactly the install steps of the unit's header comment."""
+    """The README's systemd section shows exactly the install steps of the unit's header comment."""
     assert _guide_steps() == _install_steps()
 
 
@@ -325,7 +326,7 @@ def test_example_config_copied_anywhere_resolves_the_bundled_model(tmp_path: Pat
 
 
 def test_example_destination_is_a_valid_commented_out_example(tmp_path: Path) -> None:
-    """Uncommenting the example's [[destinations]] table (as deploy/SYSTEMD.md says) gives one destination."""
+    """Uncommenting the example's [[destinations]] table (as the README's systemd section says) gives one destination."""
     text = EXAMPLE.read_text(encoding="utf-8")
     block = re.search(r"(?m)^# \[\[destinations\]\].*\n(?:# (?:ae_title|host|port) = .*\n){3}", text)
     assert block, "deploy/reader.example.toml: no commented-out [[destinations]] example"
