@@ -35,6 +35,7 @@ __all__ = [
     "Route",
     "SecurityConfig",
     "SendingConfig",
+    "Source",
     "bundled_models_dir",
     "default_config",
     "load_config",
@@ -110,6 +111,18 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A PACS the node reads studies back from (``reader backfill --from NAME``): a Query/Retrieve
+    SCP (PS3.4 Annex C, Study Root) that knows the node's AE title as a C-MOVE destination."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    hold_ttl: timedelta = timedelta(hours=24)  # how long the node waits for a study's missing instances
+
+
+@dataclass(frozen=True)
 class Hl7Target:
     """A RIS/worklist receiving an HL7 v2.5.1 ORU^R01 per processed study (docs/worklist.md)."""
 
@@ -171,6 +184,14 @@ class NodeConfig:
     network_timeout: timedelta = timedelta(seconds=60)  # idle association, TLS handshake, stalled reads
     security: SecurityConfig = field(default_factory=SecurityConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
+
+    def source(self, name: str) -> Source:
+        """The source named ``name`` (case-insensitive); raises KeyError."""
+        for s in self.sources:
+            if s.name.casefold() == name.casefold():
+                return s
+        raise KeyError(name)
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -210,7 +231,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority"})
+                     "security", "hl7", "webhooks", "priority", "sources"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -243,6 +264,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         models=models,
         routes=routes,
         worklist=_worklist(raw, base),
+        sources=_sources(raw),
     )
 
 
@@ -396,6 +418,26 @@ def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
         stat_accession_prefixes=_strs(priority.get("stat_accession_prefixes", []),
                                       "priority.stat_accession_prefixes"),
     )
+
+
+def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
+    """``[[sources]]``: name, ae_title, host, port, hold_ttl_seconds; names unique (case-insensitive)."""
+    sources: list[Source] = []
+    for i, value in enumerate(_list(raw.get("sources", []), "sources")):
+        key = f"sources[{i}]"
+        t = _entry(value, key, {"name", "ae_title", "host", "port", "hold_ttl_seconds"})
+        source = Source(
+            name=_str(t.get("name"), key + ".name"),
+            ae_title=_ae_title(t.get("ae_title"), key + ".ae_title"),
+            host=_str(t.get("host"), key + ".host"),
+            port=_port(t.get("port"), key + ".port"),
+            hold_ttl=_seconds(t.get("hold_ttl_seconds", Source.hold_ttl.total_seconds()),
+                              key + ".hold_ttl_seconds", 60, 30 * 86400),
+        )
+        if any(s.name.casefold() == source.name.casefold() for s in sources):
+            raise ConfigError(key + ".name", f"another source is named {source.name!r}")
+        sources.append(source)
+    return tuple(sources)
 
 
 def _entry(value: Any, key: str, keys: set[str]) -> Mapping[str, Any]:

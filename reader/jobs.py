@@ -20,6 +20,7 @@ import hashlib
 import random
 import threading
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,8 @@ class SeriesState:
     reason: str = ""
     updated_at: float = 0.0
     flag: dict[str, Any] | None = None  # reader.flag.FlagDecision.as_record() of a processed series
+    # the model that read a processed series: name, version, weights_sha256 (reader.pipeline.model_record)
+    model: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class JobStore:
             study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
             instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
-            flag=raw.get("flag"),
+            flag=raw.get("flag"), model=raw.get("model"),
         )
 
     def record_series(self, state: SeriesState) -> None:
@@ -144,16 +147,20 @@ class JobStore:
         self.spool.write_state("series", state.series_uid, _dump(replace(state, updated_at=time.time())))
 
     def enqueue_if_changed(self, study_uid: str, series_uid: str, instances: tuple[str, ...],
-                           priority: int = 0) -> ProcessJob | None:
+                           priority: int = 0, models: Collection[Mapping[str, str]] | None = None
+                           ) -> ProcessJob | None:
         """Queue processing unless exactly these instances were already processed or queued.
 
         A new instance after processing gives a new result version that supersedes the old one;
-        re-sent identical instances change nothing (idempotent).
+        re-sent identical instances change nothing (idempotent), except that with ``models`` (the
+        ``model_record`` of each model loaded now) a series done by none of them is read again
+        (a study moved back by ``reader backfill`` after a model update).
         """
         with self._lock:
             instances = tuple(sorted(instances))
             state = self.series_state(series_uid)
-            if state is not None and state.instances == instances:
+            if state is not None and state.instances == instances and not (
+                    models is not None and state.status is SeriesStatus.DONE and state.model not in models):
                 return None
             version = 1 if state is None else state.version + 1
             job = ProcessJob(study_uid, series_uid, version, instances, priority)
@@ -210,13 +217,13 @@ class JobStore:
         return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
 
     def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
-                   flag: dict[str, Any] | None = None) -> None:
+                   flag: dict[str, Any] | None = None, model: dict[str, str] | None = None) -> None:
         """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
         with self._lock:
             if not self.job_is_current(job):
                 return  # a newer version is queued; its own outcome will be recorded
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
-                                           status, reason, flag=flag))
+                                           status, reason, flag=flag, model=model))
             self.spool.delete_state("jobs", job.series_uid)
 
     def job_is_current(self, job: ProcessJob) -> bool:
