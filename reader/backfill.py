@@ -8,8 +8,9 @@ its own progress:
 
 1. **List.** The STUDY-level C-FIND responses are taken one at a time (``reader.queryretrieve``),
    and each match becomes a small durable record, ``state/backfill/<run>/<study UID>.json`` (atomic
-   writes, ``reader.spool``), ``<run>`` naming the source and the query. The list lives on disk,
-   not in memory; ``--limit`` stops the query early.
+   writes, ``reader.spool``), ``<run>`` naming the source, the query and the models configured
+   (a model update starts a new run). The list lives on disk, not in memory; ``--limit`` stops the
+   query early.
 2. **Skip what is read.** A study is skipped when one of its series is recorded done by one of the
    models the node is configured with now, same name, version and graph digest
    (``SeriesState.model``, ``reader.pipeline.model_record``), or when its record holds a final
@@ -135,10 +136,11 @@ class BackfillOptions:
     node_host: str = "127.0.0.1"
 
 
-def run_key(source: Source, query: StudyQuery) -> str:
-    """The name of a run's progress folder: the source and the query, hashed (no PHI on disk names)."""
+def run_key(source: Source, query: StudyQuery, models: list[dict[str, str]]) -> str:
+    """The name of a run's progress folder: the source, the query and the models (a model update
+    starts afresh), hashed (no PHI in file names)."""
     text = json.dumps([source.name.casefold(), str(query.since), str(query.until), query.modality,
-                       query.accession])
+                       query.accession, sorted(m["weights_sha256"] for m in models)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -200,7 +202,7 @@ class Backfill:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.out = out
-        self.kind = f"backfill/{run_key(options.source, options.query)}"
+        self.kind = ""  # set by run(), once the models are known
         self._spool: Spool | None = None
         self._models: list[dict[str, str]] = []
 
@@ -214,6 +216,7 @@ class Backfill:
     def run(self) -> int:
         """List, then retrieve and read each study; returns how many are left unfinished."""
         self._models = current_models(self.config)
+        self.kind = f"backfill/{run_key(self.options.source, self.options.query, self._models)}"
         if self.options.dry_run:
             self._dry_run()
             return 0

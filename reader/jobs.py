@@ -172,17 +172,22 @@ class JobStore:
                              at_least: int) -> int:
         """The result version of a study lineage ``key`` (``reader.study.study_result_key``) for
         reading ``series_uid`` with ``instances``: the recorded one when that series and those
-        instances were read last (a job run again after a crash), else a new one above it and at
-        least ``at_least`` (the job's series version, so a study of one series keeps its series'
-        versions). Durable before it returns."""
+        instances were read last by the same job version (a job run again after a crash), else a
+        new one above it and at least ``at_least`` (the job's series version, so a study of one
+        series keeps its series' versions; a series read again with the same instances, by a newer
+        model, is a new job version). Durable before it returns."""
         with self._lock:
             instances = tuple(sorted(instances))
             raw = self.spool.read_state("studies", key)
             reads: list[dict[str, Any]] = [] if raw is None else raw["reads"]
-            if reads and reads[-1]["series_uid"] == series_uid and tuple(reads[-1]["instances"]) == instances:
-                return int(reads[-1]["version"])
-            version = max(at_least, 1 if not reads else int(reads[-1]["version"]) + 1)
-            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version})
+            last = reads[-1] if reads else None
+            same_job = last is not None and int(last.get("job_version", at_least)) == at_least
+            if (last is not None and same_job and last["series_uid"] == series_uid
+                    and tuple(last["instances"]) == instances):
+                return int(last["version"])
+            version = max(at_least, 1 if last is None else int(last["version"]) + 1)
+            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version,
+                          "job_version": at_least})
             self.spool.write_state("studies", key, {"reads": reads})
             return version
 

@@ -146,7 +146,8 @@ def test_backfill_reads_only_the_studies_not_read_yet(site: Site) -> None:
     assert sent.returncode == 0, sent.stdout + sent.stderr
     wait_until(lambda: site.state(first.series_uid) is SeriesStatus.DONE, READ_S, "the pushed study read")
 
-    done = site.run("--modality", "CT", "--since", "2024-01-01", "--until", "2024-12-31")
+    done = site.run("--modality", "CT", "--since", "2024-01-01", "--until", "2024-12-31",
+                    "--max-parallel", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[3/3 studies]" in done.stdout and "already_read 1, read 2" in done.stdout, done.stdout
     assert site.processed() == Counter({s.series_uid: 1 for s in (first, *others)}), site.node.log_tail()
@@ -158,6 +159,30 @@ def test_backfill_reads_only_the_studies_not_read_yet(site: Site) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already_read 3" in again.stdout, again.stdout
     assert sum(site.processed().values()) == 3
+
+
+def test_a_study_read_by_an_older_model_version_is_read_again(site: Site, tmp_path: Path) -> None:
+    """A study the node read before its model was replaced (new weights) is moved and read again,
+    as the study's result version 2 by the new model; a second backfill then skips it."""
+    study = _studies_in_pacs(site, 1)[0]
+    sent = storescu(LOCALHOST, site.node.port, NODE_AE, [study.folder])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: site.state(study.series_uid) is SeriesStatus.DONE, READ_S, "the pushed study read")
+    assert site.node.stop() == 0
+    newer = write_fixture_model(tmp_path / "model-2", findings=False)
+    text = site.config.read_text().replace(str(tmp_path / "model"), str(newer))
+    assert str(newer) in text
+    site.config.write_text(text)
+    site.node = ReaderNode(tmp_path / "node-2", ae_title=NODE_AE, config_text=text, port=site.node.port,
+                           data_dir=site.node.data_dir)
+
+    done = site.run("--modality", "CT")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 1" in done.stdout and "already_read" not in done.stdout, done.stdout
+    assert (site.node.data_dir / "results" / study.series_uid / "v2" / "sr.dcm").is_file()
+    again = site.run("--modality", "CT")
+    assert again.returncode == 0 and "read 1" in again.stdout, again.stdout
+    assert site.processed() == Counter({study.series_uid: 1}), "read once by the new node, not again"
 
 
 def test_backfill_resumes_after_sigkill_without_reading_a_study_twice(site: Site) -> None:
