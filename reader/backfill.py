@@ -50,7 +50,7 @@ import structlog
 
 from reader.config import NodeConfig, Source
 from reader.errors import InputRejected, RetrieveError
-from reader.holds import StudyHold
+from reader.holds import HOLDS, StudyHold
 from reader.jobs import JobStore, SeriesStatus
 from reader.queryretrieve import QueryRetrieveSCU, SeriesInstances, StudyMatch, StudyQuery
 from reader.spool import Spool, check_uid
@@ -339,6 +339,8 @@ class Backfill:
                 for i in range(0, len(sops), _UIDS_PER_MOVE):
                     self._move_again(uid, series_uid, sops[i:i + _UIDS_PER_MOVE])
             missing = hold.missing(self.spool)
+        if missing and self.stop.is_set():
+            return Outcome.MOVING, {}  # stopped part-way: the next run moves the study again
         if missing:  # the hold stays: the node must not read the partial set
             count = sum(len(m) for m in missing.values())
             progress.show(f"study {uid}: {count} of {total} instances missing after the retries")
@@ -378,7 +380,7 @@ class Backfill:
         deadline = time.monotonic() + self.options.study_timeout.total_seconds()
         jobs = JobStore(self.spool)
         while not self.stop.is_set():
-            if self.spool.read_state("holds", uid) is None:
+            if self.spool.read_state(HOLDS, uid) is None:
                 states = [jobs.series_state(s) for s in hold.series]
                 if all(st is not None and st.status is not SeriesStatus.QUEUED
                        and set(st.instances) >= set(hold.series[st.series_uid]) for st in states):
@@ -387,9 +389,9 @@ class Backfill:
                     reasons = sorted({st.reason for st in states if st is not None and st.reason})
                     return Outcome.NOT_READ, {"instances": total, "reasons": reasons}
             if time.monotonic() >= deadline:
-                break
+                return Outcome.TIMEOUT, {"instances": total}
             self.stop.wait(_SETTLE_POLL_S)
-        return Outcome.TIMEOUT, {"instances": total}
+        return Outcome.MOVING, {"instances": total}  # stopped (SIGTERM): the next run looks again
 
     # -- records --------------------------------------------------------------------------------------
     def _read_by_current_model(self, study_uid: str) -> bool:

@@ -256,7 +256,6 @@ class Node:
         self.tracker = CompletionTracker(config.completion)
         self.scp = StorageSCP(config, self.spool, self.tracker)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
-        self._model_records = [model_record(m.algorithm) for m in models.values()]
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
@@ -324,7 +323,7 @@ class Node:
                 priority = PRIORITY_STAT if stat or self._stat_by_rule(files) else PRIORITY_ROUTINE
                 job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
                                                    priority=priority,
-                                                   models=self._model_records if held else None)
+                                                   models=self._model_records() if held else None)
                 log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
                          instances=len(files), queued=job is not None, priority=priority,
                          version=job.version if job else None)
@@ -334,6 +333,10 @@ class Node:
                     released.add(study_uid)
             for study_uid in sorted(released):  # every listed series queued, or read already
                 StudyHold.delete(self.spool, study_uid)
+
+    def _model_records(self) -> list[dict[str, str]]:
+        """What a series read now records of its model, for each model loaded (``model_record``)."""
+        return [model_record(m.algorithm) for m in self.pipeline.models.values()]
 
     def _release_held(self, complete: list[CompleteSeries]) -> list[tuple[str, str, bool, bool]]:
         """(study, series, stat, held) of the complete series to queue now. Those of a study under

@@ -265,8 +265,9 @@ def test_a_partial_move_is_retried_and_never_read_incomplete(site: Site) -> None
     assert site.stored_at_node(study) == 11
     record = next((site.node.data_dir / "state" / "backfill").rglob(f"{study.study_uid}.json"))
     assert json.loads(record.read_text())["status"] == "incomplete"
+    wait_until(lambda: bool(site.node.events("study.held")), 30, "the node holding the study back")
     held = site.node.events("study.held")
-    assert held and all(e["missing_instances"] == 1 for e in held)
+    assert all(e["missing_instances"] == 1 for e in held)
     assert site.processed() == Counter(), "the node read a study from an incomplete set"
     assert site.state(study.series_uid) is None
 
