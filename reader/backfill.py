@@ -36,6 +36,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import shutil
 import sys
 import threading
 import time
@@ -49,11 +50,12 @@ from typing import Any, TextIO
 import structlog
 
 from reader.config import NodeConfig, Source
-from reader.errors import InputRejected, RetrieveError
+from reader.errors import InputRejected, RetrieveError, SendError
 from reader.holds import HOLDS, StudyHold
 from reader.jobs import JobStore, SeriesStatus
-from reader.queryretrieve import QueryRetrieveSCU, SeriesInstances, StudyMatch, StudyQuery
-from reader.spool import Spool, check_uid
+from reader.queryretrieve import MoveOutcome, QueryRetrieveSCU, SeriesInstances, StudyMatch, StudyQuery
+from reader.send import Destination, StoreSCU
+from reader.spool import Spool, atomic_write, check_uid
 
 __all__ = ["Backfill", "BackfillOptions", "Outcome", "Window", "current_models", "parse_date", "run_key",
            "study_query"]
@@ -348,13 +350,42 @@ class Backfill:
         progress.show(f"study {uid}: {total}/{total} instances at the node, reading")
         return self._await_read(uid, hold, total)
 
+    def _fetch(self, uid: str, series_uid: str, sops: tuple[str, ...] = ()) -> MoveOutcome:
+        """Bring a series (or ``sops`` of it) to the node: C-MOVE to the node's AE title, or, for a
+        source with ``retrieve = "get"``, C-GET here and C-STORE to the node on one association."""
+        if self.options.source.retrieve == "move":
+            return self.scu.move(self.config.ae_title, uid, series_uid, sops)
+        staging = self.config.data_dir / "backfill-staging" / uid / series_uid
+        staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        def store(sop_uid: str, data: bytes) -> None:
+            check_uid(sop_uid, "SOP Instance UID")  # becomes a file name
+            atomic_write(staging / f"{sop_uid}.dcm", data, staging)
+
+        try:
+            outcome = self.scu.get(uid, series_uid, store, sops)
+            files = sorted(staging.glob("*.dcm"))
+            if files:
+                scu = StoreSCU(self.config.ae_title, acse_timeout=self.config.acse_timeout,
+                               dimse_timeout=self.config.dimse_timeout,
+                               network_timeout=self.config.network_timeout)
+                node = Destination(self.config.ae_title, self.options.node_host, self.config.port)
+                try:
+                    scu.send(node, files)
+                except SendError as exc:  # what did not arrive is found missing and fetched again
+                    log.warning("backfill.forward_failed", study_uid=uid, series_uid=series_uid,
+                                error=type(exc).__name__, detail=str(exc))
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+        return outcome
+
     def _move(self, uid: str, series: list[SeriesInstances], progress: _Progress, total: int) -> int:
-        """C-MOVE each series to the node; returns how many failed instances the PACS named."""
+        """Fetch each series to the node; returns how many failed instances the PACS named."""
         failed_named = 0
         for s in series:
             if self.stop.is_set():
                 break
-            outcome = self.scu.move(self.config.ae_title, uid, s.series_uid)
+            outcome = self._fetch(uid, s.series_uid)
             failed_named += len(outcome.failed_sop_uids)
             log.info("backfill.moved", study_uid=uid, series_uid=s.series_uid, completed=outcome.completed,
                      failed=outcome.failed, warning=outcome.warning, status=f"0x{outcome.status:04X}")
@@ -365,14 +396,14 @@ class Backfill:
     def _move_again(self, uid: str, series_uid: str, sops: tuple[str, ...]) -> None:
         """IMAGE-level C-MOVE of missing instances; when the PACS fails that move, one instance per
         move, so that one instance the node refuses does not keep the others away."""
-        outcome = self.scu.move(self.config.ae_title, uid, series_uid, sops)
+        outcome = self._fetch(uid, series_uid, sops)
         log.info("backfill.moved_again", study_uid=uid, series_uid=series_uid, requested=len(sops),
                  completed=outcome.completed, failed=outcome.failed, status=f"0x{outcome.status:04X}")
         if outcome.partial and len(sops) > 1:
             stored = {p.stem for p in self.spool.series_instances(uid, series_uid)}
             for sop in sops:
                 if sop not in stored and not self.stop.is_set():
-                    self.scu.move(self.config.ae_title, uid, series_uid, (sop,))
+                    self._fetch(uid, series_uid, (sop,))
 
     def _await_read(self, uid: str, hold: StudyHold, total: int) -> tuple[Outcome, dict[str, Any]]:
         """Wait (polling the node's records, with the study timeout) until the node has queued the

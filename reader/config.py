@@ -120,6 +120,9 @@ class Source:
     host: str
     port: int
     hold_ttl: timedelta = timedelta(hours=24)  # how long the node waits for a study's missing instances
+    # "move": C-MOVE to the node's AE title (the PACS connects to the node); "get": C-GET to the
+    # backfill, which stores each series to the node itself (for a PACS that cannot reach the node)
+    retrieve: Literal["move", "get"] = "move"
 
 
 @dataclass(frozen=True)
@@ -421,11 +424,15 @@ def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
 
 
 def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
-    """``[[sources]]``: name, ae_title, host, port, hold_ttl_seconds; names unique (case-insensitive)."""
+    """``[[sources]]``: name, ae_title, host, port, hold_ttl_seconds, retrieve; names unique
+    (case-insensitive)."""
     sources: list[Source] = []
     for i, value in enumerate(_list(raw.get("sources", []), "sources")):
         key = f"sources[{i}]"
-        t = _entry(value, key, {"name", "ae_title", "host", "port", "hold_ttl_seconds"})
+        t = _entry(value, key, {"name", "ae_title", "host", "port", "hold_ttl_seconds", "retrieve"})
+        retrieve = _str(t.get("retrieve", "move"), key + ".retrieve")
+        if retrieve not in ("move", "get"):
+            raise ConfigError(key + ".retrieve", f'must be "move" or "get", got {retrieve!r}')
         source = Source(
             name=_str(t.get("name"), key + ".name"),
             ae_title=_ae_title(t.get("ae_title"), key + ".ae_title"),
@@ -433,6 +440,7 @@ def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
             port=_port(t.get("port"), key + ".port"),
             hold_ttl=_seconds(t.get("hold_ttl_seconds", Source.hold_ttl.total_seconds()),
                               key + ".hold_ttl_seconds", 60, 30 * 86400),
+            retrieve="get" if retrieve == "get" else "move",
         )
         if any(s.name.casefold() == source.name.casefold() for s in sources):
             raise ConfigError(key + ".name", f"another source is named {source.name!r}")

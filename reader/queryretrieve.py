@@ -11,7 +11,11 @@
   query of PS3.4 C.4.1.3.1);
 - :meth:`~QueryRetrieveSCU.move` asks the PACS to C-STORE a series, or some of its instances, to a
   destination AE title (C-MOVE, PS3.4 C.4.2); its :class:`MoveOutcome` gives the sub-operation
-  counts and the Failed SOP Instance UID List (0008,0058) of a partial success.
+  counts and the Failed SOP Instance UID List (0008,0058) of a partial success;
+- :meth:`~QueryRetrieveSCU.get` retrieves them on the same association instead (C-GET, PS3.4
+  C.4.3: we take the Storage SCP role for the image classes the node reads), for a PACS that
+  cannot connect back to the node; each instance is handed, as the peer's Part 10 bytes, to a
+  callback.
 
 An association that cannot be made, a DIMSE timeout, an abort, or a failure status raise
 :class:`reader.errors.RetrieveError`; the ``reader backfill`` command turns it into one line.
@@ -19,23 +23,26 @@ An association that cannot be made, a DIMSE timeout, an abort, or a failure stat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
-from reader.errors import RetrieveError
+from reader.errors import ReaderError, RetrieveError
 from reader.requestor import keep_responses_for_caller
+from reader.scp import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
 from reader.send import validate_ae_title
 
 __all__ = [
@@ -61,6 +68,7 @@ MOVE_DESTINATION_UNKNOWN: Final = 0xA801
 """C-MOVE refused: the PACS does not know the destination AE title."""
 
 _PENDING: Final = frozenset({PENDING, PENDING_WARNING})
+_PROCESSING_FAILURE: Final = 0x0110  # our answer to a C-GET sub-operation we could not store
 
 
 @dataclass(frozen=True)
@@ -197,17 +205,39 @@ class QueryRetrieveSCU:
             self._close(assoc)
 
     # -- C-MOVE -------------------------------------------------------------------------------------
+    def get(self, study_uid: str, series_uid: str, store: Callable[[str, bytes], None],
+            sop_uids: Sequence[str] = ()) -> MoveOutcome:
+        """C-GET a series (or only ``sop_uids`` of it); ``store(sop_uid, part10_bytes)`` is called
+        for each instance in the association's thread (an exception in it fails that sub-operation).
+        Returns the final response, as :meth:`move`."""
+        def on_store(event: evt.Event) -> int:
+            try:
+                request = cast(C_STORE, event.request)
+                store(str(request.AffectedSOPInstanceUID), event.encoded_dataset())
+            except (OSError, ValueError, ReaderError) as exc:
+                log.warning("backfill.get_store_failed", error=type(exc).__name__)
+                return _PROCESSING_FAILURE
+            return SUCCESS
+
+        assoc = self._associate(StudyRootQueryRetrieveInformationModelGet, storage=True,
+                                handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            final = None
+            for status, identifier in assoc.send_c_get(_retrieve_identifier(study_uid, series_uid, sop_uids),
+                                                       StudyRootQueryRetrieveInformationModelGet):
+                code = _status(status, self, "C-GET")
+                if code not in _PENDING:
+                    final = (code, identifier, status)
+        finally:
+            self._close(assoc)
+        return self._outcome(final, "C-GET", "")
+
     def move(self, destination_ae: str, study_uid: str, series_uid: str,
              sop_uids: Sequence[str] = ()) -> MoveOutcome:
         """C-MOVE a series (or only ``sop_uids`` of it, an IMAGE-level move with a UID list) to
         ``destination_ae``; returns the final response, a failure status included. Raises
         RetrieveError when the PACS does not know the destination, or stops answering."""
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE" if sop_uids else "SERIES"
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = series_uid
-        if sop_uids:
-            q.SOPInstanceUID = list(sop_uids)
+        q = _retrieve_identifier(study_uid, series_uid, sop_uids)
         assoc = self._associate(StudyRootQueryRetrieveInformationModelMove)
         try:
             final: tuple[int, Dataset | None, Dataset] | None = None
@@ -218,8 +248,12 @@ class QueryRetrieveSCU:
                     final = (code, identifier, status)
         finally:
             self._close(assoc)
+        return self._outcome(final, "C-MOVE", destination_ae)
+
+    def _outcome(self, final: tuple[int, Dataset | None, Dataset] | None, what: str,
+                 destination_ae: str) -> MoveOutcome:
         if final is None:
-            raise RetrieveError(f"{self} sent no final C-MOVE response")
+            raise RetrieveError(f"{self} sent no final {what} response")
         code, identifier, status = final
         if code == MOVE_DESTINATION_UNKNOWN:
             raise RetrieveError(f"{self} does not know the move destination {destination_ae} (0xA801): "
@@ -249,14 +283,22 @@ class QueryRetrieveSCU:
             self._close(assoc)
 
     # -- association --------------------------------------------------------------------------------
-    def _associate(self, abstract_syntax: Any) -> Association:
+    def _associate(self, abstract_syntax: Any, *, storage: bool = False,
+                   handlers: list[Any] | None = None) -> Association:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = self._acse_s
         ae.connection_timeout = self._acse_s
         ae.dimse_timeout = self._dimse_s
         ae.network_timeout = self._network_s
+        ae.maximum_pdu_size = 0
         ae.add_requested_context(abstract_syntax)
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        roles: list[Any] = []
+        if storage:  # C-GET: the PACS sends the instances back on this association, to our SCP role
+            for sop_class in IMAGE_STORAGE_CLASSES:
+                ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+                roles.append(build_role(sop_class, scp_role=True))
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=roles or None,
+                             evt_handlers=handlers or None)
         if not assoc.is_established:
             why = ("rejected the association" if assoc.is_rejected
                    else "did not answer (connection refused, timed out or aborted)")
@@ -280,6 +322,17 @@ class QueryRetrieveSCU:
                 assoc.abort()  # stop the rest of a C-FIND we no longer read
             else:
                 assoc.release()
+
+
+def _retrieve_identifier(study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> Dataset:
+    """A SERIES-level retrieve identifier, or IMAGE level with a list of SOP Instance UIDs."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE" if sop_uids else "SERIES"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = series_uid
+    if sop_uids:
+        q.SOPInstanceUID = list(sop_uids)
+    return q
 
 
 def _status(status: Dataset, scu: QueryRetrieveSCU, what: str) -> int:

@@ -57,16 +57,19 @@ def test_window_opens_in_computes_the_wait_across_midnight() -> None:
 
 
 def test_sources_are_typed_and_checked(tmp_path: Path) -> None:
-    """[[sources]] entries become typed sources found by name (case-insensitive); a missing port,
-    a bad AE title or a duplicate name is a ConfigError naming the key."""
+    """[[sources]] entries become typed sources found by name (case-insensitive), retrieving by
+    C-MOVE unless they say "get"; a missing port, a bad AE title, a duplicate name or an unknown
+    retrieve method is a ConfigError naming the key."""
     base = '[[sources]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
     path = tmp_path / "reader.toml"
     path.write_text(base)
     source = load_config(path).source("pacs")
     assert (source.name, source.ae_title, source.host, source.port) == ("PACS", "ORTHANC", "127.0.0.1", 4242)
+    assert source.retrieve == "move"
     for text, key in ((base.replace("port = 4242\n", ""), r"sources\[0\]\.port"),
                       (base.replace('"ORTHANC"', '"A\\\\B"'), r"sources\[0\]\.ae_title"),
-                      (base + base, r"sources\[1\]\.name")):
+                      (base + base, r"sources\[1\]\.name"),
+                      (base + 'retrieve = "push"\n', r"sources\[0\]\.retrieve")):
         path.write_text(text)
         with pytest.raises(ConfigError, match=key):
             load_config(path)
@@ -183,6 +186,20 @@ def test_a_study_read_by_an_older_model_version_is_read_again(site: Site, tmp_pa
     again = site.run("--modality", "CT")
     assert again.returncode == 0 and "read 1" in again.stdout, again.stdout
     assert site.processed() == Counter({study.series_uid: 1}), "read once by the new node, not again"
+
+
+def test_c_get_source_reads_through_the_backfill(site: Site) -> None:
+    """With ``retrieve = "get"`` the PACS never connects to the node: the backfill C-GETs each series
+    and stores it to the node itself; both studies are read once and no staged file is left."""
+    studies = _studies_in_pacs(site, 2)
+    site.config.write_text(site.config.read_text() + 'retrieve = "get"\n')
+    done = site.run("--modality", "CT")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 2" in done.stdout, done.stdout
+    assert site.processed() == Counter({s.series_uid: 1 for s in studies}), site.node.log_tail()
+    callers = {e["calling_ae"] for e in site.node.events("association.accepted")}
+    assert site.orthanc.aet not in callers and NODE_AE in callers, callers
+    assert not any((site.node.data_dir / "backfill-staging").rglob("*.dcm"))
 
 
 def test_backfill_resumes_after_sigkill_without_reading_a_study_twice(site: Site) -> None:
