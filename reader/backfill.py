@@ -40,12 +40,12 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from datetime import time as clock_time
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -53,12 +53,13 @@ from reader.config import NodeConfig, Source
 from reader.errors import InputRejected, RetrieveError, SendError
 from reader.holds import HOLDS, StudyHold
 from reader.jobs import JobStore, SeriesStatus
+from reader.qido import DicomWebSource
 from reader.queryretrieve import MoveOutcome, QueryRetrieveSCU, SeriesInstances, StudyMatch, StudyQuery
 from reader.send import Destination, StoreSCU
 from reader.spool import Spool, atomic_write, check_uid
 
-__all__ = ["Backfill", "BackfillOptions", "Outcome", "Window", "current_models", "parse_date", "run_key",
-           "study_query"]
+__all__ = ["Backfill", "BackfillOptions", "Outcome", "StudySource", "Window", "current_models", "parse_date",
+           "run_key", "study_query"]
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +161,18 @@ def current_models(config: NodeConfig) -> list[dict[str, str]]:
     return records
 
 
+class StudySource(Protocol):
+    """What the backfill asks of a source: DIMSE (:class:`QueryRetrieveSCU`, which also moves) or
+    DICOMweb (:class:`reader.qido.DicomWebSource`)."""
+
+    def find_studies(self, query: StudyQuery, limit: int | None = None) -> Iterator[StudyMatch]: ...
+
+    def find_instances(self, study_uid: str, modality: str | None = None) -> list[SeriesInstances]: ...
+
+    def get(self, study_uid: str, series_uid: str, store: Callable[[str, bytes], None],
+            sop_uids: Sequence[str] = ()) -> MoveOutcome: ...
+
+
 @dataclass
 class _Progress:
     """One progress line: ``n/N studies``, the current study's state and instance count."""
@@ -193,14 +206,18 @@ class Backfill:
     """Runs one backfill; :meth:`run` returns the number of studies not brought to a final outcome."""
 
     def __init__(self, config: NodeConfig, options: BackfillOptions, *,
-                 scu: QueryRetrieveSCU | None = None, stop: threading.Event | None = None,
-                 clock: Callable[[], datetime] = datetime.now, out: TextIO = sys.stdout) -> None:
+                 stop: threading.Event | None = None, clock: Callable[[], datetime] = datetime.now,
+                 out: TextIO = sys.stdout) -> None:
         self.config = config
         self.options = options
-        self.scu = scu or QueryRetrieveSCU(
-            config.ae_title, options.source.ae_title, options.source.host, options.source.port,
-            acse_timeout=config.acse_timeout, dimse_timeout=config.dimse_timeout,
-            network_timeout=config.network_timeout)
+        source = options.source
+        self.scu: StudySource
+        if source.url:
+            self.scu = DicomWebSource(source.url, timeout=config.network_timeout)
+        else:
+            self.scu = QueryRetrieveSCU(config.ae_title, source.ae_title, source.host, source.port,
+                                        acse_timeout=config.acse_timeout, dimse_timeout=config.dimse_timeout,
+                                        network_timeout=config.network_timeout)
         self.stop = stop or threading.Event()
         self.clock = clock
         self.out = out
@@ -353,7 +370,7 @@ class Backfill:
     def _fetch(self, uid: str, series_uid: str, sops: tuple[str, ...] = ()) -> MoveOutcome:
         """Bring a series (or ``sops`` of it) to the node: C-MOVE to the node's AE title, or, for a
         source with ``retrieve = "get"``, C-GET here and C-STORE to the node on one association."""
-        if self.options.source.retrieve == "move":
+        if isinstance(self.scu, QueryRetrieveSCU) and self.options.source.retrieve == "move":
             return self.scu.move(self.config.ae_title, uid, series_uid, sops)
         staging = self.config.data_dir / "backfill-staging" / uid / series_uid
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)

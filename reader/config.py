@@ -116,12 +116,13 @@ class Source:
     SCP (PS3.4 Annex C, Study Root) that knows the node's AE title as a C-MOVE destination."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""  # DIMSE sources: the PACS's Query/Retrieve SCP
+    host: str = ""
+    port: int = 0
+    url: str = ""  # DICOMweb sources: the root of QIDO-RS and WADO-RS (then retrieve is "get")
     hold_ttl: timedelta = timedelta(hours=24)  # how long the node waits for a study's missing instances
-    # "move": C-MOVE to the node's AE title (the PACS connects to the node); "get": C-GET to the
-    # backfill, which stores each series to the node itself (for a PACS that cannot reach the node)
+    # "move": C-MOVE to the node's AE title (the PACS connects to the node); "get": C-GET (or, for a
+    # DICOMweb source, WADO-RS) to the backfill, which stores each series to the node itself
     retrieve: Literal["move", "get"] = "move"
 
 
@@ -424,20 +425,27 @@ def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
 
 
 def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
-    """``[[sources]]``: name, ae_title, host, port, hold_ttl_seconds, retrieve; names unique
-    (case-insensitive)."""
+    """``[[sources]]``: name and either ae_title, host, port (DIMSE) or url (DICOMweb);
+    hold_ttl_seconds, retrieve; names unique (case-insensitive)."""
     sources: list[Source] = []
     for i, value in enumerate(_list(raw.get("sources", []), "sources")):
         key = f"sources[{i}]"
-        t = _entry(value, key, {"name", "ae_title", "host", "port", "hold_ttl_seconds", "retrieve"})
-        retrieve = _str(t.get("retrieve", "move"), key + ".retrieve")
-        if retrieve not in ("move", "get"):
-            raise ConfigError(key + ".retrieve", f'must be "move" or "get", got {retrieve!r}')
+        t = _entry(value, key, {"name", "ae_title", "host", "port", "url", "hold_ttl_seconds", "retrieve"})
+        url = _str(t["url"], key + ".url") if "url" in t else ""
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(key + ".url", f"must be an http:// or https:// URL, got {url!r}")
+        retrieve = _str(t.get("retrieve", "get" if url else "move"), key + ".retrieve")
+        if retrieve not in ("move", "get") or (url and retrieve == "move"):
+            raise ConfigError(key + ".retrieve",
+                              f'must be "move" or "get" ("get" with a url), got {retrieve!r}')
+        if url and any(k in t for k in ("ae_title", "host", "port")):
+            raise ConfigError(key + ".url", "a source has either a url (DICOMweb) or ae_title, host, port")
         source = Source(
             name=_str(t.get("name"), key + ".name"),
-            ae_title=_ae_title(t.get("ae_title"), key + ".ae_title"),
-            host=_str(t.get("host"), key + ".host"),
-            port=_port(t.get("port"), key + ".port"),
+            ae_title="" if url else _ae_title(t.get("ae_title"), key + ".ae_title"),
+            host="" if url else _str(t.get("host"), key + ".host"),
+            port=0 if url else _port(t.get("port"), key + ".port"),
+            url=url,
             hold_ttl=_seconds(t.get("hold_ttl_seconds", Source.hold_ttl.total_seconds()),
                               key + ".hold_ttl_seconds", 60, 30 * 86400),
             retrieve="get" if retrieve == "get" else "move",

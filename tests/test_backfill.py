@@ -25,10 +25,13 @@ from reader.backfill import Window
 from reader.config import load_config
 from reader.errors import ConfigError
 from reader.jobs import JobStore, SeriesStatus
+from reader.qido import DicomWebSource
+from reader.queryretrieve import StudyQuery
 from reader.spool import Spool
 from tests.node_process import ReaderNode
 from tests.peers import LOCALHOST, Orthanc, OrthancFactory, free_port, storescu, wait_until
 from tests.reliability import Study, serve_config, write_fixture_model, write_study
+from tests.viewers import DICOMWEB_ROOT, dicomweb_config
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AE = "SECONDREADER"
@@ -58,18 +61,26 @@ def test_window_opens_in_computes_the_wait_across_midnight() -> None:
 
 def test_sources_are_typed_and_checked(tmp_path: Path) -> None:
     """[[sources]] entries become typed sources found by name (case-insensitive), retrieving by
-    C-MOVE unless they say "get"; a missing port, a bad AE title, a duplicate name or an unknown
-    retrieve method is a ConfigError naming the key."""
+    C-MOVE unless they say "get"; a DICOMweb source (url) retrieves by "get". A missing port, a bad
+    AE title, a duplicate name, an unknown retrieve method, a url beside an AE title, a url that is
+    not http(s) or "move" with a url is a ConfigError naming the key."""
     base = '[[sources]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
     path = tmp_path / "reader.toml"
     path.write_text(base)
     source = load_config(path).source("pacs")
     assert (source.name, source.ae_title, source.host, source.port) == ("PACS", "ORTHANC", "127.0.0.1", 4242)
     assert source.retrieve == "move"
+    path.write_text('[[sources]]\nname = "WEB"\nurl = "https://pacs.example.org/dicom-web"\n')
+    web = load_config(path).source("WEB")
+    assert (web.url, web.retrieve) == ("https://pacs.example.org/dicom-web", "get")
     for text, key in ((base.replace("port = 4242\n", ""), r"sources\[0\]\.port"),
                       (base.replace('"ORTHANC"', '"A\\\\B"'), r"sources\[0\]\.ae_title"),
                       (base + base, r"sources\[1\]\.name"),
-                      (base + 'retrieve = "push"\n', r"sources\[0\]\.retrieve")):
+                      (base + 'retrieve = "push"\n', r"sources\[0\]\.retrieve"),
+                      (base + 'url = "http://pacs/dicom-web"\n', r"sources\[0\]\.url"),
+                      ('[[sources]]\nname = "W"\nurl = "pacs/dicom-web"\n', r"sources\[0\]\.url"),
+                      ('[[sources]]\nname = "W"\nurl = "http://p/"\nretrieve = "move"\n',
+                       r"sources\[0\]\.retrieve")):
         path.write_text(text)
         with pytest.raises(ConfigError, match=key):
             load_config(path)
@@ -115,21 +126,30 @@ class Site:
                                                                                   study.series_uid))
 
 
-@pytest.fixture
-def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
-    """Orthanc that knows the node as a modality (C-FIND/C-MOVE allowed), and the node."""
+def _start_site(orthanc_factory: OrthancFactory, tmp_path: Path, *, web: bool = False) -> Site:
     port = free_port()
-    orthanc = orthanc_factory(modalities={"reader": (NODE_AE, LOCALHOST, port)})
+    orthanc = orthanc_factory(modalities={"reader": (NODE_AE, LOCALHOST, port)},
+                              extra_config=dicomweb_config() if web else None)
     model = write_fixture_model(tmp_path / "model")
-    text = serve_config(model) + (f'\n[[sources]]\nname = "PACS"\nae_title = "{orthanc.aet}"\n'
-                                  f'host = "{LOCALHOST}"\nport = {orthanc.dicom_port}\n')
+    if web:
+        source = f'url = "{orthanc.base_url}{DICOMWEB_ROOT.rstrip("/")}"\n'
+    else:
+        source = f'ae_title = "{orthanc.aet}"\nhost = "{LOCALHOST}"\nport = {orthanc.dicom_port}\n'
+    text = serve_config(model) + f'\n[[sources]]\nname = "PACS"\n{source}'
     config = tmp_path / "backfill.toml"
     config.write_text(text)
     node = ReaderNode(tmp_path / "node", ae_title=NODE_AE, config_text=text, port=port)
+    return Site(orthanc, node, config, tmp_path)
+
+
+@pytest.fixture
+def site(orthanc_factory: OrthancFactory, tmp_path: Path) -> Iterator[Site]:
+    """Orthanc that knows the node as a modality (C-FIND/C-MOVE allowed), and the node."""
+    started = _start_site(orthanc_factory, tmp_path)
     try:
-        yield Site(orthanc, node, config, tmp_path)
+        yield started
     finally:
-        node.stop()
+        started.node.stop()
 
 
 def _studies_in_pacs(site: Site, count: int) -> list[Study]:
@@ -200,6 +220,27 @@ def test_c_get_source_reads_through_the_backfill(site: Site) -> None:
     callers = {e["calling_ae"] for e in site.node.events("association.accepted")}
     assert site.orthanc.aet not in callers and NODE_AE in callers, callers
     assert not any((site.node.data_dir / "backfill-staging").rglob("*.dcm"))
+
+
+def test_dicomweb_source_finds_by_qido_rs_and_reads_through_wado_rs(orthanc_factory: OrthancFactory,
+                                                                    tmp_path: Path) -> None:
+    """A source given by its DICOMweb URL: QIDO-RS finds the studies (paged: a page size of one
+    still yields all three, each once), WADO-RS brings each series to the backfill, which stores it
+    to the node; with --limit 2 exactly two studies are read, once each."""
+    site = _start_site(orthanc_factory, tmp_path, web=True)
+    try:
+        studies = _studies_in_pacs(site, 3)
+        paged = DicomWebSource(f"{site.orthanc.base_url}{DICOMWEB_ROOT}", page_size=1)
+        found = [m.study_uid for m in paged.find_studies(StudyQuery(modality="CT"))]
+        assert sorted(found) == sorted(s.study_uid for s in studies)
+        done = site.run("--modality", "CT", "--since", "2024-01-01", "--limit", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "[2/2 studies]" in done.stdout and "read 2" in done.stdout, done.stdout
+        read = site.processed()
+        assert sum(read.values()) == 2 and set(read.values()) == {1}, site.node.log_tail()
+        assert set(read) < {s.series_uid for s in studies}
+    finally:
+        site.node.stop()
 
 
 def test_backfill_resumes_after_sigkill_without_reading_a_study_twice(site: Site) -> None:
