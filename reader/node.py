@@ -320,7 +320,8 @@ class Node:
             released: set[str] = set()
             for study_uid, series_uid, stat, held in self._release_held(self.tracker.pop_complete()):
                 files = self.spool.series_instances(study_uid, series_uid)
-                priority = PRIORITY_STAT if stat or self._stat_by_rule(files) else PRIORITY_ROUTINE
+                urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
+                priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
                 job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
                                                    priority=priority,
                                                    models=self._model_records() if held else None)
