@@ -424,7 +424,8 @@ def start_node(workdir: Path, model: Path, *, config_extra: str = "", destinatio
     (workdir / "reader.toml").write_text(config)
     launcher = [str(REPO / "bench" / "node_variant.py"), *variant] if variant else ["-m", "reader.cli"]
     cmd = [sys.executable, *launcher, "serve", "--config", str(workdir / "reader.toml"),
-           "--bind", LOCALHOST, "--port", str(port), "--ae-title", "SECONDREADER", "--data-dir", str(data)]
+           "--bind", LOCALHOST, "--port", str(port), "--ae-title", "SECONDREADER", "--data-dir", str(data),
+           "--web-port", "0"]  # any free port: the HTTP server is not measured here, 8080 may be taken
     for dest in destinations:
         cmd += ["--send-to", dest]
     log = (workdir / "node.log").open("ab")

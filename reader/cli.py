@@ -57,8 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="our AE title (default SECONDREADER)")
     serve.add_argument("--port", help="listening port (default 11112)")
     serve.add_argument("--bind", help="listening address (default 0.0.0.0)")
+    serve.add_argument("--web-port", help="HTTP port for /healthz, /readyz and STOW-RS "
+                       "(default 8080; 0: any free port, logged as web.listening)")
     serve.add_argument("--send-to", action="append", default=[], metavar="AE@HOST:PORT",
-                       help="destination for results; repeat for several")
+                       help="destination for results (C-STORE), or a DICOMweb base URL (STOW-RS, "
+                            "no authentication); repeat for several")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     status = sub.add_parser("status", help="what is queued, in flight, failed and done")
     common(status)
@@ -92,6 +95,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         "port": getattr(args, "port", None),
         "bind_address": getattr(args, "bind", None),
         "destinations": getattr(args, "send_to", None),
+        "web_port": getattr(args, "web_port", None),
     }
     return load_config(args.config, overrides)
 

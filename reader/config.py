@@ -8,8 +8,11 @@ and the problem, before a port opens. Durations are :class:`datetime.timedelta`,
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reader.access import AccessPolicy, AllowedCaller, parse_network
+from reader.dicomweb import Credential, CredentialError, StowAuth, StowDestination
 from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
@@ -28,6 +32,7 @@ from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "AnyDestination",
     "CompletionConfig",
     "InferenceConfig",
     "ModelRef",
@@ -36,6 +41,9 @@ __all__ = [
     "SecurityConfig",
     "SendingConfig",
     "Source",
+    "WebCaller",
+    "WebConfig",
+    "WebTlsConfig",
     "bundled_models_dir",
     "default_config",
     "load_config",
@@ -43,6 +51,10 @@ __all__ = [
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 DEFAULT_MODEL = "lung-lesion-unet"
+BUNDLED_PREFIX = "bundled:"  # a model path "bundled:NAME" names the package models/NAME of this checkout
+
+AnyDestination = Destination | StowDestination
+"""Where results go: a C-STORE SCP (``reader.send``) or a DICOMweb service (STOW-RS, ``reader.dicomweb``)."""
 
 
 def bundled_models_dir() -> Path:
@@ -156,14 +168,68 @@ class WorklistConfig:
 
 
 @dataclass(frozen=True)
+class WebCaller:
+    """A caller of the HTTP API (STOW-RS), known by the SHA-256 of its bearer token.
+
+    Only the digest is kept: the token itself stays in the file it was read from.
+    """
+
+    name: str
+    token_sha256: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.token_sha256) != hashlib.sha256().digest_size:
+            raise ValueError("token_sha256 must be a SHA-256 digest (32 bytes)")
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
-    """Who may associate (``reader.access``) and TLS on the listening port (``reader.tls``).
+    """Who may associate (``reader.access``), TLS on the listening port (``reader.tls``), and who
+    may call the HTTP API (``web_callers``; none: every caller, allowed on a loopback bind only).
 
     ``tls`` None serves plain DICOM; otherwise the port speaks only TLS (PS3.15 B.9).
     """
 
     access: AccessPolicy = field(default_factory=AccessPolicy)
     tls: TlsServerConfig | None = None
+    web_callers: tuple[WebCaller, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebTlsConfig:
+    """HTTPS on the web port: our certificate (with its chain) and its unencrypted private key (PEM)."""
+
+    certificate: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The node's HTTP server (``reader.web``): health probes and STOW-RS.
+
+    ``port`` 0 takes any free port (the bound one is logged as ``web.listening``). A bind address
+    other than loopback needs ``tls`` and at least one ``[[security.web_callers]]``.
+    """
+
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+    max_request_bytes: int = 1024**3  # a larger STOW-RS body is refused (413); held in memory while parsed
+    tls: WebTlsConfig | None = None
+
+    @property
+    def loopback(self) -> bool:
+        """True when the server listens on a loopback address only."""
+        return is_loopback(self.bind_address)
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -174,7 +240,7 @@ class NodeConfig:
     bind_address: str = "0.0.0.0"
     port: int = 11112
     data_dir: Path = Path("reader-data")
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[AnyDestination, ...] = ()
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     sending: SendingConfig = field(default_factory=SendingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -188,6 +254,7 @@ class NodeConfig:
     network_timeout: timedelta = timedelta(seconds=60)  # idle association, TLS handshake, stalled reads
     security: SecurityConfig = field(default_factory=SecurityConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
     sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
 
     def source(self, name: str) -> Source:
@@ -209,14 +276,17 @@ def default_config() -> NodeConfig:
     """Built-in defaults: AE SECONDREADER on port 11112, ./reader-data, the bundled CT model."""
     model = ModelRef(DEFAULT_MODEL, bundled_models_dir() / DEFAULT_MODEL)
     route = Route(name="ct-chest", model=DEFAULT_MODEL, modalities=("CT",), min_instances=16)
-    return NodeConfig(models=(model,), routes=(route,))
+    return NodeConfig(models=(model,), routes=(route,), web=WebConfig())
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
     """Read ``path`` (TOML) over the defaults, then apply command-line ``overrides``.
 
     ``overrides`` keys: ae_title, port, data_dir, bind_address, destinations (list of
-    ``AE@HOST:PORT``). Relative paths in the file are relative to the file's folder.
+    ``AE@HOST:PORT``, or a DICOMweb URL without authentication), web_port (turns the HTTP server
+    on; 0: any free port). Relative paths in the file are relative to the file's folder; a model
+    path ``"bundled:NAME"`` is the package ``NAME`` in :func:`bundled_models_dir`, wherever the
+    file sits.
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
@@ -235,14 +305,16 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "sources"})
+                     "security", "hl7", "webhooks", "priority", "web", "sources"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
                            "dimse_timeout_seconds", "network_timeout_seconds"})
     models = _models(raw, base) if "models" in raw else defaults.models
     routes = _routes(raw, models) if "routes" in raw else defaults.routes
-    return NodeConfig(
+    security = _security(_table(raw, "security"), base)
+    web = _web(_table(raw, "web"), base)
+    config = NodeConfig(
         ae_title=_ae_title(node.get("ae_title", defaults.ae_title), "node.ae_title"),
         bind_address=_str(node.get("bind_address", defaults.bind_address), "node.bind_address"),
         port=_port(node.get("port", defaults.port), "node.port"),
@@ -259,9 +331,9 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         network_timeout=_seconds(node.get("network_timeout_seconds",
                                           defaults.network_timeout.total_seconds()),
                                  "node.network_timeout_seconds", 1, 3600),
-        security=_security(_table(raw, "security"), base),
-        destinations=tuple(_destination(d, f"destinations[{i}]", base)
-                           for i, d in enumerate(_list(raw.get("destinations", []), "destinations"))),
+        security=security,
+        web=web,
+        destinations=_destinations(_list(raw.get("destinations", []), "destinations"), "destinations", base),
         completion=_completion(_table(raw, "completion")),
         sending=_sending(_table(raw, "sending")),
         inference=_inference(_table(raw, "inference")),
@@ -270,6 +342,8 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         worklist=_worklist(raw, base),
         sources=_sources(raw),
     )
+    _check_web_exposure(config)
+    return config
 
 
 def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeConfig:
@@ -283,10 +357,79 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("data_dir") is not None:
         changes["data_dir"] = Path(overrides["data_dir"])
     if overrides.get("destinations"):
-        changes["destinations"] = tuple(
-            _destination(d, "--send-to", Path.cwd()) for d in overrides["destinations"]
-        )
+        changes["destinations"] = _destinations(list(overrides["destinations"]), "--send-to", Path.cwd())
+    if overrides.get("web_port") is not None:
+        port = overrides["web_port"]
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        changes["web"] = replace(config.web or WebConfig(), port=_int(port, "--web-port", 0, 65535))
     return replace(config, **changes)
+
+
+def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:
+    _known(t, "web.", {"enabled", "bind_address", "port", "max_request_mb", "tls"})
+    if not _bool(t.get("enabled", True), "web.enabled"):
+        return None
+    d = WebConfig()
+    tls_table = _table(t, "tls")
+    _known(tls_table, "web.tls.", {"certificate", "private_key"})
+    tls = None
+    if tls_table:
+        for required in ("certificate", "private_key"):
+            if required not in tls_table:
+                raise ConfigError(f"web.tls.{required}", "is required in [web.tls]")
+        tls = WebTlsConfig(_path(tls_table["certificate"], "web.tls.certificate", base),
+                           _path(tls_table["private_key"], "web.tls.private_key", base))
+        try:  # a bad file fails now, not in the server thread
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.certificate,
+                                                                                 tls.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("web.tls", f"cannot load the certificate and key: {exc}") from exc
+    return WebConfig(
+        bind_address=_str(t.get("bind_address", d.bind_address), "web.bind_address"),
+        port=_int(t.get("port", d.port), "web.port", 0, 65535),
+        max_request_bytes=_int(t.get("max_request_mb", d.max_request_bytes // 2**20), "web.max_request_mb",
+                               1, 2**20) * 2**20,
+        tls=tls,
+    )
+
+
+def _check_web_exposure(config: NodeConfig) -> None:
+    """Beyond loopback the HTTP server speaks HTTPS only and admits only callers with a token."""
+    web = config.web
+    if web is None or web.loopback:
+        return
+    if web.tls is None:
+        raise ConfigError("web.bind_address", f"{web.bind_address} is not loopback: needs [web.tls]")
+    if not config.security.web_callers:
+        raise ConfigError("web.bind_address",
+                          f"{web.bind_address} is not loopback: needs [[security.web_callers]]")
+
+
+_MIN_TOKEN_CHARS = 16
+
+
+def _web_caller(entry: Any, key: str, base: Path) -> WebCaller:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(key, "must be a table with name and token_file or token_sha256")
+    _known(entry, key + ".", {"name", "token_file", "token_sha256"})
+    name = _str(entry.get("name"), key + ".name")
+    if ("token_file" in entry) == ("token_sha256" in entry):
+        raise ConfigError(key, "needs exactly one of token_file and token_sha256")
+    if "token_file" in entry:
+        path = _path(entry["token_file"], key + ".token_file", base)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(key + ".token_file", f"cannot read {path}: {exc}") from exc
+        if len(token) < _MIN_TOKEN_CHARS:
+            raise ConfigError(key + ".token_file",
+                              f"the token must have at least {_MIN_TOKEN_CHARS} characters")
+        return WebCaller(name, hashlib.sha256(token.encode()).digest())
+    text = _str(entry["token_sha256"], key + ".token_sha256")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ConfigError(key + ".token_sha256", "must be 64 hexadecimal digits (a SHA-256 digest)")
+    return WebCaller(name, bytes.fromhex(text))
 
 
 def _completion(t: Mapping[str, Any]) -> CompletionConfig:
@@ -344,8 +487,20 @@ def _models(raw: Mapping[str, Any], base: Path) -> tuple[ModelRef, ...]:
         _known(entry, key + ".", {"path"})
         if "path" not in entry:
             raise ConfigError(key + ".path", "is required")
-        refs.append(ModelRef(name=name, path=_path(entry["path"], key + ".path", base)))
+        refs.append(ModelRef(name=name, path=_model_path(entry["path"], key + ".path", base)))
     return tuple(refs)
+
+
+def _model_path(value: Any, key: str, base: Path) -> Path:
+    """``"bundled:NAME"``: the package shipped with this checkout; anything else a path (see _path)."""
+    text = _str(value, key)
+    if not text.startswith(BUNDLED_PREFIX):
+        return _path(text, key, base)
+    name = text.removeprefix(BUNDLED_PREFIX)
+    if name in {"", ".", ".."} or "/" in name or "\\" in name:
+        raise ConfigError(key, f"{BUNDLED_PREFIX!r} takes the name of a folder in {bundled_models_dir()}, "
+                               f"got {name!r}")
+    return bundled_models_dir() / name
 
 
 def _routes(raw: Mapping[str, Any], models: Sequence[ModelRef]) -> tuple[Route, ...]:
@@ -509,12 +664,28 @@ def _secret(t: Mapping[str, Any], key: str, base: Path) -> bytes:
         raise ConfigError(key + ".secret_file", f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _destination(value: Any, key: str, base: Path) -> Destination:
+def _destinations(values: list[Any], key: str, base: Path) -> tuple[AnyDestination, ...]:
+    """Every destination, each once: two entries that a send ticket would name alike are refused."""
+    parsed = tuple(_destination(d, f"{key}[{i}]", base) for i, d in enumerate(values))
+    seen: dict[str, int] = {}
+    for i, dest in enumerate(parsed):
+        name = dest.key if isinstance(dest, StowDestination) else str(dest)
+        if name in seen:
+            raise ConfigError(f"{key}[{i}]", f"repeats {key}[{seen[name]}] ({name})")
+        seen[name] = i
+    return parsed
+
+
+def _destination(value: Any, key: str, base: Path) -> AnyDestination:
     if isinstance(value, str):
         try:
+            if "://" in value:
+                return StowDestination(url=value)
             return Destination.parse(value)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from exc
+    if isinstance(value, Mapping) and "url" in value:
+        return _stow_destination(value, key, base)
     if isinstance(value, Mapping):
         _known(value, key + ".", {"ae_title", "host", "port", "tls", "certificate", "private_key",
                                   "ca_certificates", "server_name"})
@@ -524,7 +695,60 @@ def _destination(value: Any, key: str, base: Path) -> Destination:
             port=_port(value.get("port"), key + ".port"),
             tls=_client_tls(value, key, base),
         )
-    raise ConfigError(key, "must be 'AE@HOST:PORT' or a table with ae_title, host, port")
+    raise ConfigError(key, "must be 'AE@HOST:PORT', a DICOMweb URL, or a table with ae_title, host, "
+                           "port or with url")
+
+
+_STOW_KEYS = {"url", "auth", "username", "password_env", "password_file", "token_env", "token_file",
+              "ca_certificates", "timeout_seconds"}
+
+
+def _stow_destination(t: Mapping[str, Any], key: str, base: Path) -> StowDestination:
+    """A DICOMweb destination (``reader.dicomweb``); its credential is read once here, so a missing
+    one fails at start, and again at every attempt."""
+    _known(t, key + ".", _STOW_KEYS)
+    auth_text = _str(t.get("auth", "none"), key + ".auth")
+    try:
+        auth = StowAuth(auth_text)
+    except ValueError as exc:
+        raise ConfigError(key + ".auth", f'must be "none", "basic" or "bearer", got {auth_text!r}') from exc
+    kind = {StowAuth.BASIC: "password", StowAuth.BEARER: "token"}.get(auth)
+    for other in ("password", "token"):
+        if other != kind:
+            given = sorted(k for k in (f"{other}_env", f"{other}_file") if k in t)
+            if given:
+                raise ConfigError(f"{key}.{given[0]}", f'is not used with auth = "{auth}"')
+    if "username" in t and auth is not StowAuth.BASIC:
+        raise ConfigError(key + ".username", 'is only used with auth = "basic"')
+    secret = _credential(t, key, kind, base) if kind is not None else None
+    timeout = _seconds(t.get("timeout_seconds", 60), key + ".timeout_seconds", 0.1, 3600)
+    try:
+        destination = StowDestination(
+            url=_str(t.get("url"), key + ".url"), auth=auth,
+            username=_str(t.get("username"), key + ".username") if auth is StowAuth.BASIC else "",
+            secret=secret,
+            ca_certificates=_opt_path(t.get("ca_certificates"), key + ".ca_certificates", base),
+            timeout_s=timeout.total_seconds(),
+        )
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
+    if destination.ca_certificates is not None and not destination.ca_certificates.is_file():
+        raise ConfigError(key + ".ca_certificates", f"{destination.ca_certificates} is not a file")
+    return destination
+
+
+def _credential(t: Mapping[str, Any], key: str, kind: str, base: Path) -> Credential:
+    """Where a DICOMweb password or token is read from: ``<kind>_env`` or ``<kind>_file``."""
+    env_key, file_key = f"{kind}_env", f"{kind}_file"
+    if (env_key in t) == (file_key in t):
+        raise ConfigError(f"{key}.{env_key}", f"give exactly one of {env_key} and {file_key}")
+    credential = (Credential(env=_str(t[env_key], f"{key}.{env_key}")) if env_key in t
+                  else Credential(file=_path(t[file_key], f"{key}.{file_key}", base)))
+    try:
+        credential.read()
+    except CredentialError as exc:
+        raise ConfigError(f"{key}.{env_key if env_key in t else file_key}", str(exc)) from exc
+    return credential
 
 
 def _client_tls(t: Mapping[str, Any], key: str, base: Path) -> TlsClientConfig | None:
@@ -546,7 +770,7 @@ def _client_tls(t: Mapping[str, Any], key: str, base: Path) -> TlsClientConfig |
 
 
 def _security(t: Mapping[str, Any], base: Path) -> SecurityConfig:
-    _known(t, "security.", {"allowed_callers", "tls"})
+    _known(t, "security.", {"allowed_callers", "tls", "web_callers"})
     callers = []
     for i, entry in enumerate(_list(t.get("allowed_callers", []), "security.allowed_callers")):
         key = f"security.allowed_callers[{i}]"
@@ -579,7 +803,12 @@ def _security(t: Mapping[str, Any], base: Path) -> SecurityConfig:
                                              "security.tls.require_client_certificate"),
         )
         server_context(tls)
-    return SecurityConfig(access=AccessPolicy(tuple(callers)), tls=tls)
+    web_callers = tuple(_web_caller(e, f"security.web_callers[{i}]", base)
+                        for i, e in enumerate(_list(t.get("web_callers", []), "security.web_callers")))
+    names = [c.name for c in web_callers]
+    if len(set(names)) != len(names):
+        raise ConfigError("security.web_callers", "names must be unique")
+    return SecurityConfig(access=AccessPolicy(tuple(callers)), tls=tls, web_callers=web_callers)
 
 
 def _known(table: Mapping[str, Any], prefix: str, keys: set[str]) -> None:

@@ -2,11 +2,13 @@
 
 A ticket names its target by key: ``AE@HOST:PORT`` for a DICOM destination (one association per
 attempt, ``reader.send.StoreSCU``), ``mllp://HOST:PORT`` for an HL7 listener
-(``reader.notify.hl7``), an ``http(s)://`` URL for a webhook (``reader.notify.webhook``); targets
+(``reader.notify.hl7``), an ``http(s)://`` URL for a webhook (``reader.notify.webhook``),
+``stow:`` + a base URL for a DICOMweb service (STOW-RS, ``reader.dicomweb``); targets
 register by key (:class:`Delivery`). Every kind raises the same typed errors, classified alike:
 success -> done; transient failure -> retried with exponential backoff and jitter until
 ``max_attempts``, then parked; permanent failure (PS3.4 C-STORE failure statuses such as
-0xA9xx/0xCxxx/0x0122, or a rejected calling AE) -> parked at once with the reason. Parked tickets
+0xA9xx/0xCxxx/0x0122, a rejected calling AE, an HTTP 4xx such as 401 or 409) -> parked at once with
+the reason. Parked tickets
 wait for ``reader retry``. Attempts and the next retry time are on disk, so restarts keep the schedule.
 Only pending tickets are read on each pass (``JobStore.pending_sends``): settled ones are archived.
 """
@@ -23,13 +25,14 @@ from typing import Any, Protocol
 import structlog
 
 from reader.config import SendingConfig
+from reader.dicomweb import StowDestination, store_instances
 from reader.errors import PermanentSendError, SendError, TransientSendError
 from reader.jobs import JobStore, SendState, SendTicket, backoff
 from reader.notify.hl7 import MllpEndpoint, send_oru
 from reader.notify.webhook import WebhookEndpoint, post_event
 from reader.send import Destination, StoreSCU
 
-__all__ = ["Delivery", "DicomDelivery", "Dispatcher", "MllpDelivery", "WebhookDelivery"]
+__all__ = ["Delivery", "DicomDelivery", "Dispatcher", "MllpDelivery", "StowDelivery", "WebhookDelivery"]
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +57,19 @@ class DicomDelivery:
         report = self.scu.send(self.destination, list(files))
         return {"instances": len(report.sent), "warnings": len(report.warnings),
                 "seconds": round(report.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class StowDelivery:
+    """STOW-RS of result objects to a DICOMweb service (credentials and TLS trust included)."""
+
+    destination: StowDestination
+
+    def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
+        """Store every file in one STOW-RS request."""
+        report = store_instances(self.destination, list(files))
+        return {"instances": len(report.sent), "warnings": report.warnings,
+                "http_status": report.http_status, "seconds": round(report.seconds, 3)}
 
 
 @dataclass(frozen=True)

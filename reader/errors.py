@@ -9,13 +9,14 @@ state (``reader.node``)::
     ├── StorageError           the spool could not write or read durably
     │   └── OutOfResources     free disk below the watermark (DIMSE 0xA700)
     ├── InputRejected          a dataset or series we will not process; ``reason`` is recorded
-    │   └── VolumeError        geometry that cannot form a trustworthy volume
+    │   ├── VolumeError        geometry that cannot form a trustworthy volume
+    │   └── RequestRejected    a STOW-RS request refused whole (HTTP 400 / 415), nothing stored
     ├── ModelError             a model package that cannot be loaded or run
     │   ├── ManifestError      invalid model manifest (TOML)
     │   └── InferenceError     onnxruntime failed while running
     ├── EncodingError          SEG/SR could not be built from the findings
     ├── RetrieveError          a source PACS did not answer a query or retrieval (``reader backfill``)
-    └── SendError              a C-STORE to a destination did not succeed
+    └── SendError              a delivery (C-STORE, STOW-RS, HL7, webhook) did not succeed
         ├── TransientSendError worth retrying later (association refused for load, timeout, 0xA7xx)
         └── PermanentSendError retrying cannot help (SOP class not supported, AE unknown, 0xA9xx/0xCxxx)
 """
@@ -32,6 +33,7 @@ __all__ = [
     "OutOfResources",
     "PermanentSendError",
     "ReaderError",
+    "RequestRejected",
     "RetrieveError",
     "SendError",
     "StorageError",
@@ -72,6 +74,14 @@ class InputRejected(ReaderError):
 
 class VolumeError(InputRejected):
     """Instances that cannot be assembled into a geometry-checked volume."""
+
+
+class RequestRejected(InputRejected):
+    """An HTTP request refused as a whole; ``http_status`` is the answer (400, 415)."""
+
+    def __init__(self, http_status: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.http_status = http_status
 
 
 class ModelError(ReaderError):

@@ -83,7 +83,8 @@ class ProcessJob:
 
 @dataclass(frozen=True)
 class SendTicket:
-    """Result files owed to one destination (``AE@HOST:PORT``)."""
+    """Result files owed to one target, named by its key: ``AE@HOST:PORT`` (C-STORE), ``stow:URL``
+    (STOW-RS), ``mllp://HOST:PORT`` (HL7) or a webhook URL (``reader.dispatch``)."""
 
     name: str
     series_uid: str

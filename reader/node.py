@@ -34,16 +34,18 @@ import structlog
 
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.config import NodeConfig
-from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, WebhookDelivery
+from reader.dicomweb import StowDestination
+from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
 from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
-from reader.pipeline import Inferred, Pipeline, Prepared, destination_key, model_record
+from reader.pipeline import Inferred, Pipeline, Prepared, model_record, send_key
 from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
+from reader.web import Readiness, WebContext, WebServer, build_app
 
 __all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
 
@@ -69,7 +71,8 @@ def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
 def _targets(config: NodeConfig, scu: StoreSCU) -> dict[str, Delivery]:
     """Every configured send target by the key its tickets carry."""
     targets: dict[str, Delivery] = {
-        destination_key(d.ae_title, d.host, d.port): DicomDelivery(scu, d) for d in config.destinations}
+        send_key(d): StowDelivery(d) if isinstance(d, StowDestination) else DicomDelivery(scu, d)
+        for d in config.destinations}
     targets.update({h.endpoint.key: MllpDelivery(h.endpoint) for h in config.worklist.hl7})
     targets.update({w.endpoint.key: WebhookDelivery(w.endpoint) for w in config.worklist.webhooks})
     return targets
@@ -264,6 +267,13 @@ class Node:
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.web: WebServer | None = None
+        if config.web is not None:
+            readiness = Readiness(self.spool, (r.model for r in config.routes), models,
+                                  lambda: self.scp.listening)
+            self.web = WebServer(config.web, build_app(WebContext(
+                self.spool, self.tracker, readiness, config.security.web_callers,
+                config.web.max_request_bytes)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
@@ -276,13 +286,18 @@ class Node:
             t.start()
             self._threads.append(t)
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
+                 web_port=self.web.port if self.web is not None else None,
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations; the load, inference, encoding and send in progress
         end, volumes still waiting are dropped (their jobs stay queued); then return."""
         log.info("node.stopping")
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self._stopping.set()
         self.board.close()

@@ -34,6 +34,7 @@ import structlog
 
 from reader.assemble import SeriesSummary, summarize_series
 from reader.config import NodeConfig, Route
+from reader.dicomweb import StowDestination
 from reader.errors import EncodingError, InputRejected, ModelError
 from reader.findings import AlgorithmIdentity, InferenceResult
 from reader.flag import decide
@@ -46,11 +47,14 @@ from reader.results import encode_results
 from reader.results.kos import encode_kos
 from reader.results.seg import check_segmentable
 from reader.routing import RouteMatch, Skip, route_series
+from reader.send import Destination
 from reader.spool import Spool
 from reader.study import choose_series, describe_series, study_result_key
 from reader.volume import Volume, load_volume
 
-__all__ = ["STUDY_READ_FROM", "Inferred", "Pipeline", "Prepared", "destination_key", "model_record"]
+__all__ = [
+    "STUDY_READ_FROM", "Inferred", "Pipeline", "Prepared", "destination_key", "model_record", "send_key",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +71,14 @@ def model_record(algorithm: AlgorithmIdentity) -> dict[str, str]:
 def destination_key(ae_title: str, host: str, port: int) -> str:
     """The ``AE@HOST:PORT`` form a send ticket names its destination by."""
     return f"{ae_title}@{host}:{port}"
+
+
+def send_key(destination: Destination | StowDestination) -> str:
+    """The key a send ticket names ``destination`` by: ``AE@HOST:PORT`` for C-STORE, ``stow:`` +
+    the base URL for a DICOMweb service (``reader.dicomweb.StowDestination.key``)."""
+    if isinstance(destination, StowDestination):
+        return destination.key
+    return destination_key(destination.ae_title, destination.host, destination.port)
 
 
 @dataclass(frozen=True)
@@ -315,8 +327,7 @@ class Pipeline:
                      folder=str(paths[0].parent) if paths else "")
             return
         for dest in self.config.destinations:
-            destination = destination_key(dest.ae_title, dest.host, dest.port)
-            ticket = self.jobs.add_send(series_uid, version, destination, paths, lineage=lineage)
+            ticket = self.jobs.add_send(series_uid, version, send_key(dest), paths, lineage=lineage)
             log.info("result.queued", series_uid=series_uid, ticket=ticket.name,
                      destination=ticket.destination)
 

@@ -55,8 +55,9 @@ from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
+from reader.intake import instance_ids, store_received
 from reader.receiver import tune_association
-from reader.spool import Spool, check_uid
+from reader.spool import Spool
 
 __all__ = ["IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP"]
 
@@ -96,18 +97,14 @@ TRANSFER_SYNTAXES = [
 
 
 def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> int:
-    """C-STORE: store atomically, then answer. Runs in the association's thread."""
+    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
+    association's thread."""
     started = time.perf_counter()
+    request = cast(C_STORE, event.request)
     try:
-        spool.check_free_space()
-        request = cast(C_STORE, event.request)
-        sop_uid = check_uid(request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
-        ds = event.dataset  # header elements are parsed lazily; pixel data is never decoded here
-        study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
-        series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-        if str(ds.get("SOPInstanceUID", sop_uid)) != sop_uid:
-            raise InputRejected("uid_mismatch", "SOP Instance UID differs from Affected SOP Instance UID")
-        spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
+        ids = instance_ids(event.dataset, request.AffectedSOPInstanceUID)  # header parsed lazily
+        store_received(spool, tracker, id(event.assoc), ids, event.encoded_dataset(),
+                       stat=request.Priority == PRIORITY_HIGH)
     except OutOfResources as exc:
         log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
         return dimse.OUT_OF_RESOURCES
@@ -118,8 +115,7 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) ->
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
         return dimse.OUT_OF_RESOURCES
-    tracker.instance_stored(id(event.assoc), study_uid, series_uid, stat=request.Priority == PRIORITY_HIGH)
-    log.debug("instance.stored", study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+    log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
     return dimse.SUCCESS
 
@@ -230,6 +226,12 @@ class StorageSCP:
         if self._server is None:
             return self._config.port
         return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        """True while the listening socket is open."""
+        server = self._server
+        return server is not None and server.socket is not None and server.socket.fileno() >= 0
 
     def stop(self) -> None:
         """Stop accepting, let current associations end, close the port."""

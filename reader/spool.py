@@ -145,6 +145,19 @@ class Spool:
         if free < self.min_free_bytes:
             raise OutOfResources(f"{free} bytes free, watermark {self.min_free_bytes}")
 
+    def check_writable(self) -> None:
+        """Write, sync and delete a small file where writes are staged; StorageError if that fails."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=".probe-")
+            try:
+                os.write(fd, b"probe")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as exc:
+            raise StorageError(f"data dir not writable: {exc.strerror}") from exc
+
     # --- results ---------------------------------------------------------------------------
     def result_path(self, series_uid: str, version: int, kind: str, suffix: str = ".dcm") -> Path:
         """Where result ``kind`` of a result version is kept: "seg", "sr", "kos" (DICOM), or a

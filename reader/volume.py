@@ -59,11 +59,14 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
+from reader import codecs
 from reader.errors import ConfigError, StorageError, VolumeError
 
 __all__ = ["GeometryTolerances", "SourceInstance", "Volume", "load_volume", "rescale_into"]
 
 log = structlog.get_logger(__name__)
+
+codecs.register()  # the JPEG family decodes through imagecodecs (BSD-3-Clause), see reader.codecs
 
 
 @dataclass(frozen=True)
@@ -891,10 +894,11 @@ def _decode_into(
     for i, inst in enumerate(instances):
         ds = datasets[i]
         assert ds is not None  # each dataset is decoded once, then kept as a header
+        plugin = codecs.decoding_plugin(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
         with _pixel_errors(inst):
             if inst.multiframe:
                 decoded = 0
-                for index, frame_pixels in enumerate(iter_pixels(ds)):
+                for index, frame_pixels in enumerate(iter_pixels(ds, decoding_plugin=plugin)):
                     if index >= len(inst.frames):
                         break
                     stack.put(slot_of[(i, index)], frame_pixels, inst.frames[index], inst, ds)
@@ -904,7 +908,8 @@ def _decode_into(
                         "bad_pixel_data", f"{inst.path.name}: {decoded} of {len(inst.frames)} frames"
                     )
             else:
-                stack.put(slot_of[(i, None)], pixel_array(ds), inst.frames[0], inst, ds)
+                pixels = pixel_array(ds, decoding_plugin=plugin)
+                stack.put(slot_of[(i, None)], pixels, inst.frames[0], inst, ds)
         _strip_pixels(ds)
         headers.append(ds)
         datasets[i] = None

@@ -1,7 +1,8 @@
 """A real ``reader serve`` process for integration tests, on an ephemeral loopback port.
 
 The node runs as a subprocess exactly as an operator starts it (``python -m reader.cli serve``);
-its JSON log goes to a file the test reads events from.
+its JSON log goes to a file the test reads events from. Its HTTP server (``reader.web``) listens on
+an ephemeral loopback port (``--web-port 0``), read from the ``web.listening`` event: ``web_port``.
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ class ReaderNode:
 
     def __init__(self, workdir: Path, *, ae_title: str = "SECONDREADER", destinations: Sequence[str] = (),
                  config_text: str | None = None, data_dir: Path | None = None,
-                 port: int | None = None, log_level: str = "info") -> None:
+                 port: int | None = None, log_level: str = "info", web: bool = True) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
         self.host = LOCALHOST
         self.port = port or free_port()
         self.data_dir = data_dir or workdir / "reader-data"
+        self.web_port: int | None = None  # known once the node listens (with ``web``)
+        self._web = web
         self.log_path = workdir / "reader.log"  # one per workdir: a restart in a new workdir starts afresh
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "reader.cli", "serve", "--bind", LOCALHOST, "--port", str(self.port),
                "--ae-title", ae_title, "--data-dir", os.fspath(self.data_dir), "--log-level", log_level]
+        if web:
+            cmd += ["--web-port", "0"]
         if config_text is not None:
             config = workdir / "reader.toml"
             config.write_text(config_text, encoding="utf-8")
@@ -47,6 +52,8 @@ class ReaderNode:
         for dest in destinations:
             cmd += ["--send-to", dest]
         self.command = cmd
+        # a log reused by a restart in the same workdir holds the earlier runs' events
+        self._earlier_listening = len(self.events("web.listening")) if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                             cwd=Path(__file__).resolve().parents[1])
@@ -61,9 +68,22 @@ class ReaderNode:
             raise AssertionError(f"reader serve exited with {self.process.returncode}:\n{self.log_tail()}")
         try:
             with socket.create_connection((LOCALHOST, self.port), timeout=0.5):
-                return True
+                pass
         except OSError:
             return False
+        if self._web and self.web_port is None:
+            listening = self.events("web.listening")
+            if len(listening) <= self._earlier_listening:
+                return False
+            self.web_port = int(listening[-1]["port"])
+        return True
+
+    @property
+    def web_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the node's HTTP server."""
+        if self.web_port is None:
+            raise AssertionError("this node was started without its HTTP server")
+        return f"http://{LOCALHOST}:{self.web_port}"
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The JSON log events so far (optionally only those named ``name``)."""

@@ -7,8 +7,10 @@ normalization turns voxels brighter than about -300 HU into lesion probability ~
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -17,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from reader.inference.runtime import GPU_PROVIDERS, ORT_ERRORS
 from reader.volume import SourceInstance, Volume
 
 OPSET = 17
@@ -366,3 +370,31 @@ def blob_package(folder: Path) -> Path:
     m["labels"][0]["min_volume_mm3"] = 5000.0
     m["labels"][0]["max_findings"] = 2
     return write_package(folder, m)
+
+
+def first_working_provider(requested: Sequence[str]) -> str:
+    """The first of ``requested`` that really runs a session on this machine, probed one at a time.
+
+    onnxruntime-gpu lists CUDA and TensorRT wherever it is installed, GPU or not; a session asked
+    for one of them alone starts on CPU instead (or fails) where the device or the provider's
+    libraries are missing, so ``session.get_providers()[0]`` tells whether it runs. The CPU wheel
+    lists neither. A GPU provider is believed only where an NVIDIA device node exists.
+    """
+    available = set(ort.get_available_providers())
+    model = sigmoid_model().SerializeToString()
+    for provider in requested:
+        if provider not in available:
+            continue
+        ort.set_default_logger_severity(4)  # a GPU provider that cannot load says so loudly
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                session = ort.InferenceSession(model, providers=[provider])
+        except ORT_ERRORS:
+            continue
+        finally:
+            ort.set_default_logger_severity(2)
+        if session.get_providers()[0] == provider:
+            has_gpu = any(Path("/dev").glob("nvidia[0-9]*"))
+            assert provider not in GPU_PROVIDERS or has_gpu, f"{provider} runs without an NVIDIA device node"
+            return provider
+    raise AssertionError(f"none of {list(requested)} runs here (available: {sorted(available)})")

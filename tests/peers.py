@@ -13,6 +13,7 @@ every peer started here gets it (see /work/shared/STYLE.md, performance notes).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -54,8 +55,16 @@ _DEBIAN_PACKAGE = {
     "storescp": "dcmtk",
     "echoscu": "dcmtk",
     "dcmdump": "dcmtk",
+    "dcmconv": "dcmtk",
+    "dcmcjpeg": "dcmtk",
+    "dcmdjpeg": "dcmtk",
+    "dcmcjpls": "dcmtk",
+    "dcmdjpls": "dcmtk",
+    "dcmcrle": "dcmtk",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
+    "systemd-analyze": "systemd",
+    "kubectl": "kubectl",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _POLL_S = 0.05
@@ -176,7 +185,8 @@ class Orthanc:
     """
 
     def __init__(
-        self, process: subprocess.Popen[bytes], workdir: Path, aet: str, dicom_port: int, http_port: int
+        self, process: subprocess.Popen[bytes], workdir: Path, aet: str, dicom_port: int, http_port: int,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.process = process
         self.workdir = workdir
@@ -186,6 +196,10 @@ class Orthanc:
         self.http_port = http_port
         self.log_path = workdir / "orthanc.log"
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._authorization = None
+        if credentials is not None:
+            token = base64.b64encode(":".join(credentials).encode("utf-8")).decode("ascii")
+            self._authorization = f"Basic {token}"
 
     @classmethod
     def start(
@@ -202,7 +216,9 @@ class Orthanc:
         """Write a configuration into ``workdir``, start Orthanc and wait until REST ``/system`` answers.
 
         ``modalities`` maps a name to ``(AE title, host, port)`` (Orthanc's ``DicomModalities``);
-        ``extra_config`` keys override the defaults written here.
+        ``extra_config`` keys override the defaults written here: ``DicomPort`` and ``HttpPort``
+        choose the ports (to start again on the same ones), and with ``AuthenticationEnabled`` the
+        REST calls of this helper log in as the first of the ``RegisteredUsers``.
         """
         exe = require_tool("Orthanc")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +253,9 @@ class Orthanc:
             "WebDavEnabled": False,
         }
         config.update(extra_config or {})
+        dicom_port, http_port = int(config["DicomPort"]), int(config["HttpPort"])
+        users = config.get("RegisteredUsers") or {}
+        credentials = next(iter(users.items())) if config["AuthenticationEnabled"] and users else None
         config_path = workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         log_path = workdir / "orthanc.log"
@@ -248,7 +267,7 @@ class Orthanc:
                 stderr=subprocess.STDOUT,
                 env=peer_env(),
             )
-        server = cls(process, workdir, aet, dicom_port, http_port)
+        server = cls(process, workdir, aet, dicom_port, http_port, credentials)
         try:
             wait_until(server._answers_rest, _ORTHANC_START_S, f"Orthanc REST /system on port {http_port}")
         except BaseException:
@@ -267,6 +286,8 @@ class Orthanc:
         request = urllib.request.Request(self.base_url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", content_type)
+        if self._authorization is not None:
+            request.add_header("Authorization", self._authorization)
         try:
             with self._opener.open(request, timeout=_HTTP_TIMEOUT_S) as response:
                 data: bytes = response.read()

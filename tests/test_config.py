@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reader.config import default_config, load_config
+from reader.config import bundled_models_dir, default_config, load_config
 from reader.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "reader.example.toml"
@@ -29,9 +29,9 @@ def test_defaults_match_the_documented_operator_interface() -> None:
 
 
 def test_example_config_in_deploy_is_valid() -> None:
-    """The documented example configuration loads without error."""
+    """The documented example configuration loads without error; it names no live destination."""
     cfg = load_config(EXAMPLE)
-    assert cfg.destinations
+    assert cfg.destinations == ()
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -64,6 +64,8 @@ def test_durations_are_timedeltas(tmp_path: Path) -> None:
         ('[models.m]\npath = "x"\n[[routes]]\nmodel = "m"\nseries_description = "("\n',
          "routes[0].series_description"),
         ("[inference]\nproviders = []\n", "inference.providers"),
+        ('[models.m]\npath = "bundled:"\n', "models.m.path"),
+        ('[models.m]\npath = "bundled:../m"\n', "models.m.path"),
         ("not toml at all [", "--config"),
     ],
 )
@@ -85,6 +87,12 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     """A model path in the file is relative to the file, not to the working directory."""
     path = _write(tmp_path, '[models.m]\npath = "pkg"\n[[routes]]\nmodel = "m"\n')
     assert load_config(path).model("m").path == tmp_path / "pkg"
+
+
+def test_bundled_model_path_does_not_depend_on_the_config_folder(tmp_path: Path) -> None:
+    """A model path "bundled:NAME" is models/NAME of this checkout, wherever the file sits."""
+    path = _write(tmp_path, '[models.m]\npath = "bundled:lung-lesion-unet"\n[[routes]]\nmodel = "m"\n')
+    assert load_config(path).model("m").path == bundled_models_dir() / "lung-lesion-unet"
 
 
 def test_default_config_is_frozen() -> None:

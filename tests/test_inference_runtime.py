@@ -15,11 +15,12 @@ from structlog.testing import capture_logs
 
 from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
-from reader.inference import ModelPackage, load_manifest
+from reader.inference import DEFAULT_PROVIDERS, ModelPackage, load_manifest
 from reader.inference.postprocess import longest_diameter_mm
 from reader.inference.preprocess import patch_starts, resample, resample_above, sliding_window
 from reader.volume import Volume
 from tests.onnx_fixtures import (
+    first_working_provider,
     label_dict,
     label_map_model,
     make_volume,
@@ -86,14 +87,16 @@ def _oblique_volume(voxels: np.ndarray[Any, np.dtype[np.float32]]) -> Volume:
     )
 
 
-def test_provider_fallback_ends_on_cpu(tmp_path: Path) -> None:
-    """With TensorRT/CUDA listed but unusable here, loading falls back to CPU and logs what runs."""
+def test_provider_fallback_ends_on_the_first_provider_that_runs(tmp_path: Path) -> None:
+    """With TensorRT, CUDA and CPU requested, loading skips those that cannot run on this machine
+    and logs the one that runs: CPU without a usable GPU, CUDA (or TensorRT) where one works."""
+    expected = first_working_provider(DEFAULT_PROVIDERS)
     folder = write_package(tmp_path)
     with capture_logs() as logs:
         package = ModelPackage.load(folder)
-    assert package.provider == "CPUExecutionProvider"
+    assert package.provider == expected
     (loaded,) = [e for e in logs if e["event"] == "model.loaded"]
-    assert loaded["provider"] == "CPUExecutionProvider"
+    assert loaded["provider"] == expected
     assert loaded["requested_providers"] == [
         "TensorrtExecutionProvider",
         "CUDAExecutionProvider",
@@ -109,12 +112,13 @@ def test_no_available_provider_is_a_model_error(tmp_path: Path) -> None:
 
 
 def test_fp16_is_not_used_on_cpu(tmp_path: Path) -> None:
-    """fp16 with an onnx_fp16 file present still runs the fp32 graph on the CPU provider."""
+    """fp16 with an onnx_fp16 file present still runs the fp32 graph on the CPU provider (asked for
+    alone, so on a GPU machine too)."""
     folder = write_package(tmp_path, fp16_model=sigmoid_model(float16=True))
     with capture_logs() as logs:
-        package = ModelPackage.load(folder, fp16=True)
+        package = ModelPackage.load(folder, providers=("CPUExecutionProvider",), fp16=True)
     assert package.provider == "CPUExecutionProvider"
-    assert any(e["event"] == "model.fp16_skipped" for e in logs)
+    assert [e["reason"] for e in logs if e["event"] == "model.fp16_skipped"] == ["not on GPU"]
     assert [e["graph"] for e in logs if e["event"] == "model.loaded"] == ["model.onnx"]
 
 

@@ -22,9 +22,9 @@ def _label_map(result: InferenceResult) -> np.ndarray[Any, np.dtype[np.uint8]]:
 
 
 def test_reference_package_runs_on_cpu() -> None:
-    """models/lung-lesion-unet loads on a CPU-only machine, names itself in the algorithm identity,
-    and maps its output back onto the input grid."""
-    package = ModelPackage.load(PACKAGE, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    """models/lung-lesion-unet loads and runs on the CPU provider (asked for alone, so on a GPU
+    machine too), names itself in the algorithm identity, and maps its output back onto the input grid."""
+    package = ModelPackage.load(PACKAGE, providers=("CPUExecutionProvider",))
     assert package.provider == "CPUExecutionProvider"
     assert package.manifest.algorithm.name == "lung-lesion-unet"
     voxels = np.full((12, 96, 96), -850.0, dtype=np.float32)  # lung-like background

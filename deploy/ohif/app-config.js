@@ -1,0 +1,32 @@
+// OHIF over the demo PACS: one DICOMweb source, proxied on this origin by nginx (nginx.conf).
+window.config = {
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  showStudyList: true,
+  maxNumberOfWebWorkers: 2,
+  showWarningMessageForCrossOrigin: false,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: true,
+  defaultDataSourceName: 'orthanc',
+  dataSources: [{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'orthanc',
+    configuration: {
+      friendlyName: 'Demo PACS (Orthanc)',
+      name: 'orthanc',
+      wadoUriRoot: window.location.origin + '/dicom-web',
+      qidoRoot: window.location.origin + '/dicom-web',
+      wadoRoot: window.location.origin + '/dicom-web',
+      qidoSupportsIncludeField: false,
+      supportsReject: false,
+      imageRendering: 'wadors',
+      thumbnailRendering: 'wadors',
+      enableStudyLazyLoad: true,
+      supportsFuzzyMatching: false,
+      supportsWildcard: true,
+      omitQuotationForMultipartRequest: true,
+      bulkDataURI: { enabled: true },
+    },
+  }],
+};
