@@ -443,6 +443,8 @@ class Backfill:
 
     # -- records --------------------------------------------------------------------------------------
     def _read_by_current_model(self, study_uid: str) -> bool:
+        if not (self.config.data_dir / "incoming" / study_uid).is_dir():
+            return False  # nothing of it at the node (and a dry run creates no data dir)
         jobs = JobStore(self.spool)
         for series_uid in self.spool.study_series(study_uid):
             state = jobs.series_state(series_uid)
