@@ -221,12 +221,12 @@ def _backfill(config: NodeConfig, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reader`` console script."""
-    parser, commands = _parser()
+    parser, parsers = _parser()
     # argparse hands a command's unknown flags up to the top-level parser, whose usage would then be
     # printed: report them with the command's own usage instead (exit 2, as argparse does).
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(getattr(args, "log_level", "info"))
     try:
         config = _config(args)
