@@ -14,12 +14,11 @@ import os
 import signal
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -27,9 +26,10 @@ from reader import __version__
 from reader.backfill import Backfill, BackfillOptions, Window, parse_date, study_query
 from reader.config import NodeConfig, load_config
 from reader.errors import ConfigError, ModelError, ReaderError, RetrieveError
-from reader.jobs import JobStore, SendState
+from reader.jobs import JobStore
 from reader.log import configure_logging
 from reader.spool import Spool
+from reader.status import collect, render
 
 __all__ = ["main"]
 
@@ -42,7 +42,8 @@ _V = TypeVar("_V")
 log = structlog.get_logger(__name__)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (whose usage an error in its flags prints)."""
     p = argparse.ArgumentParser(prog="reader",
                                 description="DICOM second-reader node (not a medical device)")
     p.add_argument("--version", action="version", version=f"reader {__version__}")
@@ -85,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--port", help="the node's listening port (default from the config)")
     bf.add_argument("--node-host", default="127.0.0.1", help="where the node listens (default 127.0.0.1)")
     bf.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    return p
+    return p, {"serve": serve, "status": status, "retry": retry, "backfill": bf}
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -134,26 +135,11 @@ def _serve(config: NodeConfig) -> int:
 def _status(config: NodeConfig, as_json: bool) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    jobs = JobStore(Spool(config.data_dir))
-    series = [s for n in jobs.spool.list_state("series") if (s := jobs.series_state(n)) is not None]
-    sends = jobs.sends()
-    report: dict[str, Any] = {
-        "series": dict(Counter(s.status.value for s in series)),
-        "queued_jobs": len(jobs.pending_jobs()),
-        "sends": dict(Counter(t.state.value for t in sends)),
-        "failed_sends": [{"ticket": t.name, "destination": t.destination, "attempts": t.attempts,
-                          "error": t.last_error} for t in sends if t.state is SendState.FAILED],
-        "skipped_or_failed_series": [{"series_uid": s.series_uid, "status": s.status.value,
-                                      "reason": s.reason} for s in series if s.reason],
-    }
+    report = collect(JobStore(Spool(config.data_dir)))
     if as_json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report.as_json(), indent=1))
     else:
-        print(f"series: {report['series']}\nqueued jobs: {report['queued_jobs']}\nsends: {report['sends']}")
-        for f in report["failed_sends"]:
-            print(f"failed send {f['ticket']} to {f['destination']} after {f['attempts']}: {f['error']}")
-        for s in report["skipped_or_failed_series"]:
-            print(f"{s['status']} series {s['series_uid']}: {s['reason']}")
+        sys.stdout.write(render(report))
     return EXIT_OK
 
 
@@ -235,7 +221,12 @@ def _backfill(config: NodeConfig, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reader`` console script."""
-    args = _parser().parse_args(argv)
+    parser, parsers = _parser()
+    # argparse hands a command's unknown flags up to the top-level parser, whose usage would then be
+    # printed: report them with the command's own usage instead (exit 2, as argparse does).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(getattr(args, "log_level", "info"))
     try:
         config = _config(args)

@@ -351,7 +351,7 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("ae_title") is not None:
         changes["ae_title"] = _ae_title(overrides["ae_title"], "--ae-title")
     if overrides.get("port") is not None:
-        changes["port"] = _port(overrides["port"], "--port")
+        changes["port"] = _port(_flag_int(overrides["port"]), "--port")
     if overrides.get("bind_address") is not None:
         changes["bind_address"] = _str(overrides["bind_address"], "--bind")
     if overrides.get("data_dir") is not None:
@@ -359,10 +359,8 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("destinations"):
         changes["destinations"] = _destinations(list(overrides["destinations"]), "--send-to", Path.cwd())
     if overrides.get("web_port") is not None:
-        port = overrides["web_port"]
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        changes["web"] = replace(config.web or WebConfig(), port=_int(port, "--web-port", 0, 65535))
+        changes["web"] = replace(config.web or WebConfig(),
+                                 port=_int(_flag_int(overrides["web_port"]), "--web-port", 0, 65535))
     return replace(config, **changes)
 
 
@@ -882,9 +880,13 @@ def _opt_float(value: Any, key: str) -> float | None:
 
 
 def _port(value: Any, key: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
     return _int(value, key, 1, 65535)
+
+
+def _flag_int(value: Any) -> Any:
+    """A command-line flag's digits as an int (argparse gives text); anything else as it is, for
+    the checks to refuse. Files are typed: a port in TOML is a number, never a string."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
 def _seconds(value: Any, key: str, low: float, high: float) -> timedelta:

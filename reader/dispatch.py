@@ -55,8 +55,8 @@ class DicomDelivery:
     def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
         """Store every file on one association."""
         report = self.scu.send(self.destination, list(files))
-        return {"instances": len(report.sent), "warnings": len(report.warnings),
-                "seconds": round(report.seconds, 3)}
+        return {"destination_ae": self.destination.ae_title, "instances": len(report.sent),
+                "warnings": len(report.warnings), "seconds": round(report.seconds, 3)}
 
 
 @dataclass(frozen=True)
