@@ -1,0 +1,216 @@
+"""The status pages, driven in a real headless Chromium against a real ``reader serve`` process.
+
+A synthetic CT study (patient "Doe^Jane", accession ACC-PAGES-1) is sent with DCMTK ``storescu``;
+the fixture model (``tests/reliability.py``) finds one lesion. The only destination is a DICOM port
+where nothing listens yet and ``max_attempts = 1``, so the send is parked. The pages then show
+the study with its findings and key image; Orthanc is started on that port and the parked send is
+retried from the sends page (with its confirmation step) and arrives. The node is then restarted on
+the same data dir with a users file: pages answer 401 until a user signs in, and only then show
+the patient's name and ID. Screenshots of every page go to docs/screenshots/ (the README shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from reader.jobs import JobStore, SendState
+from reader.passwords import hash_password
+from reader.spool import Spool
+from tests.node_process import ReaderNode
+from tests.peers import Orthanc, free_port, require_tool, storescu, wait_until
+from tests.reliability import serve_config, write_fixture_model, write_study
+from tests.viewers import _start_chromium
+
+pytestmark = pytest.mark.integration
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+DEADLINE_S = 120.0
+PATIENT_NAME, PATIENT_ID, ACCESSION = "Doe^Jane", "PID-4711", "ACC-PAGES-1"
+USER, PASSWORD = "admin", "correct horse battery"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(url: str, method: str = "GET", accept: str = "",
+          body: bytes | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of one request, errors included."""
+    request = urllib.request.Request(url, method=method, data=body)
+    if accept:
+        request.add_header("Accept", accept)
+    try:
+        with _NO_PROXY.open(request, timeout=30) as answer:
+            return answer.status, answer.headers.get("content-type", ""), answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("content-type", ""), exc.read()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium through chromedriver (tests/viewers.py's flags), 1280x900."""
+    driver = _start_chromium()
+    driver.set_window_size(1280, 900)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _shot(driver: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def _css(driver: Any, selector: str) -> list[Any]:
+    from selenium.webdriver.common.by import By  # noqa: PLC0415 - optional dependency (dev extras)
+
+    return list(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def _parked(data_dir: Path) -> list[str]:
+    return [t.name for t in JobStore(Spool(data_dir)).sends() if t.state is SendState.FAILED]
+
+
+def _delivered(orthanc: Orthanc, study_uid: str) -> bool:
+    modalities = {str(orthanc.rest_get(f"/instances/{i}/simplified-tags").get("Modality"))
+                  for i in orthanc.instances()}
+    return {"SR", "SEG"} <= modalities and study_uid in {
+        orthanc.rest_get(f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"] for s in orthanc.studies()}
+
+
+def _write_study(folder: Path) -> Any:
+    study = write_study(folder, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
+    for path in study.files:
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = ACCESSION
+        ds.save_as(path)
+    return study
+
+
+def test_pages_show_a_study_and_retry_a_parked_send_in_chromium(tmp_path: Path, browser: Any) -> None:
+    """A study sent with storescu appears on the studies and study pages with its finding and a
+    key image that loads; patient name and ID stay hidden without sign-in; the parked send is
+    retried from the sends page after a confirmation and reaches Orthanc; unknown paths 404, wrong
+    methods 405, a POST without the CSRF token 403; after a restart with a users file, pages answer
+    401 until a user signs in, and the signed-in user sees the patient's name and ID."""
+    require_tool("storescu")
+    pacs_port = free_port()
+    model = write_fixture_model(tmp_path / "model")
+    config = serve_config(model, max_attempts=1, retry_initial_seconds=0.2)
+    destination = f"ORTHANC@127.0.0.1:{pacs_port}"
+    node = ReaderNode(tmp_path / "node", config_text=config, destinations=[destination])
+    orthanc: Orthanc | None = None
+    try:
+        study = _write_study(tmp_path / "study")
+        sent = storescu(node.host, node.port, node.ae_title, list(study.files))
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: bool(_parked(node.data_dir)), DEADLINE_S, "the send parked (nothing listens)")
+        base = node.web_url
+
+        browser.get(base + "/")
+        assert _css(browser, '[data-count="processed"] b')[0].text == "1"
+        _shot(browser, "overview")
+
+        browser.get(base + f"/studies?accession={ACCESSION}")
+        rows = _css(browser, "tr.study")
+        assert [r.get_attribute("data-study") for r in rows] == [study.study_uid]
+        assert PATIENT_NAME not in browser.page_source and PATIENT_ID not in browser.page_source
+        assert "parked" in rows[0].text
+        _shot(browser, "studies")
+        browser.get(base + "/studies?accession=NO-SUCH")
+        assert not _css(browser, "tr.study")
+
+        browser.get(base + f"/studies/{study.study_uid}")
+        assert len(_css(browser, "tr.finding")) == 1
+        wait_until(lambda: browser.execute_script(
+            "const images = Array.from(document.querySelectorAll('img.key'));"
+            "return images.length == 1 && images.every(i => i.complete && i.naturalWidth > 0)"),
+            30, "the key image loaded")
+        assert PATIENT_NAME not in browser.page_source and PATIENT_ID not in browser.page_source
+        assert "•••" in _css(browser, "#patient")[0].text
+        _shot(browser, "study")
+        png = _css(browser, "img.key")[0].get_attribute("src")
+        status, kind, body = _http(png)
+        assert (status, kind, body[:8]) == (200, "image/png", b"\x89PNG\r\n\x1a\n")
+        status, _, _ = _http(base + f"/studies/{study.study_uid}/series/{study.series_uid}/v1/sr.dcm")
+        assert status == 403, "result objects carry patient data: not served without sign-in"
+
+        browser.get(base + "/associations")
+        assert "MODALITY" in _css(browser, "tr.association")[0].text
+        _shot(browser, "associations")
+        browser.get(base + "/models")
+        assert "test-blobs" in browser.page_source and "warm" in browser.page_source
+        _shot(browser, "models")
+        browser.get(base + "/config")
+        assert "destinations[0].port" in browser.page_source and str(pacs_port) in browser.page_source
+        _shot(browser, "config")
+
+        # bad input: 404, 405, CSRF, no stack trace
+        for path in ("/nope", "/studies/not-a-uid", f"/studies/{study.study_uid}9"):
+            status, _, body = _http(base + path, accept="text/html")
+            assert status == 404 and b"Traceback" not in body, (path, status)
+        assert _http(base + "/", method="POST", body=b"")[0] == 405
+        assert _http(base + "/sends", method="DELETE")[0] == 405
+        ticket = _parked(node.data_dir)[0]
+        assert _http(base + f"/sends/{ticket}/retry", method="POST", body=b"confirm=yes")[0] == 403
+
+        # the parked send, retried from the page once the PACS listens
+        browser.get(base + "/sends")
+        parked = _css(browser, f'#parked tr[data-ticket="{ticket}"]')
+        assert parked, browser.page_source
+        _shot(browser, "sends")
+        orthanc = Orthanc.start(tmp_path / "pacs", extra_config={"DicomPort": pacs_port})
+        _css(browser, f'#parked tr[data-ticket="{ticket}"] button[value="retry"]')[0].click()
+        assert _css(browser, "#confirm"), "retry asks for a confirmation first"
+        _shot(browser, "sends-confirm")
+        _css(browser, "#confirm-button")[0].click()
+        wait_until(lambda: _delivered(orthanc, study.study_uid), DEADLINE_S, "the SR and SEG at Orthanc")
+
+        def settled() -> bool:
+            browser.get(base + "/sends")
+            return bool(_css(browser, f'#recently tr[data-ticket="{ticket}"]')) and "done" in _css(
+                browser, f'#recently tr[data-ticket="{ticket}"]')[0].text
+        wait_until(settled, DEADLINE_S, "the send shown done")
+        browser.get(base + f"/studies/{study.study_uid}")
+        assert "sent" in browser.page_source
+        assert node.events("web.send.retried"), node.log_tail()
+    finally:
+        assert node.stop() == 0, node.log_tail()
+
+    users = tmp_path / "users"
+    users.write_text(f"{USER}:{hash_password(PASSWORD)}\n", encoding="utf-8")
+    signed = ReaderNode(tmp_path / "node2", data_dir=node.data_dir, destinations=[destination],
+                        config_text=config + f"\n[web]\nusers_file = {json.dumps(str(users))}\n")
+    try:
+        base = signed.web_url
+        assert _http(base + "/studies")[0] == 401
+        status, kind, body = _http(base + "/", accept="text/html")
+        assert status == 401 and "text/html" in kind and b'id="signin"' in body
+        assert _http(base + "/healthz")[0] == 200, "the probes need no sign-in"
+        browser.delete_all_cookies()
+        browser.get(base + f"/studies/{study.study_uid}")
+        assert _css(browser, "#signin") and PATIENT_NAME not in browser.page_source
+        _css(browser, 'input[name="user"]')[0].send_keys(USER)
+        _css(browser, 'input[name="password"]')[0].send_keys("wrong password")
+        _css(browser, "#signin-button")[0].click()
+        assert _css(browser, "#message") and not _css(browser, "#user")
+        _shot(browser, "signin")
+        _css(browser, 'input[name="user"]')[0].send_keys(USER)
+        _css(browser, 'input[name="password"]')[0].send_keys(PASSWORD)
+        _css(browser, "#signin-button")[0].click()
+        wait_until(lambda: bool(_css(browser, "#user")), 30, "signed in")
+        assert browser.current_url.endswith(f"/studies/{study.study_uid}")
+        patient = _css(browser, "#patient")[0].text
+        assert PATIENT_NAME in patient and PATIENT_ID in patient, patient
+        assert [e.get("user") for e in signed.events("web.signed_in")] == [USER]
+        assert PASSWORD not in signed.log_path.read_text(encoding="utf-8")
+    finally:
+        assert signed.stop() == 0, signed.log_tail()
+        if orthanc is not None:
+            orthanc.kill()
