@@ -11,6 +11,8 @@ the patient's name and ID. Screenshots of every page go to docs/screenshots/ (th
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -18,12 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 
+from reader.config import SecurityConfig, WebCaller, WebConfig, default_config, load_config
+from reader.errors import ConfigError
 from reader.jobs import JobStore, SendState
-from reader.passwords import hash_password
+from reader.passwords import WebUser, hash_password, verify
 from reader.spool import Spool
+from reader.web.pages import _URL_USERINFO, _settings
 from tests.node_process import ReaderNode
 from tests.peers import Orthanc, free_port, require_tool, storescu, wait_until
 from tests.reliability import serve_config, write_fixture_model, write_study
@@ -85,10 +91,19 @@ def _delivered(orthanc: Orthanc, study_uid: str) -> bool:
 
 
 def _write_study(folder: Path) -> Any:
+    """The synthetic study with air (-1000 HU) around a soft-tissue (+40 HU) ball, which the
+    fixture model (everything above about -300 HU) finds as one lesion."""
     study = write_study(folder, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
     for path in study.files:
         ds = pydicom.dcmread(path)
         ds.AccessionNumber = ACCESSION
+        k = int(ds.InstanceNumber) - 1
+        rows, columns = np.mgrid[0:ds.Rows, 0:ds.Columns]
+        radius = 22.0 * max(0.0, 1.0 - ((k - 10) / 8.0) ** 2) ** 0.5
+        inside = (rows - 30) ** 2 + (columns - 34) ** 2 <= radius**2
+        hu = np.where(inside, 40, -1000)
+        stored = (hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)
+        ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
         ds.save_as(path)
     return study
 
@@ -214,3 +229,68 @@ def test_pages_show_a_study_and_retry_a_parked_send_in_chromium(tmp_path: Path, 
         assert signed.stop() == 0, signed.log_tail()
         if orthanc is not None:
             orthanc.kill()
+
+
+def test_a_cancelled_send_stays_cancelled_and_can_be_retried(tmp_path: Path) -> None:
+    """Cancelling a parked or pending send records who and why; a stale attempt finishing later does
+    not put it back in the queue; retry re-queues a cancelled one with attempts reset; done ones
+    can be neither cancelled nor retried."""
+    jobs = JobStore(Spool(tmp_path / "data"))
+    ticket = jobs.add_send("1.2.3", 1, "PACS@127.0.0.1:104", [tmp_path / "sr.dcm"])
+    cancelled = jobs.cancel_send(ticket.name, "cancelled by admin: wrong PACS")
+    assert cancelled is not None and cancelled.state is SendState.CANCELLED
+    jobs.update_send(dataclasses.replace(ticket, attempts=1, last_error="timeout"))  # a stale attempt
+    again = jobs.send(ticket.name)
+    assert again is not None and again.state is SendState.CANCELLED and "wrong PACS" in again.last_error
+    assert not jobs.pending_sends()
+    retried = jobs.requeue_send(ticket.name)
+    assert retried is not None and retried.state is SendState.PENDING and retried.attempts == 0
+    jobs.update_send(dataclasses.replace(retried, state=SendState.DONE))
+    assert jobs.cancel_send(ticket.name, "late") is None and jobs.requeue_send(ticket.name) is None
+    done = jobs.send(ticket.name)
+    assert done is not None and done.updated_at > 0, "a settled ticket records when it settled"
+
+
+def test_users_file_errors_name_the_key(tmp_path: Path) -> None:
+    """``[web] users_file``: a missing file, a line without a hash, a plain-text password and an
+    empty file are refused at start-up naming ``web.users_file``; a good file loads its users,
+    whose hashes verify the password and never print."""
+    good = tmp_path / "users"
+    good.write_text(f"# status page users\n{USER}:{hash_password(PASSWORD)}\n", encoding="utf-8")
+    config = load_config(_web_config(tmp_path, good))
+    assert config.web is not None and [u.name for u in config.web.users] == [USER]
+    assert verify(PASSWORD, config.web.users[0].password_hash)
+    assert not verify("wrong", config.web.users[0].password_hash)
+    assert "scrypt" not in repr(config.web.users)
+    for text in ("admin\n", "admin:hunter2hunter2\n", "# nobody\n"):
+        bad = tmp_path / "bad-users"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as refused:
+            load_config(_web_config(tmp_path, bad))
+        assert refused.value.key == "web.users_file", text
+    with pytest.raises(ConfigError) as refused:
+        load_config(_web_config(tmp_path, tmp_path / "missing"))
+    assert refused.value.key == "web.users_file"
+
+
+def _web_config(tmp_path: Path, users: Path) -> Path:
+    path = tmp_path / "reader.toml"
+    path.write_text(f"[web]\nusers_file = {json.dumps(str(users))}\n", encoding="utf-8")
+    return path
+
+
+def test_configuration_page_rows_redact_secrets() -> None:
+    """The configuration page's rows show no web caller token digest, no users' hashes and no
+    credentials in a URL, but name the settings they belong to."""
+    digest = hashlib.sha256(b"a-very-secret-token-value").digest()
+    config = dataclasses.replace(
+        default_config(), security=SecurityConfig(web_callers=(WebCaller("pacs-gateway", digest),)),
+        web=WebConfig(users=(WebUser(USER, hash_password(PASSWORD)),)))
+    rows = dict(_settings(config))
+    text = repr(rows)
+    assert digest.hex() not in text and "scrypt" not in text and repr(digest) not in text
+    assert rows["security.web_callers[0].token_sha256"] == "(redacted)"
+    assert rows["security.web_callers[0].name"] == "pacs-gateway"
+    assert rows["web.users"] == USER
+    assert _URL_USERINFO.sub("(redacted)@", "https://u:p@example.org/dicom-web") == (
+        "https://(redacted)@example.org/dicom-web")
