@@ -138,8 +138,10 @@ def test_pages_show_a_study_and_retry_a_parked_send_in_chromium(tmp_path: Path, 
         assert PATIENT_NAME not in browser.page_source and PATIENT_ID not in browser.page_source
         assert "parked" in rows[0].text
         _shot(browser, "studies")
-        browser.get(base + "/studies?accession=NO-SUCH")
-        assert not _css(browser, "tr.study")
+        for query, found in (("accession=NO-SUCH", False), ("date=2024-01-02&state=flagged", True),
+                             ("date=2024-01-03", False), ("state=failed", False)):
+            browser.get(base + f"/studies?{query}")
+            assert bool(_css(browser, "tr.study")) is found, query
 
         browser.get(base + f"/studies/{study.study_uid}")
         assert len(_css(browser, "tr.finding")) == 1
