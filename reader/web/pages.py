@@ -193,8 +193,8 @@ class _Pages:
         html = self.env.get_template(template).render(
             title=title, nav=_NAV, active=request.url.path, user=user, sign_in_on=self.sign_in_on,
             csrf=self._csrf(request), refresh=REFRESH_S if refresh else 0, node_ae=self.ctx.config.ae_title,
-            show_phi=show_phi, phi=phi, tz=time.strftime("%Z"), when=_when, clock=_clock, date=_date, seconds=_seconds, size=_size,
-            **values)
+            show_phi=show_phi, phi=phi, tz=time.strftime("%Z"), when=_when, clock=_clock, date=_date,
+            seconds=_seconds, size=_size, **values)
         return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
     def _unauthorized(self, request: Request, message: str = "") -> Response:
