@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from reader.config import SecurityConfig, WebCaller, WebConfig, default_config, load_config
 from reader.errors import ConfigError
@@ -69,8 +71,10 @@ def browser() -> Iterator[Any]:
 
 
 def _shot(driver: Any, name: str) -> None:
+    """Save the page as docs/screenshots/NAME.png, in 128 colours (small for the repository)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(colors=128).save(SCREENSHOTS / f"{name}.png", optimize=True)
 
 
 def _css(driver: Any, selector: str) -> list[Any]:
