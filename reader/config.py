@@ -26,6 +26,7 @@ from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
 from reader.notify.webhook import WebhookEndpoint
+from reader.passwords import WebUser, read_users
 from reader.send import Destination, validate_ae_title
 from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
@@ -208,13 +209,17 @@ class WebConfig:
     """The node's HTTP server (``reader.web``): health probes and STOW-RS.
 
     ``port`` 0 takes any free port (the bound one is logged as ``web.listening``). A bind address
-    other than loopback needs ``tls`` and at least one ``[[security.web_callers]]``.
+    other than loopback needs ``tls`` and at least one ``[[security.web_callers]]``. ``users``
+    (read from ``users_file``, ``reader.passwords``) may sign in to the status pages, as may the
+    web callers with their token; with either, every page needs a sign-in.
     """
 
     bind_address: str = "127.0.0.1"
     port: int = 8080
     max_request_bytes: int = 1024**3  # a larger STOW-RS body is refused (413); held in memory while parsed
     tls: WebTlsConfig | None = None
+    users: tuple[WebUser, ...] = ()
+    users_file: Path | None = None
 
     @property
     def loopback(self) -> bool:
@@ -365,7 +370,7 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
 
 
 def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:
-    _known(t, "web.", {"enabled", "bind_address", "port", "max_request_mb", "tls"})
+    _known(t, "web.", {"enabled", "bind_address", "port", "max_request_mb", "tls", "users_file"})
     if not _bool(t.get("enabled", True), "web.enabled"):
         return None
     d = WebConfig()
@@ -383,13 +388,31 @@ def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:
                                                                                  tls.private_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("web.tls", f"cannot load the certificate and key: {exc}") from exc
+    users_file, users = _web_users(t, base)
     return WebConfig(
         bind_address=_str(t.get("bind_address", d.bind_address), "web.bind_address"),
         port=_int(t.get("port", d.port), "web.port", 0, 65535),
         max_request_bytes=_int(t.get("max_request_mb", d.max_request_bytes // 2**20), "web.max_request_mb",
                                1, 2**20) * 2**20,
         tls=tls,
+        users=users,
+        users_file=users_file,
     )
+
+
+def _web_users(t: Mapping[str, Any], base: Path) -> tuple[Path | None, tuple[WebUser, ...]]:
+    if "users_file" not in t:
+        return None, ()
+    path = _path(t["users_file"], "web.users_file", base)
+    try:
+        users = read_users(path)
+    except OSError as exc:
+        raise ConfigError("web.users_file", f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError("web.users_file", str(exc)) from exc
+    if not users:
+        raise ConfigError("web.users_file", f"{path} lists no user")
+    return path, users
 
 
 def _check_web_exposure(config: NodeConfig) -> None:

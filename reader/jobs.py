@@ -51,6 +51,7 @@ class SendState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"  # parked: permanent failure or attempts exhausted; ``reader retry`` re-queues
     SUPERSEDED = "superseded"  # a newer result version of the same series replaced it before sending
+    CANCELLED = "cancelled"  # an operator cancelled it (status page); ``last_error`` says who and why
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class SeriesState:
     flag: dict[str, Any] | None = None  # reader.flag.FlagDecision.as_record() of a processed series
     # the model that read a processed series: name, version, weights_sha256 (reader.pipeline.model_record)
     model: dict[str, str] | None = None
+    # wall-clock times (s since the epoch) of the last processing's steps: "complete" (the job was
+    # queued), "started" (routing began), "routed", "loaded", "inference_started", "inferred",
+    # "encoded" (results written); only those the outcome reached (``reader.web.queries``)
+    timeline: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class SendTicket:
     created_at: float = field(default_factory=time.time)
     # whose result versions supersede each other: the series, or a study read from several series
     lineage: str = ""
+    updated_at: float = 0.0  # when this state was written (a done ticket: when it was delivered)
 
     @property
     def line(self) -> str:
@@ -140,7 +146,7 @@ class JobStore:
             study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
             instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
-            flag=raw.get("flag"), model=raw.get("model"),
+            flag=raw.get("flag"), model=raw.get("model"), timeline=raw.get("timeline"),
         )
 
     def record_series(self, state: SeriesState) -> None:
@@ -223,13 +229,16 @@ class JobStore:
         return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
 
     def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
-                   flag: dict[str, Any] | None = None, model: dict[str, str] | None = None) -> None:
-        """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
+                   flag: dict[str, Any] | None = None, model: dict[str, str] | None = None, *,
+                   timeline: dict[str, float] | None = None) -> None:
+        """Record the outcome of a job and remove its ticket (unless a newer version replaced it);
+        ``timeline``: the wall-clock times of its steps (:attr:`SeriesState.timeline`)."""
         with self._lock:
             if not self.job_is_current(job):
                 return  # a newer version is queued; its own outcome will be recorded
+            steps = {"complete": job.created_at, **(timeline or {})}
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
-                                           status, reason, flag=flag, model=model))
+                                           status, reason, flag=flag, model=model, timeline=steps))
             self.spool.delete_state("jobs", job.series_uid)
 
     def job_is_current(self, job: ProcessJob) -> bool:
@@ -294,15 +303,16 @@ class JobStore:
     def update_send(self, ticket: SendTicket) -> None:
         """Durably record a send ticket's new state.
 
-        A ticket superseded meanwhile (a newer result version was queued while this one was being
-        attempted) stays superseded unless the attempt delivered it: a stale copy must not put it
-        back in the queue, or the older version could reach the PACS after the newer one.
+        A ticket superseded or cancelled meanwhile (a newer result version was queued, or an
+        operator cancelled it, while this one was being attempted) stays so unless the attempt
+        delivered it: a stale copy must not put it back in the queue, or the older version could
+        reach the PACS after the newer one.
         """
         with self._lock:
             current = self.send(ticket.name)
-            if (current is not None and current.state is SendState.SUPERSEDED
+            if (current is not None and current.state in (SendState.SUPERSEDED, SendState.CANCELLED)
                     and ticket.state is not SendState.DONE):
-                ticket = replace(ticket, state=SendState.SUPERSEDED)
+                ticket = replace(ticket, state=current.state, last_error=current.last_error)
             self._write_send(ticket)
 
     def requeue_failed(self) -> list[SendTicket]:
@@ -315,6 +325,28 @@ class JobStore:
                     self._write_send(fresh)
                     requeued.append(fresh)
             return requeued
+
+    def requeue_send(self, name: str) -> SendTicket | None:
+        """Put one parked (failed) or cancelled ticket back in the queue, attempts reset; None when
+        there is no such ticket or it is pending, done or superseded."""
+        with self._lock:
+            ticket = self.send(name)
+            if ticket is None or ticket.state not in (SendState.FAILED, SendState.CANCELLED):
+                return None
+            fresh = replace(ticket, state=SendState.PENDING, attempts=0, next_attempt_at=0.0)
+            self._write_send(fresh)
+            return fresh
+
+    def cancel_send(self, name: str, reason: str) -> SendTicket | None:
+        """Cancel one pending or parked ticket, recording ``reason`` as its last error; None when
+        there is no such ticket or it is already settled otherwise (done, superseded, cancelled)."""
+        with self._lock:
+            ticket = self.send(name)
+            if ticket is None or ticket.state not in (SendState.PENDING, SendState.FAILED):
+                return None
+            cancelled = replace(ticket, state=SendState.CANCELLED, last_error=reason)
+            self._write_send(cancelled)
+            return cancelled
 
     def _active(self) -> list[SendTicket]:
         return [t for n in self.spool.list_state(_SENDS) if (t := self._read_send(_SENDS, n)) is not None]
@@ -330,6 +362,7 @@ class JobStore:
     def _write_send(self, ticket: SendTicket) -> None:
         """Write the ticket's state where the dispatcher looks; a settled one then moves to the
         archive, a pending one leaves it."""
+        ticket = replace(ticket, updated_at=time.time())
         self.spool.write_state(_SENDS, ticket.name, _dump(ticket))
         if ticket.state is SendState.PENDING:
             self.spool.delete_state(_ARCHIVE, ticket.name)

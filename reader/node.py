@@ -33,6 +33,7 @@ import pydicom
 import structlog
 
 from reader.assemble import CompleteSeries, CompletionTracker
+from reader.associations import AssociationLog
 from reader.config import NodeConfig
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
@@ -45,7 +46,7 @@ from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
-from reader.web import Readiness, WebContext, WebServer, build_app
+from reader.web import PagesContext, Readiness, WebContext, WebServer, build_app
 
 __all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
 
@@ -257,7 +258,8 @@ class Node:
         self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
         self.jobs = JobStore(self.spool)
         self.tracker = CompletionTracker(config.completion)
-        self.scp = StorageSCP(config, self.spool, self.tracker)
+        self.associations = AssociationLog()
+        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
@@ -271,9 +273,11 @@ class Node:
         if config.web is not None:
             readiness = Readiness(self.spool, (r.model for r in config.routes), models,
                                   lambda: self.scp.listening)
+            pages = PagesContext(config, self.jobs, models, self.associations, stages=self.board.snapshot,
+                                 wake_sends=self._sends.set)
             self.web = WebServer(config.web, build_app(WebContext(
                 self.spool, self.tracker, readiness, config.security.web_callers,
-                config.web.max_request_bytes)))
+                config.web.max_request_bytes, pages)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""

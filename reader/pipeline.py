@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,8 +259,12 @@ class Pipeline:
         self._queue_sends(series, lineage, version, paths)
         for destination, path in notifications:
             self.jobs.add_send(series, version, destination, [path], lineage=lineage)
+        wall = _wall_clock()
         self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record(),
-                             model=model_record(result.algorithm))
+                             model=model_record(result.algorithm), timeline={
+            "started": wall(prepared.started_at), "routed": wall(prepared.routed_at),
+            "loaded": wall(prepared.loaded_at), "inference_started": wall(inferred.inference_started_at),
+            "inferred": wall(inferred.inference_ended_at), "encoded": wall(t5)})
         waiting = (inferred.inference_started_at - prepared.loaded_at) + (t3 - inferred.inference_ended_at)
         bound.info("series.processed", findings=len(result.findings), flag=flag.state.value,
                    route=route.name, provider=result.provider, result_version=version, **_seconds(
@@ -334,6 +338,12 @@ class Pipeline:
 
 def _bind(job: ProcessJob) -> Any:
     return log.bind(study_uid=job.study_uid, series_uid=job.series_uid, version=job.version)
+
+
+def _wall_clock() -> Callable[[float], float]:
+    """Maps a ``time.perf_counter()`` reading taken earlier in this process to wall-clock time."""
+    offset = time.time() - time.perf_counter()
+    return lambda counter: round(counter + offset, 3)
 
 
 def _seconds(**spans: float) -> dict[str, float]:

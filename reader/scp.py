@@ -53,6 +53,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from reader import dimse, tls
 from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
+from reader.associations import AssociationLog
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
@@ -96,9 +97,20 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> int:
+def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
+                  associations: AssociationLog) -> int:
     """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
     association's thread."""
+    status, reason = _store(event, spool, tracker)
+    if status == dimse.SUCCESS:
+        associations.stored(id(event.assoc))
+    else:
+        associations.refused(id(event.assoc), reason)
+    return status
+
+
+def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> tuple[int, str]:
+    """Store one instance; the DIMSE status and, when refused, the reason's name."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     try:
@@ -107,26 +119,28 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) ->
                        stat=request.Priority == PRIORITY_HIGH)
     except OutOfResources as exc:
         log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
-        return dimse.OUT_OF_RESOURCES
+        return dimse.OUT_OF_RESOURCES, "out_of_resources"
     except InputRejected as exc:
         log.warning("instance.rejected", reason=exc.reason, detail=exc.detail,
                     calling_ae=event.assoc.requestor.ae_title)
-        return dimse.CANNOT_UNDERSTAND
+        return dimse.CANNOT_UNDERSTAND, exc.reason
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
-        return dimse.OUT_OF_RESOURCES
+        return dimse.OUT_OF_RESOURCES, "storage_error"
     log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
-    return dimse.SUCCESS
+    return dimse.SUCCESS, ""
 
 
 def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event) -> None:
+def _handle_accepted(event: evt.Event, associations: AssociationLog) -> None:
     log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
              address=event.assoc.requestor.address)
+    associations.opened(id(event.assoc), str(event.assoc.requestor.ae_title),
+                        str(event.assoc.requestor.address))
 
 
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
@@ -135,7 +149,7 @@ _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
-def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
+def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: AssociationLog) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -149,6 +163,7 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
         return
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
+    associations.opened(id(assoc), decision.calling_ae, address, rejected=decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
     assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
 
@@ -172,17 +187,20 @@ def _handle_conn_open_tune(event: evt.Event) -> None:
     tune_association(event.assoc)
 
 
-def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
+def _handle_ended(event: evt.Event, tracker: CompletionTracker, associations: AssociationLog) -> None:
     tracker.association_ended(id(event.assoc))
+    associations.ended(id(event.assoc))
 
 
 class StorageSCP:
     """The node's listening AE."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
+                 associations: AssociationLog | None = None) -> None:
         self._config = config
         self._spool = spool
         self._tracker = tracker
+        self.associations = associations if associations is not None else AssociationLog()
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -201,13 +219,13 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker]),
-            (evt.EVT_ACCEPTED, _handle_accepted),
-            (evt.EVT_RELEASED, _handle_ended, [self._tracker]),
-            (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
-            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),
+            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self.associations]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations]),
+            (evt.EVT_RELEASED, _handle_ended, [self._tracker, self.associations]),
+            (evt.EVT_ABORTED, _handle_ended, [self._tracker, self.associations]),
+            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self.associations]),
         ]
         context = None
         if cfg.security.tls is not None:
