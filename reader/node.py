@@ -33,6 +33,7 @@ import pydicom
 import structlog
 
 from reader.assemble import CompletionTracker
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
@@ -256,13 +257,15 @@ class Node:
         self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
         self.jobs = JobStore(self.spool)
         self.tracker = CompletionTracker(config.completion)
-        self.scp = StorageSCP(config, self.spool, self.tracker)
+        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
+                      else None)
+        self.scp = StorageSCP(config, self.spool, self.tracker, self.audit)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
-        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu)
+        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit)
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -277,6 +280,8 @@ class Node:
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
         load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
+        if self.audit is not None:
+            self.audit.start()
         self._resume()
         for name, target in (("completion", self._completion_loop), ("loader", self._loader_loop),
                              ("inference", self._inference_loop), ("finishing", self._finishing_loop),
@@ -290,6 +295,8 @@ class Node:
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
                  web_port=self.web.port if self.web is not None else None,
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
+        if self.audit is not None:
+            self.audit.application_started()
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations; the load, inference, encoding and send in progress
@@ -304,6 +311,9 @@ class Node:
         self.tracker.wake()
         for t in self._threads:
             t.join(timeout)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.stop()
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def _resume(self) -> None:

@@ -53,6 +53,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from reader import dimse, tls
 from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
@@ -96,9 +97,10 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> int:
-    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
-    association's thread."""
+def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
+                  audit: AuditTrail | None = None) -> int:
+    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer; the audit
+    trail counts the instance (in memory). Runs in the association's thread."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     try:
@@ -115,6 +117,11 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) ->
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
         return dimse.OUT_OF_RESOURCES
+    if audit is not None:
+        requestor = event.assoc.requestor
+        audit.instance_received(id(event.assoc), calling_ae=str(requestor.ae_title),
+                                address=str(requestor.address), study_uid=ids.study_uid,
+                                sop_class_uid=str(request.AffectedSOPClassUID), header=event.dataset)
     log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
     return dimse.SUCCESS
@@ -124,9 +131,11 @@ def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event) -> None:
+def _handle_accepted(event: evt.Event, audit: AuditTrail | None = None) -> None:
     log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
              address=event.assoc.requestor.address)
+    if audit is not None:
+        audit.association_accepted(str(event.assoc.requestor.ae_title), str(event.assoc.requestor.address))
 
 
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
@@ -135,7 +144,7 @@ _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
-def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
+def _handle_requested(event: evt.Event, policy: AccessPolicy, audit: AuditTrail | None = None) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -149,6 +158,8 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
         return
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
+    if audit is not None:
+        audit.association_rejected(decision.calling_ae, address, decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
     assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
 
@@ -172,17 +183,21 @@ def _handle_conn_open_tune(event: evt.Event) -> None:
     tune_association(event.assoc)
 
 
-def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
+def _handle_ended(event: evt.Event, tracker: CompletionTracker, audit: AuditTrail | None = None) -> None:
     tracker.association_ended(id(event.assoc))
+    if audit is not None:
+        audit.association_ended(id(event.assoc))  # the studies it delivered (once: later calls find none)
 
 
 class StorageSCP:
     """The node's listening AE."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
+                 audit: AuditTrail | None = None) -> None:
         self._config = config
         self._spool = spool
         self._tracker = tracker
+        self._audit = audit
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -201,13 +216,13 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self._audit]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker]),
-            (evt.EVT_ACCEPTED, _handle_accepted),
-            (evt.EVT_RELEASED, _handle_ended, [self._tracker]),
-            (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
-            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),
+            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self._audit]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self._audit]),
+            (evt.EVT_RELEASED, _handle_ended, [self._tracker, self._audit]),
+            (evt.EVT_ABORTED, _handle_ended, [self._tracker, self._audit]),
+            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self._audit]),
         ]
         context = None
         if cfg.security.tls is not None:
