@@ -71,7 +71,10 @@ class CollectorSender:
 
     def __init__(self, host: str, port: int, outbox: Path, *, tls: TlsClientConfig | None = None,
                  retry_initial: timedelta = timedelta(seconds=0.5),
-                 retry_max: timedelta = timedelta(seconds=30)) -> None:
+                 retry_max: timedelta = timedelta(seconds=30),
+                 listing_lock: threading.Lock | None = None) -> None:
+        """``listing_lock``: held by whoever adds files to ``outbox``, so that a listing never sees
+        a newer file without the older ones."""
         self.host = host
         self.port = port
         self.outbox = outbox
@@ -79,6 +82,7 @@ class CollectorSender:
         self._server_name = (tls.server_name or host) if tls is not None else None
         self._retry_initial = retry_initial.total_seconds()
         self._retry_max = retry_max.total_seconds()
+        self._listing_lock = listing_lock or threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,10 +103,11 @@ class CollectorSender:
 
     def pending(self) -> list[Path]:
         """The messages still to deliver, oldest first."""
-        try:
-            return sorted(p for p in self.outbox.iterdir() if p.suffix == ".msg")
-        except FileNotFoundError:
-            return []
+        with self._listing_lock:
+            try:
+                return sorted(p for p in self.outbox.iterdir() if p.suffix == ".msg")
+            except FileNotFoundError:
+                return []
 
     def stop(self, drain: float = 0.0) -> None:
         """Stop, after up to ``drain`` seconds spent delivering what waits (the rest waits on disk)."""

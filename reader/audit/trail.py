@@ -1,11 +1,14 @@
 """The node's audit trail: what happened, to whose data, recorded as DICOM audit messages.
 
 :class:`AuditTrail` turns the node's events into the messages of ``reader.audit.messages`` and
-records each durably before returning: one line in the local audit file (``<data_dir>/audit/
-audit.log`` unless configured) and one file in the outbox of each configured collector, which a
-sender thread per collector (``reader.audit.syslog``) delivers in order. Recording does disk work
-only (an append and an atomic file write per collector, each fsynced); no caller ever waits on a
-network, so a collector that is down never slows the C-STORE path or the sends.
+queues them in memory; its writer thread makes them durable in batches: a line each in the local
+audit file (``<data_dir>/audit/audit.log`` unless configured, fsynced once a batch) and a file each
+in the outbox of every configured collector (written atomically), which a sender thread per
+collector (``reader.audit.syslog``) delivers in order. Callers (the association threads among
+them) only build the XML and enqueue it: they never wait on a disk or a network, so a collector
+that is down never slows the C-STORE path or the sends. What a crash can lose: the messages of
+the last few milliseconds not yet written, and the receipts of associations still open (they
+are reported when an association ends).
 
 These messages name patients (ATNA requires it), so they go to the audit file and the collectors
 only, never to the ordinary structlog log, whose audit events (``audit.collector_down``...) carry
@@ -15,10 +18,13 @@ no identity. Receipts are audited once per study and association, when the assoc
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import itertools
 import os
+import queue
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,8 +40,6 @@ import structlog
 from reader.audit import messages as m
 from reader.audit.syslog import CollectorSender, format_message
 from reader.config import AuditCollector, AuditConfig
-from reader.errors import StorageError
-from reader.spool import atomic_write
 
 __all__ = ["AuditTrail"]
 
@@ -43,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 _DRAIN_ON_STOP_S = 3.0
 _APP_NAME = "reader"
+_BATCH = 1000  # messages written (and fsynced) together at most
 
 
 @dataclass
@@ -90,9 +95,12 @@ class AuditTrail:
         self._lock = threading.Lock()  # the receipts of open associations
         self._write_lock = threading.Lock()  # the audit file and the outboxes
         self._sequence = itertools.count()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._receipts: dict[int, _Receipt] = {}
         self.senders = [CollectorSender(c.host, c.port, self._outbox / _outbox_name(c), tls=c.tls,
-                                        retry_max=config.retry_max) for c in config.collectors]
+                                        retry_max=config.retry_max, listing_lock=self._write_lock)
+                        for c in config.collectors]
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,30 +109,65 @@ class AuditTrail:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sender in self.senders:
             sender.start()
+        self._writer = threading.Thread(target=self._write_loop, name="reader-audit-writer", daemon=True)
+        self._writer.start()
 
     def stop(self) -> None:
-        """Give the senders a moment to deliver what waits, then stop them (the rest stays queued)."""
+        """Write every queued message, give the senders a moment to deliver what waits, then stop
+        them (the rest stays in the outboxes for the next start)."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
         for sender in self.senders:
             sender.stop(drain=_DRAIN_ON_STOP_S)
 
     # --- recording --------------------------------------------------------------------------
     def record(self, xml: bytes, *, failure: bool = False) -> None:
-        """Durably queue one audit message for the file and every collector. A disk failure is
-        logged (``audit.write_failed``), never raised: auditing does not stop the work audited."""
+        """Queue one audit message (stamped now) for the file and every collector; returns at once.
+        Before :meth:`start` or after :meth:`stop` it is written at once instead."""
         line = format_message(xml, hostname=self.hostname, app_name=_APP_NAME, failure=failure)
-        name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):09d}.msg"
+        if self._writer is not None:
+            self._queue.put(line)
+        else:
+            self._write([line])
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [] if first is None else [first]
+            stop = first is None
+            while len(batch) < _BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._write(batch)
+            if stop:
+                return
+
+    def _write(self, lines: list[bytes]) -> None:
+        """Append ``lines`` to the audit file and put a file each in every outbox, all durably, in
+        order. A disk failure is logged (``audit.write_failed``), never raised: auditing does not
+        stop the work audited."""
         try:
             with self._write_lock:
                 fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
-                    os.write(fd, line + b"\n")
+                    os.write(fd, b"".join(line + b"\n" for line in lines))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                names = [f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):09d}.msg" for _ in lines]
                 for sender in self.senders:
-                    atomic_write(sender.outbox / name, line, self._tmp)
-        except (OSError, StorageError) as exc:
-            log.error("audit.write_failed", detail=str(exc))
+                    _write_files(sender.outbox, self._tmp, zip(names, lines, strict=True))
+        except OSError as exc:
+            log.error("audit.write_failed", detail=str(exc), messages=len(lines))
             return
         for sender in self.senders:
             sender.wake()
@@ -237,6 +280,29 @@ class AuditTrail:
         studies: Iterable[m.StudyObject] = (m.StudyObject(study_uid),) if study_uid else ()
         self.record(m.restricted_function(self.source, person, self.node, subject=f"reader:send/{ticket}",
                                           description=description, studies=tuple(studies), patient=patient))
+
+
+def _write_files(folder: Path, tmp_dir: Path, files: Iterable[tuple[str, bytes]]) -> None:
+    """Write each (name, data) into ``folder`` atomically (temporary file, fsync, rename), then
+    make the new names durable with one fsync of the folder."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, data in files:
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _destination(key: str) -> m.Participant:
