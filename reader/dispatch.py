@@ -145,6 +145,7 @@ class Dispatcher:
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
         files = [Path(f) for f in ticket.files]
+        target: Delivery | None = None
         try:
             target = self._target(ticket.destination)
             sent = target.deliver(files)

@@ -102,6 +102,7 @@ STOP = (m.APPLICATION_ACTIVITY.value, m.APPLICATION_STOP.value, "E")
 NODE_AUTH = (m.SECURITY_ALERT.value, m.NODE_AUTHENTICATION.value, "E")
 LOGIN = (m.USER_AUTHENTICATION.value, m.LOGIN.value, "E")
 RESTRICTED = (m.SECURITY_ALERT.value, m.USE_OF_RESTRICTED_FUNCTION.value, "E")
+DELETED = (m.STUDY_DELETED.value, "", "D")
 
 SOURCE = m.AuditSource("SECONDREADER", "RADIOLOGY")
 NODE = m.Participant("SECONDREADER", False, ae_titles=("SECONDREADER",), address="reader-host")
@@ -124,6 +125,7 @@ def _all_messages() -> list[bytes]:
         m.user_authentication(SOURCE, user, NODE, success=False, description="wrong password"),
         m.restricted_function(SOURCE, user, NODE, subject="reader:send/t1", description="send retried",
                               studies=[study], patient=PATIENT),
+        m.study_deleted(SOURCE, NODE, [study], PATIENT),
     ]
 
 
@@ -131,9 +133,9 @@ def _all_messages() -> list[bytes]:
 
 def test_every_message_is_valid_against_the_dicom_audit_schema(schema: etree.RelaxNG) -> None:
     """Each audit message the node builds (start, stop, association accepted and refused,
-    instances received and sent, sign-in and refused sign-in, manual retry) validates against the
-    PS3.15 A.5.1.1 schema, is one line, and a message with its elements out of the schema's order
-    does not (the validator is not vacuous)."""
+    instances received and sent, sign-in and refused sign-in, manual retry, study deleted) validates
+    against the PS3.15 A.5.1.1 schema, is one line, and a message with its elements out of the
+    schema's order does not (the validator is not vacuous)."""
     for xml in _all_messages():
         _valid(schema, xml)
         assert b"\n" not in xml
@@ -244,8 +246,9 @@ def _trail(data_dir: Path, *collectors: AuditCollector) -> AuditTrail:
 
 def test_sign_in_retry_and_cancel_reach_the_collector(tmp_path: Path, rsyslog: Rsyslog,
                                                       schema: etree.RelaxNG) -> None:
-    """The functions the web pages call (sign-in, refused sign-in, manual retry and cancel of a
-    send) each record one valid message, in the local audit file and at rsyslog, in order."""
+    """The functions the web pages and ``reader purge`` call (sign-in, refused sign-in, manual
+    retry and cancel of a send, study deleted) each record one valid message, in the local audit
+    file and at rsyslog, in order."""
     trail = _trail(tmp_path / "data", AuditCollector(rsyslog.host, rsyslog.port))
     try:
         trail.user_signed_in("alice", "192.0.2.7", success=True)
@@ -253,7 +256,8 @@ def test_sign_in_retry_and_cancel_reach_the_collector(tmp_path: Path, rsyslog: R
         trail.send_retried("alice", "192.0.2.7", ticket="s1-v1-PACS", destination="PACS@pacs:104",
                            study_uid="1.2.3", patient=PATIENT)
         trail.send_cancelled("alice", "192.0.2.7", ticket="s2-v1-PACS", destination="PACS@pacs:104")
-        wait_until(lambda: len(rsyslog.messages()) >= 4, 30, "4 audit messages at rsyslog")
+        trail.study_deleted("1.2.3", PATIENT, user="alice", address="192.0.2.7")
+        wait_until(lambda: len(rsyslog.messages()) >= 5, 30, "5 audit messages at rsyslog")
     finally:
         trail.stop()
     lines = rsyslog.messages()
@@ -261,8 +265,11 @@ def test_sign_in_retry_and_cancel_reach_the_collector(tmp_path: Path, rsyslog: R
     roots = _parsed(lines)
     for line in lines:
         _valid(schema, _xml(line))
-    assert [_event(r) for r in roots] == [LOGIN, LOGIN, RESTRICTED, RESTRICTED]
-    assert [_outcome(r) for r in roots] == ["0", "4", "0", "0"]
+    assert [_event(r) for r in roots] == [LOGIN, LOGIN, RESTRICTED, RESTRICTED, DELETED]
+    assert [_outcome(r) for r in roots] == ["0", "4", "0", "0", "0"]
+    deleted = roots[4]
+    assert _studies(deleted) == {"1.2.3"}
+    assert _objects(deleted, "1")[0].get("ParticipantObjectID") == PATIENT_ID
     assert roots[1].find("ActiveParticipant").get("UserID") == "mallory"  # type: ignore[union-attr]
     retry, cancel = roots[2], roots[3]
     details = [o.find("ParticipantObjectDetail") for o in _objects(retry, "20") + _objects(cancel, "20")]

@@ -10,6 +10,8 @@ One function per audit event of PS3.15 A.5.3 that the node reports, each returni
 - :func:`instances_transferred`: A.5.3.5 DICOM Instances Transferred (110104), action ``C`` for
   instances received (the receiver did not hold them), ``R`` for instances we sent (read from our
   store); one message per study and association, each with its Study and Patient objects;
+- :func:`study_deleted`: A.5.3.6 DICOM Study Deleted (110105), action D: a study removed
+  (``reader purge``, retention), with its Study and Patient objects;
 - :func:`user_authentication`: A.5.3.12 User Authentication (110114), Login (110122);
 - :func:`restricted_function`: A.5.3.11 Security Alert of type Use of Restricted Function
   (110132): an operator's manual retry or cancel of a send. Of the A.5.3 events, Security Alert
@@ -47,6 +49,7 @@ __all__ = [
     "instances_transferred",
     "node_authentication",
     "restricted_function",
+    "study_deleted",
     "user_authentication",
 ]
 
@@ -63,6 +66,7 @@ class Code:
 # PS3.16 CID 400 Audit Event ID
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
 # PS3.16 CID 401 Audit Event Type Code
@@ -283,6 +287,22 @@ def instances_transferred(source: AuditSource, sender: Participant, receiver: Pa
                                    sender.user_name, sender.address))
     _participant(root, Participant(receiver.user_id, not received, (DESTINATION,), receiver.ae_titles,
                                    receiver.user_name, receiver.address))
+    _source(root, source)
+    for study in studies:
+        _study(root, study)
+    _patient(root, patient)
+    return _bytes(root)
+
+
+def study_deleted(source: AuditSource, deleter: Participant, studies: Sequence[StudyObject],
+                  patient: PatientObject, *, when: datetime | None = None) -> bytes:
+    """A.5.3.6 DICOM Study Deleted (action D): ``deleter`` (a person or the node's retention,
+    the requestor) removed ``studies`` of ``patient``."""
+    if not studies:
+        raise ValueError("DICOM Study Deleted needs at least one study")
+    root = _message(STUDY_DELETED, Action.DELETE, Outcome.SUCCESS, when)
+    _participant(root, Participant(deleter.user_id, True, (), deleter.ae_titles, deleter.user_name,
+                                   deleter.address))
     _source(root, source)
     for study in studies:
         _study(root, study)

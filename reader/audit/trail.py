@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import pydicom
 import structlog
+from pydicom.errors import InvalidDicomError
 
 from reader.audit import messages as m
 from reader.audit.syslog import CollectorSender, format_message
@@ -204,12 +205,14 @@ class AuditTrail:
                           sop_class_uid: str, header: Any) -> None:
         """Count one instance stored from an association (memory only; audited when it ends).
         ``header`` is the dataset: its Patient ID, Patient's Name and Accession Number are read."""
+        try:
+            patient, accession = _patient(header), _text(header.get("AccessionNumber"))
+        except Exception as exc:  # noqa: BLE001 - a header pydicom cannot decode must not fail a stored instance
+            log.warning("audit.header_unreadable", error=type(exc).__name__)
+            patient, accession = m.PatientObject(""), ""
         with self._lock:
             receipt = self._receipts.setdefault(association_id, _Receipt(calling_ae, address))
-            tally = receipt.studies.get(study_uid)
-            if tally is None:
-                tally = receipt.studies[study_uid] = _StudyTally(_patient(header))
-            accession = _text(header.get("AccessionNumber"))
+            tally = receipt.studies.setdefault(study_uid, _StudyTally(patient))
             if accession:
                 tally.accession_numbers.add(accession)
             tally.sop_classes[sop_class_uid] += 1
@@ -235,9 +238,13 @@ class AuditTrail:
         receiver = _destination(destination)
         by_patient: dict[m.PatientObject, dict[str, _StudyTally]] = {}
         for path in files:
-            header = pydicom.dcmread(path, stop_before_pixels=True,
-                                     specific_tags=["StudyInstanceUID", "SOPClassUID", "PatientID",
-                                                    "PatientName", "AccessionNumber"])
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True,
+                                         specific_tags=["StudyInstanceUID", "SOPClassUID", "PatientID",
+                                                        "PatientName", "AccessionNumber"])
+            except (OSError, InvalidDicomError) as exc:  # sent, then gone: audit the others
+                log.error("audit.result_unreadable", file=path.name, detail=str(exc))
+                continue
             patient = _patient(header)
             studies = by_patient.setdefault(patient, {})
             study_uid = _text(header.get("StudyInstanceUID"))
@@ -252,7 +259,16 @@ class AuditTrail:
             self.record(m.instances_transferred(self.source, self.node, receiver, objects, patient,
                                                 received=False))
 
-    # --- for the web pages (wired by them) ---------------------------------------------------
+    # --- for retention, the command line and the web pages (wired by them) --------------------
+    def study_deleted(self, study_uid: str, patient: m.PatientObject, *, user: str | None = None,
+                      address: str | None = None) -> None:
+        """A.5.3.6 DICOM Study Deleted: ``study_uid`` of ``patient`` removed by ``user`` (from
+        ``address``), or by the node itself (retention) when no user is given."""
+        deleter = (m.Participant(user, True, address=address) if user is not None
+                   else m.Participant(self.node.user_id, True, ae_titles=self.node.ae_titles,
+                                      address=self.node.address))
+        self.record(m.study_deleted(self.source, deleter, [m.StudyObject(study_uid)], patient))
+
     def user_signed_in(self, user: str, address: str, success: bool, detail: str = "") -> None:
         """A.5.3.12 User Authentication, Login: ``user`` from ``address``; a refused sign-in is
         outcome 4 (minor failure) with ``detail`` (never the password tried)."""
