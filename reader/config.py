@@ -42,6 +42,7 @@ __all__ = [
     "Route",
     "SecurityConfig",
     "SendingConfig",
+    "Source",
     "WebCaller",
     "WebConfig",
     "WebTlsConfig",
@@ -121,6 +122,22 @@ class Route:
     # "series": every matching series is read on its own.
     read: Literal["study", "series"] = "study"
     prefer: SeriesPreference = field(default_factory=lambda: SeriesPreference.of(DEFAULT_LUNG_KERNELS))
+
+
+@dataclass(frozen=True)
+class Source:
+    """A PACS the node reads studies back from (``reader backfill --from NAME``): a Query/Retrieve
+    SCP (PS3.4 Annex C, Study Root) that knows the node's AE title as a C-MOVE destination."""
+
+    name: str
+    ae_title: str = ""  # DIMSE sources: the PACS's Query/Retrieve SCP
+    host: str = ""
+    port: int = 0
+    url: str = ""  # DICOMweb sources: the root of QIDO-RS and WADO-RS (then retrieve is "get")
+    hold_ttl: timedelta = timedelta(hours=24)  # how long the node waits for a study's missing instances
+    # "move": C-MOVE to the node's AE title (the PACS connects to the node); "get": C-GET (or, for a
+    # DICOMweb source, WADO-RS) to the backfill, which stores each series to the node itself
+    retrieve: Literal["move", "get"] = "move"
 
 
 @dataclass(frozen=True)
@@ -271,6 +288,14 @@ class NodeConfig:
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
+
+    def source(self, name: str) -> Source:
+        """The source named ``name`` (case-insensitive); raises KeyError."""
+        for s in self.sources:
+            if s.name.casefold() == name.casefold():
+                return s
+        raise KeyError(name)
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -313,7 +338,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "web", "audit"})
+                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -349,6 +374,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         routes=routes,
         worklist=_worklist(raw, base),
         audit=_audit(_table(raw, "audit"), base),
+        sources=_sources(raw),
     )
     _check_web_exposure(config)
     return config
@@ -612,6 +638,38 @@ def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
         stat_accession_prefixes=_strs(priority.get("stat_accession_prefixes", []),
                                       "priority.stat_accession_prefixes"),
     )
+
+
+def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
+    """``[[sources]]``: name and either ae_title, host, port (DIMSE) or url (DICOMweb);
+    hold_ttl_seconds, retrieve; names unique (case-insensitive)."""
+    sources: list[Source] = []
+    for i, value in enumerate(_list(raw.get("sources", []), "sources")):
+        key = f"sources[{i}]"
+        t = _entry(value, key, {"name", "ae_title", "host", "port", "url", "hold_ttl_seconds", "retrieve"})
+        url = _str(t["url"], key + ".url") if "url" in t else ""
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(key + ".url", f"must be an http:// or https:// URL, got {url!r}")
+        retrieve = _str(t.get("retrieve", "get" if url else "move"), key + ".retrieve")
+        if retrieve not in ("move", "get") or (url and retrieve == "move"):
+            raise ConfigError(key + ".retrieve",
+                              f'must be "move" or "get" ("get" with a url), got {retrieve!r}')
+        if url and any(k in t for k in ("ae_title", "host", "port")):
+            raise ConfigError(key + ".url", "a source has either a url (DICOMweb) or ae_title, host, port")
+        source = Source(
+            name=_str(t.get("name"), key + ".name"),
+            ae_title="" if url else _ae_title(t.get("ae_title"), key + ".ae_title"),
+            host="" if url else _str(t.get("host"), key + ".host"),
+            port=0 if url else _port(t.get("port"), key + ".port"),
+            url=url,
+            hold_ttl=_seconds(t.get("hold_ttl_seconds", Source.hold_ttl.total_seconds()),
+                              key + ".hold_ttl_seconds", 60, 30 * 86400),
+            retrieve="get" if retrieve == "get" else "move",
+        )
+        if any(s.name.casefold() == source.name.casefold() for s in sources):
+            raise ConfigError(key + ".name", f"another source is named {source.name!r}")
+        sources.append(source)
+    return tuple(sources)
 
 
 def _entry(value: Any, key: str, keys: set[str]) -> Mapping[str, Any]:

@@ -20,6 +20,7 @@ import hashlib
 import random
 import threading
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,8 @@ class SeriesState:
     reason: str = ""
     updated_at: float = 0.0
     flag: dict[str, Any] | None = None  # reader.flag.FlagDecision.as_record() of a processed series
+    # the model that read a processed series: name, version, weights_sha256 (reader.pipeline.model_record)
+    model: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ class JobStore:
             study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
             instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
-            flag=raw.get("flag"),
+            flag=raw.get("flag"), model=raw.get("model"),
         )
 
     def record_series(self, state: SeriesState) -> None:
@@ -145,16 +148,20 @@ class JobStore:
         self.spool.write_state("series", state.series_uid, _dump(replace(state, updated_at=time.time())))
 
     def enqueue_if_changed(self, study_uid: str, series_uid: str, instances: tuple[str, ...],
-                           priority: int = 0) -> ProcessJob | None:
+                           priority: int = 0, models: Collection[Mapping[str, str]] | None = None
+                           ) -> ProcessJob | None:
         """Queue processing unless exactly these instances were already processed or queued.
 
         A new instance after processing gives a new result version that supersedes the old one;
-        re-sent identical instances change nothing (idempotent).
+        re-sent identical instances change nothing (idempotent), except that with ``models`` (the
+        ``model_record`` of each model loaded now) a series done by none of them is read again
+        (a study moved back by ``reader backfill`` after a model update).
         """
         with self._lock:
             instances = tuple(sorted(instances))
             state = self.series_state(series_uid)
-            if state is not None and state.instances == instances:
+            if state is not None and state.instances == instances and not (
+                    models is not None and state.status is SeriesStatus.DONE and state.model not in models):
                 return None
             version = 1 if state is None else state.version + 1
             job = ProcessJob(study_uid, series_uid, version, instances, priority)
@@ -166,17 +173,22 @@ class JobStore:
                              at_least: int) -> int:
         """The result version of a study lineage ``key`` (``reader.study.study_result_key``) for
         reading ``series_uid`` with ``instances``: the recorded one when that series and those
-        instances were read last (a job run again after a crash), else a new one above it and at
-        least ``at_least`` (the job's series version, so a study of one series keeps its series'
-        versions). Durable before it returns."""
+        instances were read last by the same job version (a job run again after a crash), else a
+        new one above it and at least ``at_least`` (the job's series version, so a study of one
+        series keeps its series' versions; a series read again with the same instances, by a newer
+        model, is a new job version). Durable before it returns."""
         with self._lock:
             instances = tuple(sorted(instances))
             raw = self.spool.read_state("studies", key)
             reads: list[dict[str, Any]] = [] if raw is None else raw["reads"]
-            if reads and reads[-1]["series_uid"] == series_uid and tuple(reads[-1]["instances"]) == instances:
-                return int(reads[-1]["version"])
-            version = max(at_least, 1 if not reads else int(reads[-1]["version"]) + 1)
-            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version})
+            last = reads[-1] if reads else None
+            same_job = last is not None and int(last.get("job_version", at_least)) == at_least
+            if (last is not None and same_job and last["series_uid"] == series_uid
+                    and tuple(last["instances"]) == instances):
+                return int(last["version"])
+            version = max(at_least, 1 if last is None else int(last["version"]) + 1)
+            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version,
+                          "job_version": at_least})
             self.spool.write_state("studies", key, {"reads": reads})
             return version
 
@@ -211,13 +223,13 @@ class JobStore:
         return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
 
     def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
-                   flag: dict[str, Any] | None = None) -> None:
+                   flag: dict[str, Any] | None = None, model: dict[str, str] | None = None) -> None:
         """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
         with self._lock:
             if not self.job_is_current(job):
                 return  # a newer version is queued; its own outcome will be recorded
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
-                                           status, reason, flag=flag))
+                                           status, reason, flag=flag, model=model))
             self.spool.delete_state("jobs", job.series_uid)
 
     def job_is_current(self, job: ProcessJob) -> bool:

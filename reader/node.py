@@ -32,15 +32,16 @@ from typing import TypeVar
 import pydicom
 import structlog
 
-from reader.assemble import CompletionTracker
+from reader.assemble import CompleteSeries, CompletionTracker
 from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
+from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
-from reader.pipeline import Inferred, Pipeline, Prepared, send_key
+from reader.pipeline import Inferred, Pipeline, Prepared, model_record, send_key
 from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
@@ -341,16 +342,52 @@ class Node:
     def _completion_loop(self) -> None:
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            for study_uid, series_uid, stat in self.tracker.pop_complete():
+            released: set[str] = set()
+            for study_uid, series_uid, stat, held in self._release_held(self.tracker.pop_complete()):
                 files = self.spool.series_instances(study_uid, series_uid)
-                priority = PRIORITY_STAT if stat or self._stat_by_rule(files) else PRIORITY_ROUTINE
+                urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
+                priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
                 job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
-                                                   priority=priority)
+                                                   priority=priority,
+                                                   models=self._model_records() if held else None)
                 log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
                          instances=len(files), queued=job is not None, priority=priority,
                          version=job.version if job else None)
                 if job is not None:
                     self.board.add_queued([job])
+                if held:
+                    released.add(study_uid)
+            for study_uid in sorted(released):  # every listed series queued, or read already
+                StudyHold.delete(self.spool, study_uid)
+
+    def _model_records(self) -> list[dict[str, str]]:
+        """What a series read now records of its model, for each model loaded (``model_record``)."""
+        return [model_record(m.algorithm) for m in self.pipeline.models.values()]
+
+    def _release_held(self, complete: list[CompleteSeries]) -> list[tuple[str, str, bool, bool]]:
+        """(study, series, stat, held) of the complete series to queue now. Those of a study under
+        a hold (``reader.holds``) wait until every instance it lists is stored; then all of the
+        study's listed series go at once, ``held`` (read again if an older model read them), and
+        the caller ends the hold once they are queued."""
+        out: list[tuple[str, str, bool, bool]] = []
+        seen: set[str] = set()
+        now = time.time()
+        for item in complete:
+            hold = StudyHold.read(self.spool, item.study_uid, now)
+            if hold is None:
+                batch = [(item, False)]
+            elif missing := hold.missing(self.spool):
+                log.info("study.held", study_uid=item.study_uid, series_uid=item.series_uid,
+                         missing_instances=sum(len(m) for m in missing.values()))
+                continue
+            else:
+                listed = [CompleteSeries(item.study_uid, s) for s in sorted(hold.series)]
+                batch = [(item, True), *((c, True) for c in listed)]
+            for c, held in batch:
+                if c.series_uid not in seen and self.spool.series_instances(c.study_uid, c.series_uid):
+                    seen.add(c.series_uid)
+                    out.append((c.study_uid, c.series_uid, c.stat, held))
+        return out
 
     def _stat_by_rule(self, files: list[Path]) -> bool:
         """True when the series' accession number has a configured STAT prefix (e.g. "ED")."""
