@@ -105,9 +105,12 @@ class AuditTrail:
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Create the folders and start one sender per collector (earlier pending messages first)."""
+        """Create the folders, remove interrupted writes, start the writer and one sender per
+        collector (messages still waiting from an earlier run go first)."""
         for folder in (self.root, self._tmp, self.file.parent):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():  # halves of writes a crash interrupted (never renamed)
+            leftover.unlink(missing_ok=True)
         for sender in self.senders:
             sender.start()
         self._writer = threading.Thread(target=self._write_loop, name="reader-audit-writer", daemon=True)
