@@ -244,6 +244,7 @@ def _trail(data_dir: Path, *collectors: AuditCollector) -> AuditTrail:
     return trail
 
 
+@pytest.mark.integration
 def test_sign_in_retry_and_cancel_reach_the_collector(tmp_path: Path, rsyslog: Rsyslog,
                                                       schema: etree.RelaxNG) -> None:
     """The functions the web pages and ``reader purge`` call (sign-in, refused sign-in, manual
@@ -279,6 +280,7 @@ def test_sign_in_retry_and_cancel_reach_the_collector(tmp_path: Path, rsyslog: R
     assert lines[1].startswith(b"<84>1 ")  # the refused sign-in is a warning
 
 
+@pytest.mark.integration
 def test_messages_wait_on_disk_while_the_collector_is_down(tmp_path: Path, rsyslog: Rsyslog) -> None:
     """With rsyslog stopped, recording returns at once and the messages wait in the outbox, across
     a restart of the trail; when rsyslog is back they all arrive, once each and in order."""
@@ -302,6 +304,7 @@ def test_messages_wait_on_disk_while_the_collector_is_down(tmp_path: Path, rsysl
     assert subjects == [f"reader:send/t{i}" for i in range(5)]
 
 
+@pytest.mark.integration
 def test_tls_collector_receives_messages(tmp_path: Path, schema: etree.RelaxNG) -> None:
     """Over TLS (RFC 5425) to rsyslog's OpenSSL driver, the node verifying the collector's
     certificate against the configured CA, a message arrives intact."""
@@ -348,6 +351,7 @@ def _results_in_pacs(orthanc: Orthanc, study: Any) -> bool:
     return {"SR", "SEG"} <= {r.modality for r in pacs_results(orthanc, study.study_uid, study.series_uid)}
 
 
+@pytest.mark.integration
 def test_node_audits_its_work_to_rsyslog_through_an_outage(tmp_path: Path, rsyslog: Rsyslog, orthanc: Orthanc,
                                                            schema: etree.RelaxNG) -> None:
     """A real node with rsyslog as its collector: application start, the accepted association,
