@@ -34,6 +34,8 @@ from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_
 __all__ = [
     "DEFAULT_PROVIDERS",
     "AnyDestination",
+    "AuditCollector",
+    "AuditConfig",
     "CompletionConfig",
     "InferenceConfig",
     "ModelRef",
@@ -238,6 +240,36 @@ def is_loopback(address: str) -> bool:
 
 
 @dataclass(frozen=True)
+class AuditCollector:
+    """A syslog collector (an ATNA audit record repository) receiving the audit messages: RFC 5424
+    over TCP with octet counting (RFC 6587), or over TLS (RFC 5425) when ``tls`` is given."""
+
+    host: str
+    port: int
+    tls: TlsClientConfig | None = None
+
+    @property
+    def key(self) -> str:
+        """``HOST:PORT``: names the collector's outbox folder and its log events."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (``reader.audit``): DICOM PS3.15 A.5 messages to a local file and collectors.
+
+    ``file`` None: ``<data_dir>/audit/audit.log``. ``source_id`` None: the node's AE title.
+    """
+
+    enabled: bool = True
+    file: Path | None = None
+    collectors: tuple[AuditCollector, ...] = ()
+    source_id: str | None = None  # AuditSourceID of every message
+    enterprise_site: str | None = None  # AuditEnterpriseSiteID, e.g. the hospital
+    retry_max: timedelta = timedelta(seconds=30)  # longest wait between tries of a collector that is down
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything ``reader serve`` needs; built by :func:`load_config` or :func:`default_config`."""
 
@@ -260,6 +292,7 @@ class NodeConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
 
     def source(self, name: str) -> Source:
@@ -310,7 +343,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "web", "sources"})
+                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -345,6 +378,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         models=models,
         routes=routes,
         worklist=_worklist(raw, base),
+        audit=_audit(_table(raw, "audit"), base),
         sources=_sources(raw),
     )
     _check_web_exposure(config)
@@ -451,6 +485,33 @@ def _web_caller(entry: Any, key: str, base: Path) -> WebCaller:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise ConfigError(key + ".token_sha256", "must be 64 hexadecimal digits (a SHA-256 digest)")
     return WebCaller(name, bytes.fromhex(text))
+
+
+def _audit(t: Mapping[str, Any], base: Path) -> AuditConfig:
+    _known(t, "audit.", {"enabled", "file", "collectors", "source_id", "enterprise_site",
+                         "retry_max_seconds"})
+    d = AuditConfig()
+    collectors = []
+    for i, entry in enumerate(_list(t.get("collectors", []), "audit.collectors")):
+        key = f"audit.collectors[{i}]"
+        c = _entry(entry, key, {"host", "port", "tls", "ca_certificates", "certificate", "private_key",
+                                "server_name"})
+        collectors.append(AuditCollector(host=_str(c.get("host"), key + ".host"),
+                                         port=_port(c.get("port"), key + ".port"),
+                                         tls=_client_tls(c, key, base)))
+    keys = [c.key for c in collectors]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("audit.collectors", "names a collector (host and port) twice")
+    return AuditConfig(
+        enabled=_bool(t.get("enabled", d.enabled), "audit.enabled"),
+        file=_opt_path(t.get("file"), "audit.file", base),
+        collectors=tuple(collectors),
+        source_id=_str(t["source_id"], "audit.source_id") if "source_id" in t else None,
+        enterprise_site=(_str(t["enterprise_site"], "audit.enterprise_site") if "enterprise_site" in t
+                         else None),
+        retry_max=_seconds(t.get("retry_max_seconds", d.retry_max.total_seconds()),
+                           "audit.retry_max_seconds", 0.1, 3600),
+    )
 
 
 def _completion(t: Mapping[str, Any]) -> CompletionConfig:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from reader.audit import AuditTrail
 from reader.config import SendingConfig
 from reader.dicomweb import StowDestination, store_instances
 from reader.errors import PermanentSendError, SendError, TransientSendError
@@ -99,9 +100,11 @@ class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
     def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
-                 scu: StoreSCU, rng: random.Random | None = None) -> None:
+                 scu: StoreSCU, rng: random.Random | None = None, *, audit: AuditTrail | None = None) -> None:
         """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
-        configured is still sent, as parsed, with ``scu``; another unknown key is parked."""
+        configured is still sent, as parsed, with ``scu``; another unknown key is parked. DICOM
+        objects delivered (C-STORE, STOW-RS) are audited in ``audit``."""
+        self._audit = audit
         self._jobs = jobs
         self._config = config
         self._targets = dict(targets)
@@ -141,8 +144,11 @@ class Dispatcher:
         attempts = ticket.attempts + 1
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
+        files = [Path(f) for f in ticket.files]
+        target: Delivery | None = None
         try:
-            sent = self._target(ticket.destination).deliver([Path(f) for f in ticket.files])
+            target = self._target(ticket.destination)
+            sent = target.deliver(files)
         except PermanentSendError as exc:
             updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
                               last_status=exc.status)
@@ -165,4 +171,7 @@ class Dispatcher:
                               last_status=None)
             bound.info("result.sent", **sent)
         self._jobs.update_send(updated)
+        if updated.state is SendState.DONE and self._audit is not None \
+                and isinstance(target, DicomDelivery | StowDelivery):
+            self._audit.results_sent(ticket.destination, files)
         return updated

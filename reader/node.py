@@ -34,6 +34,7 @@ import structlog
 
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.associations import AssociationLog
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
@@ -259,13 +260,15 @@ class Node:
         self.jobs = JobStore(self.spool)
         self.tracker = CompletionTracker(config.completion)
         self.associations = AssociationLog()
-        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations)
+        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
+                      else None)
+        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
-        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu)
+        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit)
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -282,6 +285,8 @@ class Node:
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
         load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
+        if self.audit is not None:
+            self.audit.start()
         self._resume()
         for name, target in (("completion", self._completion_loop), ("loader", self._loader_loop),
                              ("inference", self._inference_loop), ("finishing", self._finishing_loop),
@@ -295,6 +300,8 @@ class Node:
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
                  web_port=self.web.port if self.web is not None else None,
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
+        if self.audit is not None:
+            self.audit.application_started()
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations; the load, inference, encoding and send in progress
@@ -309,6 +316,9 @@ class Node:
         self.tracker.wake()
         for t in self._threads:
             t.join(timeout)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.stop()
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def _resume(self) -> None:

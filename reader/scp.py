@@ -54,6 +54,7 @@ from reader import dimse, tls
 from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
 from reader.associations import AssociationLog
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
@@ -98,10 +99,10 @@ TRANSFER_SYNTAXES = [
 
 
 def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
-                  associations: AssociationLog) -> int:
-    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
-    association's thread."""
-    status, reason = _store(event, spool, tracker)
+                  associations: AssociationLog, audit: AuditTrail | None = None) -> int:
+    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer; the association
+    log and the audit trail count the instance (in memory). Runs in the association's thread."""
+    status, reason = _store(event, spool, tracker, audit)
     if status == dimse.SUCCESS:
         associations.stored(id(event.assoc))
     else:
@@ -109,7 +110,8 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
     return status
 
 
-def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> tuple[int, str]:
+def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
+           audit: AuditTrail | None) -> tuple[int, str]:
     """Store one instance; the DIMSE status and, when refused, the reason's name."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
@@ -127,6 +129,11 @@ def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> tuple[
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
         return dimse.OUT_OF_RESOURCES, "storage_error"
+    if audit is not None:
+        requestor = event.assoc.requestor
+        audit.instance_received(id(event.assoc), calling_ae=str(requestor.ae_title),
+                                address=str(requestor.address), study_uid=ids.study_uid,
+                                sop_class_uid=str(request.AffectedSOPClassUID), header=event.dataset)
     log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
     return dimse.SUCCESS, ""
@@ -136,11 +143,12 @@ def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event, associations: AssociationLog) -> None:
-    log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
-             address=event.assoc.requestor.address)
-    associations.opened(id(event.assoc), str(event.assoc.requestor.ae_title),
-                        str(event.assoc.requestor.address))
+def _handle_accepted(event: evt.Event, associations: AssociationLog, audit: AuditTrail | None = None) -> None:
+    calling_ae, address = str(event.assoc.requestor.ae_title), str(event.assoc.requestor.address)
+    log.info("association.accepted", calling_ae=calling_ae, address=address)
+    associations.opened(id(event.assoc), calling_ae, address)
+    if audit is not None:
+        audit.association_accepted(calling_ae, address)
 
 
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
@@ -149,7 +157,8 @@ _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
-def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: AssociationLog) -> None:
+def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: AssociationLog,
+                      audit: AuditTrail | None = None) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -164,6 +173,8 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: Asso
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
     associations.opened(id(assoc), decision.calling_ae, address, rejected=decision.verdict.value)
+    if audit is not None:
+        audit.association_rejected(decision.calling_ae, address, decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
     assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
 
@@ -187,20 +198,24 @@ def _handle_conn_open_tune(event: evt.Event) -> None:
     tune_association(event.assoc)
 
 
-def _handle_ended(event: evt.Event, tracker: CompletionTracker, associations: AssociationLog) -> None:
+def _handle_ended(event: evt.Event, tracker: CompletionTracker, associations: AssociationLog,
+                  audit: AuditTrail | None = None) -> None:
     tracker.association_ended(id(event.assoc))
     associations.ended(id(event.assoc))
+    if audit is not None:
+        audit.association_ended(id(event.assoc))  # the studies it delivered (once: later calls find none)
 
 
 class StorageSCP:
     """The node's listening AE."""
 
     def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
-                 associations: AssociationLog | None = None) -> None:
+                 associations: AssociationLog | None = None, audit: AuditTrail | None = None) -> None:
         self._config = config
         self._spool = spool
         self._tracker = tracker
         self.associations = associations if associations is not None else AssociationLog()
+        self._audit = audit
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -219,13 +234,13 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations, self._audit]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self.associations]),
-            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations]),
-            (evt.EVT_RELEASED, _handle_ended, [self._tracker, self.associations]),
-            (evt.EVT_ABORTED, _handle_ended, [self._tracker, self.associations]),
-            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self.associations]),
+            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self.associations, self._audit]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations, self._audit]),
+            (evt.EVT_RELEASED, _handle_ended, [self._tracker, self.associations, self._audit]),
+            (evt.EVT_ABORTED, _handle_ended, [self._tracker, self.associations, self._audit]),
+            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self.associations, self._audit]),
         ]
         context = None
         if cfg.security.tls is not None:
