@@ -277,10 +277,10 @@ class Node:
             readiness = Readiness(self.spool, (r.model for r in config.routes), models,
                                   lambda: self.scp.listening)
             pages = PagesContext(config, self.jobs, models, self.associations, stages=self.board.snapshot,
-                                 wake_sends=self._sends.set)
+                                 wake_sends=self._sends.set, audit=self.audit)
             self.web = WebServer(config.web, build_app(WebContext(
                 self.spool, self.tracker, readiness, config.security.web_callers,
-                config.web.max_request_bytes, pages)))
+                config.web.max_request_bytes, pages, self.audit)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""

@@ -6,7 +6,8 @@ where nothing listens yet and ``max_attempts = 1``, so the send is parked. The p
 the study with its findings and key image; Orthanc is started on that port and the parked send is
 retried from the sends page (with its confirmation step) and arrives. The node is then restarted on
 the same data dir with a users file: pages answer 401 until a user signs in, and only then show
-the patient's name and ID. Screenshots of every page go to docs/screenshots/ (the README shows them).
+the patient's name and ID. Screenshots of every page go to test-artifacts/pages/ (with READER_UPDATE_SCREENSHOTS=1 to
+docs/screenshots/, which the README shows).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import json
 import urllib.error
 import urllib.request
@@ -39,7 +41,11 @@ from tests.viewers import _start_chromium
 
 pytestmark = pytest.mark.integration
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+_REPO = Path(__file__).resolve().parents[1]
+# Screenshots go to test-artifacts/pages; READER_UPDATE_SCREENSHOTS=1 writes the README's copies in
+# docs/screenshots instead (a test run leaves the working tree as it found it).
+SCREENSHOTS = (_REPO / "docs" / "screenshots" if os.environ.get("READER_UPDATE_SCREENSHOTS") == "1"
+               else _REPO / "test-artifacts" / "pages")
 DEADLINE_S = 120.0
 PATIENT_NAME, PATIENT_ID, ACCESSION = "Doe^Jane", "PID-4711", "ACC-PAGES-1"
 USER, PASSWORD = "admin", "correct horse battery"
@@ -71,7 +77,7 @@ def browser() -> Iterator[Any]:
 
 
 def _shot(driver: Any, name: str) -> None:
-    """Save the page as docs/screenshots/NAME.png, in 128 colours (small for the repository)."""
+    """Save the page as SCREENSHOTS/NAME.png, in 128 colours (small for the repository)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
     image.quantize(colors=128).save(SCREENSHOTS / f"{name}.png", optimize=True)

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from reader.assemble import CompletionTracker
+from reader.audit import AuditTrail
 from reader.config import WebCaller
 from reader.errors import InputRejected, RequestRejected
 from reader.spool import Spool, check_uid
@@ -66,6 +67,7 @@ class WebContext:
     callers: Sequence[WebCaller]
     max_request_bytes: int
     pages: PagesContext | None = None  # None: no status pages (tests of the API alone)
+    audit: AuditTrail | None = None  # STOW-RS requests are audited as associations are
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -140,7 +142,8 @@ class _Routes:
             del body
             result = await run_in_threadpool(
                 store_request, self.ctx.spool, self.ctx.tracker, instances,
-                base_url=_base_url(request), study_uid=study_uid, caller=caller)
+                base_url=_base_url(request), study_uid=study_uid, caller=caller,
+                address=request.client.host if request.client else "", audit=self.ctx.audit)
         except RequestRejected as exc:
             log.warning("stow.rejected", caller=caller, reason=exc.reason, detail=exc.detail,
                         status=exc.http_status)

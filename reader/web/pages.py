@@ -24,7 +24,7 @@ The session is a cookie signed with a key made at start-up (``SessionMiddleware`
 ``Secure`` with ``[web.tls]``, ``SameSite=Strict``); a restart signs everyone out. Every POST
 carries the session's CSRF token and, when the browser sends one, an ``Origin`` of this server.
 Retry and cancel ask for a confirmation first. A sign-in logs ``web.signed_in`` (the user name
-only) and calls the audit hook (:data:`AuditHook`), as do retry and cancel. Pages that show work in
+only) and is audited (``reader.audit``), as are retry and cancel. Pages that show work in
 flight refresh themselves every :data:`REFRESH_S` seconds. Errors are a short page and a log event,
 never a stack trace.
 """
@@ -61,16 +61,14 @@ from reader.web import queries
 from reader.web.keyimage import render_key_image
 
 if TYPE_CHECKING:
+    from reader.audit import AuditTrail
     from reader.inference import ModelPackage
 
-__all__ = ["REFRESH_S", "AuditHook", "PagesContext", "page_routes"]
+__all__ = ["REFRESH_S", "PagesContext", "page_routes"]
 
 log = structlog.get_logger(__name__)
 
 REFRESH_S = 5
-AuditHook = Callable[[str, Mapping[str, str]], None]
-"""Called with an event name (``user.signed_in``, ``send.retried``, ``send.cancelled``) and its
-fields (``user``; ``ticket``, ``destination``, ``reason``): where the ATNA audit trail plugs in."""
 
 ANONYMOUS = "anonymous"
 MASK = "•••"
@@ -99,7 +97,7 @@ class PagesContext:
     associations: AssociationLog
     stages: Callable[[], Mapping[str, Sequence[str]]] = dict
     wake_sends: Callable[[], None] = lambda: None
-    audit: AuditHook | None = None  # the lead wires the ATNA audit module here
+    audit: AuditTrail | None = None  # sign-ins, retries and cancels are audited (ATNA, reader.audit)
 
 
 class _Problem(Exception):
@@ -246,10 +244,6 @@ class _Pages:
     def _who(self, request: Request) -> str:
         return self._user(request) or ANONYMOUS
 
-    def _audit(self, event: str, fields: Mapping[str, str]) -> None:
-        if self.ctx.audit is not None:
-            self.ctx.audit(event, fields)
-
     # --- pages -----------------------------------------------------------------------------
     def _model_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -341,13 +335,15 @@ class _Pages:
             done = self.ctx.jobs.cancel_send(name, f"cancelled by {user}: {reason}")
         if done is None:
             raise _Problem(HTTP_CONFLICT, f"this send is {ticket.state.value}: nothing to {action}")
-        event = "send.retried" if action == "retry" else "send.cancelled"
+        address = _address(request)
         if action == "retry":
             log.info("web.send.retried", ticket=name, destination=ticket.destination, user=user)
+            if self.ctx.audit is not None:
+                self.ctx.audit.send_retried(user, address, ticket=name, destination=ticket.destination)
         else:
             log.info("web.send.cancelled", ticket=name, destination=ticket.destination, user=user)
-        self._audit(event, {"user": user, "ticket": name, "destination": ticket.destination,
-                            "series_uid": ticket.series_uid, "reason": reason})
+            if self.ctx.audit is not None:
+                self.ctx.audit.send_cancelled(user, address, ticket=name, destination=ticket.destination)
         if action == "retry":
             self.ctx.wake_sends()
         return RedirectResponse("/sends", status_code=_SEE_OTHER)
@@ -377,14 +373,18 @@ class _Pages:
         user, password = str(form.get("user", ""))[:64], str(form.get("password", ""))
         target = _safe_next(str(form.get("next", "/")))
         if not self._authenticate(user, password):
-            log.warning("web.sign_in_failed", address=request.client.host if request.client else "")
+            log.warning("web.sign_in_failed", address=_address(request))
+            if self.ctx.audit is not None:
+                self.ctx.audit.user_signed_in(user, _address(request), False,
+                                              "unknown user or wrong password")
             return self._render(request, "signin.html", "Sign in", status=HTTP_UNAUTHORIZED,
                                 message="Unknown user or wrong password.", next=target)
         request.session.clear()
         request.session["user"] = user
         request.session["signed_in_at"] = int(time.time())
         log.info("web.signed_in", user=user)
-        self._audit("user.signed_in", {"user": user})
+        if self.ctx.audit is not None:
+            self.ctx.audit.user_signed_in(user, _address(request), True)
         return RedirectResponse(target, status_code=_SEE_OTHER)
 
     def _authenticate(self, user: str, password: str) -> bool:
@@ -401,6 +401,11 @@ class _Pages:
     def signout(self, request: Request, form: FormData | None) -> Response:
         request.session.clear()
         return RedirectResponse("/", status_code=_SEE_OTHER)
+
+
+def _address(request: Request) -> str:
+    """The client's address, as the audit trail records it."""
+    return request.client.host if request.client else ""
 
 
 def _safe_next(target: str) -> str:
