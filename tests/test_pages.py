@@ -6,8 +6,8 @@ where nothing listens yet and ``max_attempts = 1``, so the send is parked. The p
 the study with its findings and key image; Orthanc is started on that port and the parked send is
 retried from the sends page (with its confirmation step) and arrives. The node is then restarted on
 the same data dir with a users file: pages answer 401 until a user signs in, and only then show
-the patient's name and ID. Screenshots of every page go to test-artifacts/pages/ (with READER_UPDATE_SCREENSHOTS=1 to
-docs/screenshots/, which the README shows).
+the patient's name and ID. Screenshots of every page go to test-artifacts/pages/ (with
+READER_UPDATE_SCREENSHOTS=1 to docs/screenshots/, which the README shows).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
