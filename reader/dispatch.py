@@ -28,6 +28,7 @@ from reader.config import SendingConfig
 from reader.dicomweb import StowDestination, store_instances
 from reader.errors import PermanentSendError, SendError, TransientSendError
 from reader.jobs import JobStore, SendState, SendTicket, backoff
+from reader.metrics import SEND_PARKED, SEND_SENT, STAGE_SEND, NodeMetrics
 from reader.notify.hl7 import MllpEndpoint, send_oru
 from reader.notify.webhook import WebhookEndpoint, post_event
 from reader.send import Destination, StoreSCU
@@ -99,10 +100,13 @@ class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
     def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
-                 scu: StoreSCU, rng: random.Random | None = None) -> None:
+                 scu: StoreSCU, rng: random.Random | None = None, *,
+                 metrics: NodeMetrics | None = None) -> None:
         """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
-        configured is still sent, as parsed, with ``scu``; another unknown key is parked."""
+        configured is still sent, as parsed, with ``scu``; another unknown key is parked.
+        ``metrics`` counts the outcomes (a private set when not given)."""
         self._jobs = jobs
+        self._metrics = metrics or NodeMetrics()
         self._config = config
         self._targets = dict(targets)
         self._scu = scu
@@ -141,8 +145,10 @@ class Dispatcher:
         attempts = ticket.attempts + 1
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
+        target = ticket.destination
+        started = time.perf_counter()
         try:
-            sent = self._target(ticket.destination).deliver([Path(f) for f in ticket.files])
+            sent = self._target(target).deliver([Path(f) for f in ticket.files])
         except PermanentSendError as exc:
             updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
                               last_status=exc.status)
@@ -164,5 +170,10 @@ class Dispatcher:
             updated = replace(ticket, state=SendState.DONE, attempts=attempts, last_error="",
                               last_status=None)
             bound.info("result.sent", **sent)
+        self._metrics.stage_seconds(STAGE_SEND, time.perf_counter() - started)
         self._jobs.update_send(updated)
+        if updated.state is SendState.PENDING:
+            self._metrics.send_retry(target)
+        else:
+            self._metrics.send_settled(target, SEND_SENT if updated.state is SendState.DONE else SEND_PARKED)
         return updated

@@ -56,6 +56,7 @@ from reader.assemble import CompletionTracker
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
+from reader.metrics import PROTOCOL_DIMSE, NodeMetrics, rejection_reason
 from reader.receiver import tune_association
 from reader.spool import Spool
 
@@ -96,25 +97,29 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker) -> int:
+def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker, metrics: NodeMetrics) -> int:
     """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
     association's thread."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     try:
         ids = instance_ids(event.dataset, request.AffectedSOPInstanceUID)  # header parsed lazily
-        store_received(spool, tracker, id(event.assoc), ids, event.encoded_dataset(),
-                       stat=request.Priority == PRIORITY_HIGH)
+        data = event.encoded_dataset()
+        store_received(spool, tracker, id(event.assoc), ids, data, stat=request.Priority == PRIORITY_HIGH)
     except OutOfResources as exc:
         log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
+        metrics.instance_refused("out_of_resources")
         return dimse.OUT_OF_RESOURCES
     except InputRejected as exc:
         log.warning("instance.rejected", reason=exc.reason, detail=exc.detail,
                     calling_ae=event.assoc.requestor.ae_title)
+        metrics.instance_refused(exc.reason)
         return dimse.CANNOT_UNDERSTAND
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
+        metrics.instance_refused("store_failed")
         return dimse.OUT_OF_RESOURCES
+    metrics.instance_received(PROTOCOL_DIMSE, event.assoc.requestor.ae_title, len(data))
     log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
     return dimse.SUCCESS
@@ -124,9 +129,17 @@ def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event) -> None:
+def _handle_accepted(event: evt.Event, metrics: NodeMetrics) -> None:
     log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
              address=event.assoc.requestor.address)
+    metrics.association_accepted(event.assoc.requestor.ae_title)
+
+
+def _handle_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
+    """pynetdicom rejected the association itself (too many associations, a called AE title...)."""
+    sent = event.assoc.acceptor.primitive
+    metrics.association_rejected(rejection_reason(getattr(sent, "result_source", None),
+                                                  getattr(sent, "diagnostic", None)))
 
 
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
@@ -135,7 +148,7 @@ _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
-def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
+def _handle_requested(event: evt.Event, policy: AccessPolicy, metrics: NodeMetrics) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -149,6 +162,7 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy) -> None:
         return
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
+    metrics.association_rejected(decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
     assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
 
@@ -179,10 +193,13 @@ def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
 class StorageSCP:
     """The node's listening AE."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
+                 metrics: NodeMetrics | None = None) -> None:
+        """``metrics`` counts what arrives (a private set when not given)."""
         self._config = config
         self._spool = spool
         self._tracker = tracker
+        self._metrics = metrics or NodeMetrics()
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -201,10 +218,11 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self._metrics]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker]),
-            (evt.EVT_ACCEPTED, _handle_accepted),
+            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self._metrics]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self._metrics]),
+            (evt.EVT_REJECTED, _handle_rejected, [self._metrics]),
             (evt.EVT_RELEASED, _handle_ended, [self._tracker]),
             (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
             (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),

@@ -3,6 +3,7 @@
 ==========================================  ======  =============================================
 ``/healthz``                                GET     200 ``ok`` while the process serves HTTP
 ``/readyz``                                 GET     200, or 503 naming the failed checks (JSON)
+``/metrics``                                GET     Prometheus exposition (``reader.metrics``)
 ``/dicom-web/studies``                      POST    STOW-RS (``reader.web.stow``)
 ``/dicom-web/studies/{study}``              POST    STOW-RS into one study
 ==========================================  ======  =============================================
@@ -10,8 +11,9 @@
 Unknown paths answer 404, other methods 405, both as short JSON. STOW-RS callers present
 ``Authorization: Bearer <token>``; with ``[[security.web_callers]]`` configured only a listed
 token gets in (401 otherwise); without, every caller does (the configuration allows that on a
-loopback bind only). The probes need no token. No answer carries a stack trace: an unexpected
-error is logged (``web.error``) and answered 500 with a short message.
+loopback bind only). The probes and ``/metrics`` need no token: like the probes, the metrics
+carry no patient data (``reader.metrics``), and a scraper holds no caller token. No answer
+carries a stack trace: an unexpected error is logged (``web.error``) and answered 500 with a short message.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from starlette.routing import Route
 from reader.assemble import CompletionTracker
 from reader.config import WebCaller
 from reader.errors import InputRejected, RequestRejected
+from reader.metrics import NodeMetrics
 from reader.spool import Spool, check_uid
 from reader.web.health import Readiness
 from reader.web.stow import MEDIA_DICOM_JSON, read_request, store_request
@@ -44,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 HTTP_BAD_REQUEST = 400
 HTTP_UNAUTHORIZED = 401
+HTTP_NOT_FOUND = 404
 HTTP_PAYLOAD_TOO_LARGE = 413
 HTTP_INTERNAL_ERROR = 500
 HTTP_UNAVAILABLE = 503
@@ -59,6 +63,7 @@ class WebContext:
     readiness: Readiness
     callers: Sequence[WebCaller]
     max_request_bytes: int
+    metrics: NodeMetrics | None = None  # /metrics answers 404 without
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -116,6 +121,13 @@ class _Routes:
             body["failed"] = [r.name for r in failed]
         return JSONResponse(body, status_code=HTTP_UNAVAILABLE if failed else 200)
 
+    async def metrics(self, request: Request) -> Response:
+        metrics = self.ctx.metrics
+        if metrics is None:
+            return _error(HTTP_NOT_FOUND, "Not Found")
+        body, media_type = await run_in_threadpool(metrics.exposition, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": media_type})
+
     async def stow(self, request: Request) -> Response:
         client = request.client.host if request.client else ""
         caller = _caller(request, self.ctx.callers)
@@ -133,7 +145,7 @@ class _Routes:
             del body
             result = await run_in_threadpool(
                 store_request, self.ctx.spool, self.ctx.tracker, instances,
-                base_url=_base_url(request), study_uid=study_uid, caller=caller)
+                base_url=_base_url(request), study_uid=study_uid, caller=caller, metrics=self.ctx.metrics)
         except RequestRejected as exc:
             log.warning("stow.rejected", caller=caller, reason=exc.reason, detail=exc.detail,
                         status=exc.http_status)
@@ -180,6 +192,7 @@ def build_app(ctx: WebContext) -> Starlette:
         routes=[
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/dicom-web/studies", routes.stow, methods=["POST"]),
             Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"]),
         ],

@@ -41,6 +41,7 @@ from reader import dimse
 from reader.assemble import CompletionTracker
 from reader.errors import InputRejected, OutOfResources, RequestRejected, StorageError
 from reader.intake import InstanceIds, instance_ids, store_received
+from reader.metrics import PROTOCOL_STOW, NodeMetrics
 from reader.scp import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
 from reader.spool import Spool
 
@@ -195,8 +196,10 @@ def read_request(content_type: str, body: bytes, study_uid: str | None) -> list[
 
 
 def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Instance], *,
-                  base_url: str, study_uid: str | None, caller: str) -> StowResult:
-    """Store the instances that passed phase 1 (phase 2) and build the response (PS3.18 10.5.3)."""
+                  base_url: str, study_uid: str | None, caller: str,
+                  metrics: NodeMetrics | None = None) -> StowResult:
+    """Store the instances that passed phase 1 (phase 2) and build the response (PS3.18 10.5.3);
+    ``metrics`` counts each one stored by the caller's name."""
     started = time.perf_counter()
     request_id = next(_request_ids)
     stored: list[Instance] = []
@@ -208,6 +211,8 @@ def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Inst
                 try:
                     store_received(spool, tracker, request_id, inst.ids, inst.data)
                     stored.append(inst)
+                    if metrics is not None:
+                        metrics.instance_received(PROTOCOL_STOW, caller, len(inst.data))
                     continue
                 except OutOfResources as exc:
                     log.warning("instance.refused", reason="out_of_resources", detail=str(exc), via="stow-rs")
