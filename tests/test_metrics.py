@@ -229,3 +229,21 @@ def test_prometheus_scrapes_the_node_and_returns_its_values(sent: Sent, promethe
     median = scalar('histogram_quantile(0.5, reader_stage_seconds_bucket{stage="inference"})')
     assert median is not None and 0 < median < PROCESSED_S
     assert (scalar('reader_queue_depth{stage="sending"}') or 0) >= 1
+
+
+def test_stow_rs_instances_are_counted_by_caller(sent: Sent) -> None:
+    """An instance POSTed by STOW-RS counts under protocol "stow-rs" and the caller's name (the
+    node has no callers configured: "anonymous"), beside the C-STOREd ones."""
+    boundary = "metrics-test-boundary"
+    part = sent.study.files[0].read_bytes()
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part
+            + f"\r\n--{boundary}--\r\n".encode())
+    answer = httpx.post(f"{sent.node.web_url}/dicom-web/studies", content=body, timeout=TIMEOUT_S,
+                        headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                                 f'boundary="{boundary}"'})
+    assert answer.status_code == 200, answer.text
+    found = samples(httpx.get(f"{sent.node.web_url}/metrics", timeout=TIMEOUT_S).text)
+    stow = {"protocol": "stow-rs", "calling_ae": "anonymous"}
+    assert value(found, "reader_instances_received_total", **stow) == 1
+    assert value(found, "reader_received_bytes_total", **stow) == len(part)
+    assert value(found, "reader_instances_received_total", protocol="dimse", calling_ae=CALLING_AE) == SLICES
