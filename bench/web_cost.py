@@ -16,7 +16,11 @@ machine shared with other work, wall time moves with their load, CPU time much l
 It also times, in this process, what the metrics add to each C-STORE (``instance_received``) and
 what one scrape costs (``exposition``), with the figures of the run's node.
 
-    .venv/bin/python bench/web_cost.py [--runs 10] [--slices 300] [--interval 1.0]
+    .venv/bin/python bench/web_cost.py [--runs 10] [--slices 300] [--interval 1.0] [--no-scrape] [--control]
+
+``--no-scrape`` keeps the HTTP server on without scraping it (what the server alone costs);
+``--control`` turns it off on both nodes (what two identical node processes differ by here: the
+"web-on" row is then a second web-off node).
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    parser.add_argument("--control", action="store_true",
+                        help="both nodes with [web] off, nothing scraped: how far two identical nodes differ")
+    parser.add_argument("--no-scrape", action="store_true",
+                        help="the HTTP server on, but nothing scraped: what the server alone costs")
     parser.add_argument("--output", default="web-cost", help="name of the JSON file under bench/results/")
     return parser.parse_args()
 
@@ -123,7 +131,7 @@ def main() -> None:
     off = common.start_node(run_dir / "web-off", model, process_series=False, config_extra=CONFIG,
                             name="web-off", web=False)
     on = common.start_node(run_dir / "web-on", model, process_series=False, config_extra=CONFIG,
-                           name="web-on")
+                           name="web-on", web=not args.control)
     scraper = Scraper(f"http://{common.LOCALHOST}:{on.http_port}/metrics", args.interval)
     seconds: dict[str, list[float]] = {"web-off": [], "web-on": []}
     cpu_seconds: dict[str, list[float]] = {"web-off": [], "web-on": []}
@@ -135,7 +143,7 @@ def main() -> None:
         for run in range(args.runs):
             order = (off, on) if run % 4 in (0, 3) else (on, off)  # ABBA
             for server in order:
-                if server is on:
+                if server is on and not (args.control or args.no_scrape):
                     with scraper.running():
                         took, cpu = _send(server, folder, sent + 1)
                 else:
@@ -180,27 +188,28 @@ def _report(args: argparse.Namespace, seconds: dict[str, list[float]], cpu_secon
           f"each (ABBA order); /metrics scraped every {args.interval:g} s during web-on runs; "
           f"load average {min(loads):.1f}-{max(loads):.1f}")
     common.print_table(["node", "img/s (median)", "min", "max", "node CPU ms/image (median)"], rows)
-    scrape_ms = 1000 * common.median(scraper.seconds)
+    scrape_ms = 1000 * common.median(scraper.seconds) if scraper.seconds else float("nan")
     micro = extra["in_process"]
     print(f"cost: {100 * cost:.1f} % fewer images per second (target <= {100 * TARGET_COST:.0f} %), "
           f"{100 * (cpu_ms['web-on'] / cpu_ms['web-off'] - 1):.1f} % more node CPU per image; "
           f"paired: {100 * (1 - common.median(paired)):.1f} % fewer img/s (quartiles of on/off "
           f"{_quartiles(paired)}), {100 * (common.median(paired_cpu) - 1):.1f} % more CPU; "
           f"{len(scraper.seconds)} scrapes, median {scrape_ms:.1f} ms, "
-          f"{common.median(scraper.sizes):.0f} bytes; "
+          f"{common.median(scraper.sizes) if scraper.sizes else 0:.0f} bytes; "
           f"in process: {micro['instance_received_us']:.2f} us per instance, "
           f"{micro['exposition_us']:.0f} us per exposition")
     common.write_json(args.output, {
         "what": "storescu wall seconds per series into a node with [web] off, and with it on and "
                 "/metrics scraped; medians; cost = 1 - on/off",
-        "slices": args.slices, "runs": args.runs, "scrape_interval_s": args.interval, **extra,
+        "slices": args.slices, "runs": args.runs, "scrape_interval_s": args.interval,
+        "control_both_off": args.control, "not_scraped": args.no_scrape, **extra,
         "load_average_during": loads, "seconds": seconds, "images_per_second_median": rate,
         "cost_fraction": cost, "target_cost_fraction": TARGET_COST, "met": cost <= TARGET_COST,
         "node_cpu_seconds": cpu_seconds, "node_cpu_ms_per_image_median": cpu_ms,
         "paired_rate_ratio_on_over_off": paired, "paired_cost_fraction": 1 - common.median(paired),
         "paired_cpu_ratio_on_over_off": paired_cpu,
         "scrapes": len(scraper.seconds), "scrape_seconds": scraper.seconds,
-        "scrape_bytes_median": common.median(scraper.sizes),
+        "scrape_bytes_median": common.median(scraper.sizes) if scraper.sizes else None,
     })
 
 
