@@ -1,4 +1,4 @@
-"""Command line: ``reader serve | status | retry``.
+"""Command line: ``reader serve | status | retry | backfill``.
 
 The edge where typed errors become exit codes: 0 success, 2 invalid configuration or flag
 (one line naming the key and the problem, before any port opens), 1 anything else that stops
@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import threading
-from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TypeVar
 
 import structlog
 
 from reader import __version__
+from reader.backfill import Backfill, BackfillOptions, Window, parse_date, study_query
 from reader.config import NodeConfig, load_config
-from reader.errors import ConfigError, ModelError, ReaderError
-from reader.jobs import JobStore, SendState
+from reader.errors import ConfigError, ModelError, ReaderError, RetrieveError
+from reader.jobs import JobStore
 from reader.log import configure_logging
 from reader.spool import Spool
+from reader.status import collect, render
 
 __all__ = ["main"]
 
@@ -33,10 +37,13 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 
+_V = TypeVar("_V")
+
 log = structlog.get_logger(__name__)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (whose usage an error in its flags prints)."""
     p = argparse.ArgumentParser(prog="reader",
                                 description="DICOM second-reader node (not a medical device)")
     p.add_argument("--version", action="version", version=f"reader {__version__}")
@@ -62,7 +69,24 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     retry = sub.add_parser("retry", help="re-queue parked (failed) sends")
     common(retry)
-    return p
+    bf = sub.add_parser("backfill", help="read studies already in a PACS through the running node")
+    common(bf)
+    bf.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                    help="a [[sources]] name from the config")
+    bf.add_argument("--modality", help="only studies with this modality, and only its series (e.g. CT)")
+    bf.add_argument("--since", help="first study date, YYYY-MM-DD")
+    bf.add_argument("--until", help="last study date, YYYY-MM-DD (inclusive)")
+    bf.add_argument("--accession", help="only the study with this accession number")
+    bf.add_argument("--limit", help="at most this many studies from the query")
+    bf.add_argument("--dry-run", action="store_true", help="list the matches, retrieve and read nothing")
+    bf.add_argument("--window", metavar="HH:MM-HH:MM", help="retrieve only in these local hours")
+    bf.add_argument("--max-parallel", default="1", help="studies retrieved at once (default 1)")
+    bf.add_argument("--study-timeout", default="3600", help="seconds to wait for one study's read")
+    bf.add_argument("--ae-title", help="the node's AE title (default from the config)")
+    bf.add_argument("--port", help="the node's listening port (default from the config)")
+    bf.add_argument("--node-host", default="127.0.0.1", help="where the node listens (default 127.0.0.1)")
+    bf.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p, {"serve": serve, "status": status, "retry": retry, "backfill": bf}
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -111,26 +135,11 @@ def _serve(config: NodeConfig) -> int:
 def _status(config: NodeConfig, as_json: bool) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    jobs = JobStore(Spool(config.data_dir))
-    series = [s for n in jobs.spool.list_state("series") if (s := jobs.series_state(n)) is not None]
-    sends = jobs.sends()
-    report: dict[str, Any] = {
-        "series": dict(Counter(s.status.value for s in series)),
-        "queued_jobs": len(jobs.pending_jobs()),
-        "sends": dict(Counter(t.state.value for t in sends)),
-        "failed_sends": [{"ticket": t.name, "destination": t.destination, "attempts": t.attempts,
-                          "error": t.last_error} for t in sends if t.state is SendState.FAILED],
-        "skipped_or_failed_series": [{"series_uid": s.series_uid, "status": s.status.value,
-                                      "reason": s.reason} for s in series if s.reason],
-    }
+    report = collect(JobStore(Spool(config.data_dir)))
     if as_json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report.as_json(), indent=1))
     else:
-        print(f"series: {report['series']}\nqueued jobs: {report['queued_jobs']}\nsends: {report['sends']}")
-        for f in report["failed_sends"]:
-            print(f"failed send {f['ticket']} to {f['destination']} after {f['attempts']}: {f['error']}")
-        for s in report["skipped_or_failed_series"]:
-            print(f"{s['status']} series {s['series_uid']}: {s['reason']}")
+        sys.stdout.write(render(report))
     return EXIT_OK
 
 
@@ -142,20 +151,95 @@ def _retry(config: NodeConfig) -> int:
     return EXIT_OK
 
 
+def _backfill_options(config: NodeConfig, args: argparse.Namespace) -> BackfillOptions:
+    """The flags of ``reader backfill``, checked; a bad one is a ConfigError naming it."""
+    try:
+        source = config.source(args.source)
+    except KeyError:
+        names = ", ".join(s.name for s in config.sources) or "none configured"
+        raise ConfigError("--from", f"no source named {args.source!r} in [[sources]] ({names})") from None
+
+    def flag(name: str, parse: Callable[[str], _V], text: str | None) -> _V | None:
+        if text is None:
+            return None
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise ConfigError(name, f"{text!r}: {exc}") from None
+
+    def count(low: int, high: int) -> Callable[[str], int]:
+        def parse(text: str) -> int:
+            value = int(text)
+            if not low <= value <= high:
+                raise ValueError(f"must be between {low} and {high}")
+            return value
+        return parse
+
+    since, until = flag("--since", parse_date, args.since), flag("--until", parse_date, args.until)
+    try:
+        query = study_query(args.modality, since, until, args.accession)
+    except ValueError as exc:
+        raise ConfigError("--until", str(exc)) from None
+    return BackfillOptions(
+        source=source, query=query, limit=flag("--limit", count(1, 10**9), args.limit),
+        dry_run=args.dry_run, window=flag("--window", Window.parse, args.window),
+        max_parallel=flag("--max-parallel", count(1, 64), args.max_parallel) or 1,
+        study_timeout=timedelta(seconds=flag("--study-timeout", count(1, 7 * 86400), args.study_timeout)
+                                or 3600),
+        node_host=args.node_host)
+
+
+def _backfill(config: NodeConfig, args: argparse.Namespace) -> int:
+    options = _backfill_options(config, args)
+    if args.log_level != "debug":  # pynetdicom's own log lines would bury the one line an error gets
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("backfill.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(Backfill(config, options, stop=stop).run())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread, which translates it
+            errors.append(exc)
+
+    worker = threading.Thread(target=work, name="backfill", daemon=True)
+    worker.start()
+    while worker.is_alive():  # the main thread stays free to run the signal handler
+        worker.join(_SIGNAL_POLL_S)
+    if errors:
+        raise errors[0]
+    return EXIT_OK if result and result[0] == 0 and not stop.is_set() else EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reader`` console script."""
-    args = _parser().parse_args(argv)
+    parser, parsers = _parser()
+    # argparse hands a command's unknown flags up to the top-level parser, whose usage would then be
+    # printed: report them with the command's own usage instead (exit 2, as argparse does).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(getattr(args, "log_level", "info"))
     try:
         config = _config(args)
-        if args.command == "serve":
-            return _serve(config)
-        if args.command == "status":
-            return _status(config, args.json)
-        return _retry(config)
+        commands: dict[str, Callable[[], int]] = {
+            "serve": lambda: _serve(config), "status": lambda: _status(config, args.json),
+            "backfill": lambda: _backfill(config, args), "retry": lambda: _retry(config)}
+        return commands[args.command]()
     except ConfigError as exc:
         print(f"reader: configuration error: {exc.key}: {exc.problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except RetrieveError as exc:
+        print(f"reader: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except ReaderError as exc:
         log.error("node.fatal", error=type(exc).__name__, detail=str(exc))
         return EXIT_ERROR

@@ -26,6 +26,7 @@ from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
 from reader.notify.hl7 import MllpEndpoint
 from reader.notify.webhook import WebhookEndpoint
+from reader.passwords import WebUser, read_users
 from reader.send import Destination, validate_ae_title
 from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
@@ -33,6 +34,8 @@ from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_
 __all__ = [
     "DEFAULT_PROVIDERS",
     "AnyDestination",
+    "AuditCollector",
+    "AuditConfig",
     "CompletionConfig",
     "InferenceConfig",
     "ModelRef",
@@ -40,6 +43,7 @@ __all__ = [
     "Route",
     "SecurityConfig",
     "SendingConfig",
+    "Source",
     "WebCaller",
     "WebConfig",
     "WebTlsConfig",
@@ -122,6 +126,22 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A PACS the node reads studies back from (``reader backfill --from NAME``): a Query/Retrieve
+    SCP (PS3.4 Annex C, Study Root) that knows the node's AE title as a C-MOVE destination."""
+
+    name: str
+    ae_title: str = ""  # DIMSE sources: the PACS's Query/Retrieve SCP
+    host: str = ""
+    port: int = 0
+    url: str = ""  # DICOMweb sources: the root of QIDO-RS and WADO-RS (then retrieve is "get")
+    hold_ttl: timedelta = timedelta(hours=24)  # how long the node waits for a study's missing instances
+    # "move": C-MOVE to the node's AE title (the PACS connects to the node); "get": C-GET (or, for a
+    # DICOMweb source, WADO-RS) to the backfill, which stores each series to the node itself
+    retrieve: Literal["move", "get"] = "move"
+
+
+@dataclass(frozen=True)
 class Hl7Target:
     """A RIS/worklist receiving an HL7 v2.5.1 ORU^R01 per processed study (docs/worklist.md)."""
 
@@ -191,13 +211,17 @@ class WebConfig:
     """The node's HTTP server (``reader.web``): health probes and STOW-RS.
 
     ``port`` 0 takes any free port (the bound one is logged as ``web.listening``). A bind address
-    other than loopback needs ``tls`` and at least one ``[[security.web_callers]]``.
+    other than loopback needs ``tls`` and at least one ``[[security.web_callers]]``. ``users``
+    (read from ``users_file``, ``reader.passwords``) may sign in to the status pages, as may the
+    web callers with their token; with either, every page needs a sign-in.
     """
 
     bind_address: str = "127.0.0.1"
     port: int = 8080
     max_request_bytes: int = 1024**3  # a larger STOW-RS body is refused (413); held in memory while parsed
     tls: WebTlsConfig | None = None
+    users: tuple[WebUser, ...] = ()
+    users_file: Path | None = None
 
     @property
     def loopback(self) -> bool:
@@ -213,6 +237,36 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class AuditCollector:
+    """A syslog collector (an ATNA audit record repository) receiving the audit messages: RFC 5424
+    over TCP with octet counting (RFC 6587), or over TLS (RFC 5425) when ``tls`` is given."""
+
+    host: str
+    port: int
+    tls: TlsClientConfig | None = None
+
+    @property
+    def key(self) -> str:
+        """``HOST:PORT``: names the collector's outbox folder and its log events."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (``reader.audit``): DICOM PS3.15 A.5 messages to a local file and collectors.
+
+    ``file`` None: ``<data_dir>/audit/audit.log``. ``source_id`` None: the node's AE title.
+    """
+
+    enabled: bool = True
+    file: Path | None = None
+    collectors: tuple[AuditCollector, ...] = ()
+    source_id: str | None = None  # AuditSourceID of every message
+    enterprise_site: str | None = None  # AuditEnterpriseSiteID, e.g. the hospital
+    retry_max: timedelta = timedelta(seconds=30)  # longest wait between tries of a collector that is down
 
 
 @dataclass(frozen=True)
@@ -238,6 +292,15 @@ class NodeConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
+
+    def source(self, name: str) -> Source:
+        """The source named ``name`` (case-insensitive); raises KeyError."""
+        for s in self.sources:
+            if s.name.casefold() == name.casefold():
+                return s
+        raise KeyError(name)
 
     def model(self, name: str) -> ModelRef:
         """The model named ``name``; routes are checked against the models at load time."""
@@ -280,7 +343,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "web"})
+                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -315,6 +378,8 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         models=models,
         routes=routes,
         worklist=_worklist(raw, base),
+        audit=_audit(_table(raw, "audit"), base),
+        sources=_sources(raw),
     )
     _check_web_exposure(config)
     return config
@@ -325,7 +390,7 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("ae_title") is not None:
         changes["ae_title"] = _ae_title(overrides["ae_title"], "--ae-title")
     if overrides.get("port") is not None:
-        changes["port"] = _port(overrides["port"], "--port")
+        changes["port"] = _port(_flag_int(overrides["port"]), "--port")
     if overrides.get("bind_address") is not None:
         changes["bind_address"] = _str(overrides["bind_address"], "--bind")
     if overrides.get("data_dir") is not None:
@@ -333,15 +398,13 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
     if overrides.get("destinations"):
         changes["destinations"] = _destinations(list(overrides["destinations"]), "--send-to", Path.cwd())
     if overrides.get("web_port") is not None:
-        port = overrides["web_port"]
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        changes["web"] = replace(config.web or WebConfig(), port=_int(port, "--web-port", 0, 65535))
+        changes["web"] = replace(config.web or WebConfig(),
+                                 port=_int(_flag_int(overrides["web_port"]), "--web-port", 0, 65535))
     return replace(config, **changes)
 
 
 def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:
-    _known(t, "web.", {"enabled", "bind_address", "port", "max_request_mb", "tls"})
+    _known(t, "web.", {"enabled", "bind_address", "port", "max_request_mb", "tls", "users_file"})
     if not _bool(t.get("enabled", True), "web.enabled"):
         return None
     d = WebConfig()
@@ -359,13 +422,31 @@ def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:
                                                                                  tls.private_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("web.tls", f"cannot load the certificate and key: {exc}") from exc
+    users_file, users = _web_users(t, base)
     return WebConfig(
         bind_address=_str(t.get("bind_address", d.bind_address), "web.bind_address"),
         port=_int(t.get("port", d.port), "web.port", 0, 65535),
         max_request_bytes=_int(t.get("max_request_mb", d.max_request_bytes // 2**20), "web.max_request_mb",
                                1, 2**20) * 2**20,
         tls=tls,
+        users=users,
+        users_file=users_file,
     )
+
+
+def _web_users(t: Mapping[str, Any], base: Path) -> tuple[Path | None, tuple[WebUser, ...]]:
+    if "users_file" not in t:
+        return None, ()
+    path = _path(t["users_file"], "web.users_file", base)
+    try:
+        users = read_users(path)
+    except OSError as exc:
+        raise ConfigError("web.users_file", f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError("web.users_file", str(exc)) from exc
+    if not users:
+        raise ConfigError("web.users_file", f"{path} lists no user")
+    return path, users
 
 
 def _check_web_exposure(config: NodeConfig) -> None:
@@ -404,6 +485,33 @@ def _web_caller(entry: Any, key: str, base: Path) -> WebCaller:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise ConfigError(key + ".token_sha256", "must be 64 hexadecimal digits (a SHA-256 digest)")
     return WebCaller(name, bytes.fromhex(text))
+
+
+def _audit(t: Mapping[str, Any], base: Path) -> AuditConfig:
+    _known(t, "audit.", {"enabled", "file", "collectors", "source_id", "enterprise_site",
+                         "retry_max_seconds"})
+    d = AuditConfig()
+    collectors = []
+    for i, entry in enumerate(_list(t.get("collectors", []), "audit.collectors")):
+        key = f"audit.collectors[{i}]"
+        c = _entry(entry, key, {"host", "port", "tls", "ca_certificates", "certificate", "private_key",
+                                "server_name"})
+        collectors.append(AuditCollector(host=_str(c.get("host"), key + ".host"),
+                                         port=_port(c.get("port"), key + ".port"),
+                                         tls=_client_tls(c, key, base)))
+    keys = [c.key for c in collectors]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("audit.collectors", "names a collector (host and port) twice")
+    return AuditConfig(
+        enabled=_bool(t.get("enabled", d.enabled), "audit.enabled"),
+        file=_opt_path(t.get("file"), "audit.file", base),
+        collectors=tuple(collectors),
+        source_id=_str(t["source_id"], "audit.source_id") if "source_id" in t else None,
+        enterprise_site=(_str(t["enterprise_site"], "audit.enterprise_site") if "enterprise_site" in t
+                         else None),
+        retry_max=_seconds(t.get("retry_max_seconds", d.retry_max.total_seconds()),
+                           "audit.retry_max_seconds", 0.1, 3600),
+    )
 
 
 def _completion(t: Mapping[str, Any]) -> CompletionConfig:
@@ -551,6 +659,38 @@ def _worklist(raw: Mapping[str, Any], base: Path) -> WorklistConfig:
         stat_accession_prefixes=_strs(priority.get("stat_accession_prefixes", []),
                                       "priority.stat_accession_prefixes"),
     )
+
+
+def _sources(raw: Mapping[str, Any]) -> tuple[Source, ...]:
+    """``[[sources]]``: name and either ae_title, host, port (DIMSE) or url (DICOMweb);
+    hold_ttl_seconds, retrieve; names unique (case-insensitive)."""
+    sources: list[Source] = []
+    for i, value in enumerate(_list(raw.get("sources", []), "sources")):
+        key = f"sources[{i}]"
+        t = _entry(value, key, {"name", "ae_title", "host", "port", "url", "hold_ttl_seconds", "retrieve"})
+        url = _str(t["url"], key + ".url") if "url" in t else ""
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(key + ".url", f"must be an http:// or https:// URL, got {url!r}")
+        retrieve = _str(t.get("retrieve", "get" if url else "move"), key + ".retrieve")
+        if retrieve not in ("move", "get") or (url and retrieve == "move"):
+            raise ConfigError(key + ".retrieve",
+                              f'must be "move" or "get" ("get" with a url), got {retrieve!r}')
+        if url and any(k in t for k in ("ae_title", "host", "port")):
+            raise ConfigError(key + ".url", "a source has either a url (DICOMweb) or ae_title, host, port")
+        source = Source(
+            name=_str(t.get("name"), key + ".name"),
+            ae_title="" if url else _ae_title(t.get("ae_title"), key + ".ae_title"),
+            host="" if url else _str(t.get("host"), key + ".host"),
+            port=0 if url else _port(t.get("port"), key + ".port"),
+            url=url,
+            hold_ttl=_seconds(t.get("hold_ttl_seconds", Source.hold_ttl.total_seconds()),
+                              key + ".hold_ttl_seconds", 60, 30 * 86400),
+            retrieve="get" if retrieve == "get" else "move",
+        )
+        if any(s.name.casefold() == source.name.casefold() for s in sources):
+            raise ConfigError(key + ".name", f"another source is named {source.name!r}")
+        sources.append(source)
+    return tuple(sources)
 
 
 def _entry(value: Any, key: str, keys: set[str]) -> Mapping[str, Any]:
@@ -824,9 +964,13 @@ def _opt_float(value: Any, key: str) -> float | None:
 
 
 def _port(value: Any, key: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
     return _int(value, key, 1, 65535)
+
+
+def _flag_int(value: Any) -> Any:
+    """A command-line flag's digits as an int (argparse gives text); anything else as it is, for
+    the checks to refuse. Files are typed: a port in TOML is a number, never a string."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
 def _seconds(value: Any, key: str, low: float, high: float) -> timedelta:

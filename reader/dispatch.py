@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from reader.audit import AuditTrail
 from reader.config import SendingConfig
 from reader.dicomweb import StowDestination, store_instances
 from reader.errors import PermanentSendError, SendError, TransientSendError
@@ -56,8 +57,8 @@ class DicomDelivery:
     def deliver(self, files: Sequence[Path]) -> dict[str, Any]:
         """Store every file on one association."""
         report = self.scu.send(self.destination, list(files))
-        return {"instances": len(report.sent), "warnings": len(report.warnings),
-                "seconds": round(report.seconds, 3)}
+        return {"destination_ae": self.destination.ae_title, "instances": len(report.sent),
+                "warnings": len(report.warnings), "seconds": round(report.seconds, 3)}
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,13 @@ class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
     def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
-                 scu: StoreSCU, rng: random.Random | None = None, *,
+                 scu: StoreSCU, rng: random.Random | None = None, *, audit: AuditTrail | None = None,
                  metrics: NodeMetrics | None = None) -> None:
         """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
-        configured is still sent, as parsed, with ``scu``; another unknown key is parked.
-        ``metrics`` counts the outcomes (a private set when not given)."""
+        configured is still sent, as parsed, with ``scu``; another unknown key is parked. DICOM
+        objects delivered (C-STORE, STOW-RS) are audited in ``audit``; ``metrics`` counts the
+        outcomes (a private set when not given)."""
+        self._audit = audit
         self._jobs = jobs
         self._metrics = metrics or NodeMetrics()
         self._config = config
@@ -145,10 +148,12 @@ class Dispatcher:
         attempts = ticket.attempts + 1
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,
                          attempt=attempts)
-        target = ticket.destination
+        files = [Path(f) for f in ticket.files]
+        target: Delivery | None = None
         started = time.perf_counter()
         try:
-            sent = self._target(target).deliver([Path(f) for f in ticket.files])
+            target = self._target(ticket.destination)
+            sent = target.deliver(files)
         except PermanentSendError as exc:
             updated = replace(ticket, state=SendState.FAILED, attempts=attempts, last_error=str(exc),
                               last_status=exc.status)
@@ -173,7 +178,11 @@ class Dispatcher:
         self._metrics.stage_seconds(STAGE_SEND, time.perf_counter() - started)
         self._jobs.update_send(updated)
         if updated.state is SendState.PENDING:
-            self._metrics.send_retry(target)
+            self._metrics.send_retry(ticket.destination)
         else:
-            self._metrics.send_settled(target, SEND_SENT if updated.state is SendState.DONE else SEND_PARKED)
+            self._metrics.send_settled(ticket.destination,
+                                       SEND_SENT if updated.state is SendState.DONE else SEND_PARKED)
+        if updated.state is SendState.DONE and self._audit is not None \
+                and isinstance(target, DicomDelivery | StowDelivery):
+            self._audit.results_sent(ticket.destination, files)
         return updated

@@ -15,6 +15,7 @@ state (``reader.node``)::
     │   ├── ManifestError      invalid model manifest (TOML)
     │   └── InferenceError     onnxruntime failed while running
     ├── EncodingError          SEG/SR could not be built from the findings
+    ├── RetrieveError          a source PACS did not answer a query or retrieval (``reader backfill``)
     └── SendError              a delivery (C-STORE, STOW-RS, HL7, webhook) did not succeed
         ├── TransientSendError worth retrying later (association refused for load, timeout, 0xA7xx)
         └── PermanentSendError retrying cannot help (SOP class not supported, AE unknown, 0xA9xx/0xCxxx)
@@ -33,6 +34,7 @@ __all__ = [
     "PermanentSendError",
     "ReaderError",
     "RequestRejected",
+    "RetrieveError",
     "SendError",
     "StorageError",
     "TransientSendError",
@@ -101,6 +103,15 @@ class InferenceError(ModelError):
 
 class EncodingError(ReaderError):
     """A SEG or SR could not be built from the findings."""
+
+
+class RetrieveError(ReaderError):
+    """A source PACS could not be associated with, or refused or failed a C-FIND or C-MOVE;
+    ``status`` is the DIMSE status when one came back (``reader.queryretrieve``)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class SendError(ReaderError):

@@ -20,7 +20,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -51,6 +51,7 @@ class SendState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"  # parked: permanent failure or attempts exhausted; ``reader retry`` re-queues
     SUPERSEDED = "superseded"  # a newer result version of the same series replaced it before sending
+    CANCELLED = "cancelled"  # an operator cancelled it (status page); ``last_error`` says who and why
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class SeriesState:
     reason: str = ""
     updated_at: float = 0.0
     flag: dict[str, Any] | None = None  # reader.flag.FlagDecision.as_record() of a processed series
+    # the model that read a processed series: name, version, weights_sha256 (reader.pipeline.model_record)
+    model: dict[str, str] | None = None
+    # wall-clock times (s since the epoch) of the last processing's steps: "complete" (the job was
+    # queued), "started" (routing began), "routed", "loaded", "inference_started", "inferred",
+    # "encoded" (results written); only those the outcome reached (``reader.web.queries``)
+    timeline: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class SendTicket:
     created_at: float = field(default_factory=time.time)
     # whose result versions supersede each other: the series, or a study read from several series
     lineage: str = ""
+    updated_at: float = 0.0  # when this state was written (a done ticket: when it was delivered)
 
     @property
     def line(self) -> str:
@@ -140,7 +148,7 @@ class JobStore:
             study_uid=raw["study_uid"], series_uid=raw["series_uid"], version=int(raw["version"]),
             instances=tuple(raw["instances"]), status=SeriesStatus(raw["status"]),
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
-            flag=raw.get("flag"),
+            flag=raw.get("flag"), model=raw.get("model"), timeline=raw.get("timeline"),
         )
 
     def record_series(self, state: SeriesState) -> None:
@@ -148,16 +156,20 @@ class JobStore:
         self.spool.write_state("series", state.series_uid, _dump(replace(state, updated_at=time.time())))
 
     def enqueue_if_changed(self, study_uid: str, series_uid: str, instances: tuple[str, ...],
-                           priority: int = 0) -> ProcessJob | None:
+                           priority: int = 0, models: Collection[Mapping[str, str]] | None = None
+                           ) -> ProcessJob | None:
         """Queue processing unless exactly these instances were already processed or queued.
 
         A new instance after processing gives a new result version that supersedes the old one;
-        re-sent identical instances change nothing (idempotent).
+        re-sent identical instances change nothing (idempotent), except that with ``models`` (the
+        ``model_record`` of each model loaded now) a series done by none of them is read again
+        (a study moved back by ``reader backfill`` after a model update).
         """
         with self._lock:
             instances = tuple(sorted(instances))
             state = self.series_state(series_uid)
-            if state is not None and state.instances == instances:
+            if state is not None and state.instances == instances and not (
+                    models is not None and state.status is SeriesStatus.DONE and state.model not in models):
                 return None
             version = 1 if state is None else state.version + 1
             job = ProcessJob(study_uid, series_uid, version, instances, priority)
@@ -169,17 +181,22 @@ class JobStore:
                              at_least: int) -> int:
         """The result version of a study lineage ``key`` (``reader.study.study_result_key``) for
         reading ``series_uid`` with ``instances``: the recorded one when that series and those
-        instances were read last (a job run again after a crash), else a new one above it and at
-        least ``at_least`` (the job's series version, so a study of one series keeps its series'
-        versions). Durable before it returns."""
+        instances were read last by the same job version (a job run again after a crash), else a
+        new one above it and at least ``at_least`` (the job's series version, so a study of one
+        series keeps its series' versions; a series read again with the same instances, by a newer
+        model, is a new job version). Durable before it returns."""
         with self._lock:
             instances = tuple(sorted(instances))
             raw = self.spool.read_state("studies", key)
             reads: list[dict[str, Any]] = [] if raw is None else raw["reads"]
-            if reads and reads[-1]["series_uid"] == series_uid and tuple(reads[-1]["instances"]) == instances:
-                return int(reads[-1]["version"])
-            version = max(at_least, 1 if not reads else int(reads[-1]["version"]) + 1)
-            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version})
+            last = reads[-1] if reads else None
+            same_job = last is not None and int(last.get("job_version", at_least)) == at_least
+            if (last is not None and same_job and last["series_uid"] == series_uid
+                    and tuple(last["instances"]) == instances):
+                return int(last["version"])
+            version = max(at_least, 1 if last is None else int(last["version"]) + 1)
+            reads.append({"series_uid": series_uid, "instances": list(instances), "version": version,
+                          "job_version": at_least})
             self.spool.write_state("studies", key, {"reads": reads})
             return version
 
@@ -214,13 +231,16 @@ class JobStore:
         return sorted(jobs, key=lambda j: (-j.priority, j.created_at))
 
     def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
-                   flag: dict[str, Any] | None = None) -> None:
-        """Record the outcome of a job and remove its ticket (unless a newer version replaced it)."""
+                   flag: dict[str, Any] | None = None, model: dict[str, str] | None = None, *,
+                   timeline: dict[str, float] | None = None) -> None:
+        """Record the outcome of a job and remove its ticket (unless a newer version replaced it);
+        ``timeline``: the wall-clock times of its steps (:attr:`SeriesState.timeline`)."""
         with self._lock:
             if not self.job_is_current(job):
                 return  # a newer version is queued; its own outcome will be recorded
+            steps = {"complete": job.created_at, **(timeline or {})}
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
-                                           status, reason, flag=flag))
+                                           status, reason, flag=flag, model=model, timeline=steps))
             self.spool.delete_state("jobs", job.series_uid)
         if self._on_finished is not None:
             self._on_finished(status)
@@ -287,15 +307,16 @@ class JobStore:
     def update_send(self, ticket: SendTicket) -> None:
         """Durably record a send ticket's new state.
 
-        A ticket superseded meanwhile (a newer result version was queued while this one was being
-        attempted) stays superseded unless the attempt delivered it: a stale copy must not put it
-        back in the queue, or the older version could reach the PACS after the newer one.
+        A ticket superseded or cancelled meanwhile (a newer result version was queued, or an
+        operator cancelled it, while this one was being attempted) stays so unless the attempt
+        delivered it: a stale copy must not put it back in the queue, or the older version could
+        reach the PACS after the newer one.
         """
         with self._lock:
             current = self.send(ticket.name)
-            if (current is not None and current.state is SendState.SUPERSEDED
+            if (current is not None and current.state in (SendState.SUPERSEDED, SendState.CANCELLED)
                     and ticket.state is not SendState.DONE):
-                ticket = replace(ticket, state=SendState.SUPERSEDED)
+                ticket = replace(ticket, state=current.state, last_error=current.last_error)
             self._write_send(ticket)
 
     def requeue_failed(self) -> list[SendTicket]:
@@ -308,6 +329,28 @@ class JobStore:
                     self._write_send(fresh)
                     requeued.append(fresh)
             return requeued
+
+    def requeue_send(self, name: str) -> SendTicket | None:
+        """Put one parked (failed) or cancelled ticket back in the queue, attempts reset; None when
+        there is no such ticket or it is pending, done or superseded."""
+        with self._lock:
+            ticket = self.send(name)
+            if ticket is None or ticket.state not in (SendState.FAILED, SendState.CANCELLED):
+                return None
+            fresh = replace(ticket, state=SendState.PENDING, attempts=0, next_attempt_at=0.0)
+            self._write_send(fresh)
+            return fresh
+
+    def cancel_send(self, name: str, reason: str) -> SendTicket | None:
+        """Cancel one pending or parked ticket, recording ``reason`` as its last error; None when
+        there is no such ticket or it is already settled otherwise (done, superseded, cancelled)."""
+        with self._lock:
+            ticket = self.send(name)
+            if ticket is None or ticket.state not in (SendState.PENDING, SendState.FAILED):
+                return None
+            cancelled = replace(ticket, state=SendState.CANCELLED, last_error=reason)
+            self._write_send(cancelled)
+            return cancelled
 
     def _active(self) -> list[SendTicket]:
         return [t for n in self.spool.list_state(_SENDS) if (t := self._read_send(_SENDS, n)) is not None]
@@ -323,6 +366,7 @@ class JobStore:
     def _write_send(self, ticket: SendTicket) -> None:
         """Write the ticket's state where the dispatcher looks; a settled one then moves to the
         archive, a pending one leaves it."""
+        ticket = replace(ticket, updated_at=time.time())
         self.spool.write_state(_SENDS, ticket.name, _dump(ticket))
         if ticket.state is SendState.PENDING:
             self.spool.delete_state(_ARCHIVE, ticket.name)

@@ -32,20 +32,23 @@ from typing import TypeVar
 import pydicom
 import structlog
 
-from reader.assemble import CompletionTracker
+from reader.assemble import CompleteSeries, CompletionTracker
+from reader.associations import AssociationLog
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
+from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
 from reader.metrics import STAGE_ENCODING, STAGE_INFERENCE, STAGE_LOAD, NodeMetrics
-from reader.pipeline import Inferred, Pipeline, Prepared, send_key
+from reader.pipeline import Inferred, Pipeline, Prepared, model_record, send_key
 from reader.results import load_standard_tables
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
-from reader.web import Readiness, WebContext, WebServer, build_app
+from reader.web import PagesContext, Readiness, WebContext, WebServer, build_app
 
 __all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
 
@@ -258,13 +261,17 @@ class Node:
         self.metrics = NodeMetrics()
         self.jobs = JobStore(self.spool, on_finished=self.metrics.series_finished)
         self.tracker = CompletionTracker(config.completion)
-        self.scp = StorageSCP(config, self.spool, self.tracker, self.metrics)
+        self.associations = AssociationLog()
+        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
+                      else None)
+        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit,
+                              metrics=self.metrics)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
-        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu,
+        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit,
                                      metrics=self.metrics)
         for key, model in models.items():
             self.metrics.model_loaded(key, name=model.algorithm.name, version=model.algorithm.version,
@@ -278,13 +285,17 @@ class Node:
         if config.web is not None:
             readiness = Readiness(self.spool, (r.model for r in config.routes), models,
                                   lambda: self.scp.listening)
+            pages = PagesContext(config, self.jobs, models, self.associations, stages=self.board.snapshot,
+                                 wake_sends=self._sends.set, audit=self.audit)
             self.web = WebServer(config.web, build_app(WebContext(
                 self.spool, self.tracker, readiness, config.security.web_callers,
-                config.web.max_request_bytes, self.metrics)))
+                config.web.max_request_bytes, pages, self.audit, self.metrics)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
         load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
+        if self.audit is not None:
+            self.audit.start()
         self._resume()
         for name, target in (("completion", self._completion_loop), ("loader", self._loader_loop),
                              ("inference", self._inference_loop), ("finishing", self._finishing_loop),
@@ -298,6 +309,8 @@ class Node:
         log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
                  web_port=self.web.port if self.web is not None else None,
                  data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
+        if self.audit is not None:
+            self.audit.application_started()
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations; the load, inference, encoding and send in progress
@@ -312,6 +325,9 @@ class Node:
         self.tracker.wake()
         for t in self._threads:
             t.join(timeout)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.stop()
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def queue_depths(self) -> dict[str, int]:
@@ -347,18 +363,55 @@ class Node:
     def _completion_loop(self) -> None:
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            for complete in self.tracker.pop_complete():
-                study_uid, series_uid = complete.study_uid, complete.series_uid
-                self.metrics.series_completed(complete.waited_s)
+            released: set[str] = set()
+            complete = self.tracker.pop_complete()
+            for series in complete:
+                self.metrics.series_completed(series.waited_s)
+            for study_uid, series_uid, stat, held in self._release_held(complete):
                 files = self.spool.series_instances(study_uid, series_uid)
-                priority = PRIORITY_STAT if complete.stat or self._stat_by_rule(files) else PRIORITY_ROUTINE
+                urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
+                priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
                 job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
-                                                   priority=priority)
+                                                   priority=priority,
+                                                   models=self._model_records() if held else None)
                 log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
                          instances=len(files), queued=job is not None, priority=priority,
                          version=job.version if job else None)
                 if job is not None:
                     self.board.add_queued([job])
+                if held:
+                    released.add(study_uid)
+            for study_uid in sorted(released):  # every listed series queued, or read already
+                StudyHold.delete(self.spool, study_uid)
+
+    def _model_records(self) -> list[dict[str, str]]:
+        """What a series read now records of its model, for each model loaded (``model_record``)."""
+        return [model_record(m.algorithm) for m in self.pipeline.models.values()]
+
+    def _release_held(self, complete: list[CompleteSeries]) -> list[tuple[str, str, bool, bool]]:
+        """(study, series, stat, held) of the complete series to queue now. Those of a study under
+        a hold (``reader.holds``) wait until every instance it lists is stored; then all of the
+        study's listed series go at once, ``held`` (read again if an older model read them), and
+        the caller ends the hold once they are queued."""
+        out: list[tuple[str, str, bool, bool]] = []
+        seen: set[str] = set()
+        now = time.time()
+        for item in complete:
+            hold = StudyHold.read(self.spool, item.study_uid, now)
+            if hold is None:
+                batch = [(item, False)]
+            elif missing := hold.missing(self.spool):
+                log.info("study.held", study_uid=item.study_uid, series_uid=item.series_uid,
+                         missing_instances=sum(len(m) for m in missing.values()))
+                continue
+            else:
+                listed = [CompleteSeries(item.study_uid, s) for s in sorted(hold.series)]
+                batch = [(item, True), *((c, True) for c in listed)]
+            for c, held in batch:
+                if c.series_uid not in seen and self.spool.series_instances(c.study_uid, c.series_uid):
+                    seen.add(c.series_uid)
+                    out.append((c.study_uid, c.series_uid, c.stat, held))
+        return out
 
     def _stat_by_rule(self, files: list[Path]) -> bool:
         """True when the series' accession number has a configured STAT prefix (e.g. "ED")."""

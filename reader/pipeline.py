@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from reader.assemble import SeriesSummary, summarize_series
 from reader.config import NodeConfig, Route
 from reader.dicomweb import StowDestination
 from reader.errors import EncodingError, InputRejected, ModelError
-from reader.findings import InferenceResult
+from reader.findings import AlgorithmIdentity, InferenceResult
 from reader.flag import decide
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
@@ -52,11 +52,20 @@ from reader.spool import Spool
 from reader.study import choose_series, describe_series, study_result_key
 from reader.volume import Volume, load_volume
 
-__all__ = ["STUDY_READ_FROM", "Inferred", "Pipeline", "Prepared", "destination_key", "send_key"]
+__all__ = [
+    "STUDY_READ_FROM", "Inferred", "Pipeline", "Prepared", "destination_key", "model_record", "send_key",
+]
 
 log = structlog.get_logger(__name__)
 
 STUDY_READ_FROM = "study read from "  # the reason a study's other series are skipped starts so
+
+
+def model_record(algorithm: AlgorithmIdentity) -> dict[str, str]:
+    """What a processed series records of the model that read it (``SeriesState.model``): its
+    name, version and the SHA-256 of the graph that ran; ``reader backfill`` compares it with the
+    models configured now to skip studies already read by the same model version."""
+    return {"name": algorithm.name, "version": algorithm.version, "weights_sha256": algorithm.weights_sha256}
 
 
 def destination_key(ae_title: str, host: str, port: int) -> str:
@@ -250,7 +259,12 @@ class Pipeline:
         self._queue_sends(series, lineage, version, paths)
         for destination, path in notifications:
             self.jobs.add_send(series, version, destination, [path], lineage=lineage)
-        self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record())
+        wall = _wall_clock()
+        self.jobs.finish_job(job, SeriesStatus.DONE, flag=flag.as_record(),
+                             model=model_record(result.algorithm), timeline={
+            "started": wall(prepared.started_at), "routed": wall(prepared.routed_at),
+            "loaded": wall(prepared.loaded_at), "inference_started": wall(inferred.inference_started_at),
+            "inferred": wall(inferred.inference_ended_at), "encoded": wall(t5)})
         waiting = (inferred.inference_started_at - prepared.loaded_at) + (t3 - inferred.inference_ended_at)
         bound.info("series.processed", findings=len(result.findings), flag=flag.state.value,
                    route=route.name, provider=result.provider, result_version=version, **_seconds(
@@ -324,6 +338,12 @@ class Pipeline:
 
 def _bind(job: ProcessJob) -> Any:
     return log.bind(study_uid=job.study_uid, series_uid=job.series_uid, version=job.version)
+
+
+def _wall_clock() -> Callable[[float], float]:
+    """Maps a ``time.perf_counter()`` reading taken earlier in this process to wall-clock time."""
+    offset = time.time() - time.perf_counter()
+    return lambda counter: round(counter + offset, 3)
 
 
 def _seconds(**spans: float) -> dict[str, float]:

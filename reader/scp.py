@@ -53,6 +53,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from reader import dimse, tls
 from reader.access import AccessDecision, AccessPolicy, Verdict
 from reader.assemble import CompletionTracker
+from reader.associations import AssociationLog
+from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
@@ -97,9 +99,24 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker, metrics: NodeMetrics) -> int:
-    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer. Runs in the
-    association's thread."""
+def _handle_store(  # noqa: PLR0917 - pynetdicom passes a handler's arguments by position
+        event: evt.Event, spool: Spool, tracker: CompletionTracker, associations: AssociationLog,
+        metrics: NodeMetrics, audit: AuditTrail | None = None) -> int:
+    """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer; the association
+    log, the metrics and the audit trail count the instance (in memory). Runs in the association's
+    thread."""
+    status, reason = _store(event, spool, tracker, metrics, audit)
+    if status == dimse.SUCCESS:
+        associations.stored(id(event.assoc))
+    else:
+        associations.refused(id(event.assoc), reason)
+        metrics.instance_refused(reason)
+    return status
+
+
+def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker, metrics: NodeMetrics,
+           audit: AuditTrail | None) -> tuple[int, str]:
+    """Store one instance; the DIMSE status and, when refused, the reason's name."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     try:
@@ -108,31 +125,37 @@ def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker, me
         store_received(spool, tracker, id(event.assoc), ids, data, stat=request.Priority == PRIORITY_HIGH)
     except OutOfResources as exc:
         log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
-        metrics.instance_refused("out_of_resources")
-        return dimse.OUT_OF_RESOURCES
+        return dimse.OUT_OF_RESOURCES, "out_of_resources"
     except InputRejected as exc:
         log.warning("instance.rejected", reason=exc.reason, detail=exc.detail,
                     calling_ae=event.assoc.requestor.ae_title)
-        metrics.instance_refused(exc.reason)
-        return dimse.CANNOT_UNDERSTAND
+        return dimse.CANNOT_UNDERSTAND, exc.reason
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
-        metrics.instance_refused("store_failed")
-        return dimse.OUT_OF_RESOURCES
-    metrics.instance_received(PROTOCOL_DIMSE, event.assoc.requestor.ae_title, len(data))
+        return dimse.OUT_OF_RESOURCES, "storage_error"
+    requestor = event.assoc.requestor
+    metrics.instance_received(PROTOCOL_DIMSE, str(requestor.ae_title), len(data))
+    if audit is not None:
+        audit.instance_received(id(event.assoc), calling_ae=str(requestor.ae_title),
+                                address=str(requestor.address), study_uid=ids.study_uid,
+                                sop_class_uid=str(request.AffectedSOPClassUID), header=event.dataset)
     log.debug("instance.stored", study_uid=ids.study_uid, series_uid=ids.series_uid, sop_uid=ids.sop_uid,
               seconds=round(time.perf_counter() - started, 5))
-    return dimse.SUCCESS
+    return dimse.SUCCESS, ""
 
 
 def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event, metrics: NodeMetrics) -> None:
-    log.info("association.accepted", calling_ae=event.assoc.requestor.ae_title,
-             address=event.assoc.requestor.address)
-    metrics.association_accepted(event.assoc.requestor.ae_title)
+def _handle_accepted(event: evt.Event, associations: AssociationLog, metrics: NodeMetrics,
+                     audit: AuditTrail | None = None) -> None:
+    calling_ae, address = str(event.assoc.requestor.ae_title), str(event.assoc.requestor.address)
+    log.info("association.accepted", calling_ae=calling_ae, address=address)
+    associations.opened(id(event.assoc), calling_ae, address)
+    metrics.association_accepted(calling_ae)
+    if audit is not None:
+        audit.association_accepted(calling_ae, address)
 
 
 def _handle_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
@@ -148,7 +171,8 @@ _RJ_SOURCE_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
-def _handle_requested(event: evt.Event, policy: AccessPolicy, metrics: NodeMetrics) -> None:
+def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: AssociationLog,
+                      metrics: NodeMetrics, audit: AuditTrail | None = None) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -162,7 +186,10 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy, metrics: NodeMetri
         return
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
+    associations.opened(id(assoc), decision.calling_ae, address, rejected=decision.verdict.value)
     metrics.association_rejected(decision.verdict.value)
+    if audit is not None:
+        audit.association_rejected(decision.calling_ae, address, decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
     assoc.kill()  # as pynetdicom does after its own rejections: wait for the peer to close
 
@@ -186,19 +213,26 @@ def _handle_conn_open_tune(event: evt.Event) -> None:
     tune_association(event.assoc)
 
 
-def _handle_ended(event: evt.Event, tracker: CompletionTracker) -> None:
+def _handle_ended(event: evt.Event, tracker: CompletionTracker, associations: AssociationLog,
+                  audit: AuditTrail | None = None) -> None:
     tracker.association_ended(id(event.assoc))
+    associations.ended(id(event.assoc))
+    if audit is not None:
+        audit.association_ended(id(event.assoc))  # the studies it delivered (once: later calls find none)
 
 
 class StorageSCP:
     """The node's listening AE."""
 
     def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
+                 associations: AssociationLog | None = None, audit: AuditTrail | None = None, *,
                  metrics: NodeMetrics | None = None) -> None:
         """``metrics`` counts what arrives (a private set when not given)."""
         self._config = config
         self._spool = spool
         self._tracker = tracker
+        self.associations = associations if associations is not None else AssociationLog()
+        self._audit = audit
         self._metrics = metrics or NodeMetrics()
         self._server: ThreadedAssociationServer | None = None
 
@@ -218,14 +252,15 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy, self._metrics]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations, self._metrics, self._audit]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self._metrics]),
-            (evt.EVT_ACCEPTED, _handle_accepted, [self._metrics]),
+            (evt.EVT_C_STORE, _handle_store,
+             [self._spool, self._tracker, self.associations, self._metrics, self._audit]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations, self._metrics, self._audit]),
             (evt.EVT_REJECTED, _handle_rejected, [self._metrics]),
-            (evt.EVT_RELEASED, _handle_ended, [self._tracker]),
-            (evt.EVT_ABORTED, _handle_ended, [self._tracker]),
-            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker]),
+            (evt.EVT_RELEASED, _handle_ended, [self._tracker, self.associations, self._audit]),
+            (evt.EVT_ABORTED, _handle_ended, [self._tracker, self.associations, self._audit]),
+            (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self.associations, self._audit]),
         ]
         context = None
         if cfg.security.tls is not None:

@@ -226,15 +226,8 @@ class StoreSCU:
         finally:
             if assoc.is_established:
                 assoc.release()
-        seconds = time.monotonic() - started
-        log.info(
-            "result.sent",
-            destination_ae=destination.ae_title,
-            count=len(sent),
-            warnings=len(warnings),
-            seconds=round(seconds, 4),
-        )
-        return SendReport(destination, tuple(sent), tuple(warnings), seconds)
+        # No event here: the dispatcher logs the one ``result.sent`` of a ticket, with this report.
+        return SendReport(destination, tuple(sent), tuple(warnings), time.monotonic() - started)
 
     # -- association ----------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ Layout (every hand-over between stages is a file, written atomically)::
       state/jobs/<series>.json               processing job tickets (reader.jobs)
       state/sends/<ticket>.json              send tickets with attempts and next retry (reader.jobs)
       state/sends-archive/<ticket>.json      settled send tickets (done, superseded, parked)
+      state/holds/<study>.json               instances a backfilled study waits for (reader.holds)
+      state/backfill/<run>/<study>.json      a backfill's progress, one record per study (reader.backfill)
       results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
 
 A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.

@@ -66,6 +66,7 @@ _DEBIAN_PACKAGE = {
     "systemd-analyze": "systemd",
     "kubectl": "kubectl",
     "prometheus": "prometheus",
+    "rsyslogd": "rsyslog",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _POLL_S = 0.05

@@ -76,6 +76,23 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> Non
     assert info.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[node]\nport = "104"\n', "node.port"),
+        ('[node]\nmax_associations = "4"\n', "node.max_associations"),
+        ('[web]\nport = "8080"\n', "web.port"),
+        ('[[destinations]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = "104"\n', "destinations[0].port"),
+    ],
+)
+def test_numbers_in_the_file_refuse_strings(tmp_path: Path, text: str, key: str) -> None:
+    """A number written as a string in the file (``port = "104"``) is refused like any other
+    mistyped number, naming the key: only command-line flags arrive as text."""
+    with pytest.raises(ConfigError, match="must be an integer") as info:
+        load_config(_write(tmp_path, text))
+    assert info.value.key == key
+
+
 def test_invalid_flag_names_the_flag() -> None:
     """An invalid port flag is reported as --port."""
     with pytest.raises(ConfigError) as info:
@@ -100,3 +117,17 @@ def test_default_config_is_frozen() -> None:
     cfg = default_config()
     with pytest.raises(AttributeError):
         cfg.port = 1  # type: ignore[misc]
+
+
+def test_readme_configuration_table_is_one_table() -> None:
+    """The README's configuration reference is one unbroken Markdown table (a blank line inside it,
+    as once before the ``[routes.flag]`` row, splits it and the rest renders as text), and it names
+    ``[routes.flag]``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### Configuration reference\n", 1)[1].split("\n### ", 1)[0]
+    lines = section.splitlines()
+    first = lines.index("| key | default | meaning |")
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table, rest = lines[first:end], lines[end:]
+    assert not any(line.startswith("|") for line in rest), "the configuration table is split"
+    assert any(line.startswith("| `[routes.flag]`") for line in table)

@@ -213,7 +213,7 @@ def test_sends_retry_then_park_and_reader_retry_requeues(tmp_path: Path, model: 
         node.stop()
     status = subprocess.run([sys.executable, "-m", "reader.cli", "status", "--data-dir",
                              str(node.spool.root)], capture_output=True, text=True, check=True)
-    assert "failed send" in status.stdout
+    assert "Parked sends: 1" in status.stdout
     retry = subprocess.run([sys.executable, "-m", "reader.cli", "retry", "--data-dir", str(node.spool.root)],
                            capture_output=True, text=True, check=True)
     assert "re-queued 1" in retry.stdout

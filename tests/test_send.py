@@ -16,9 +16,13 @@ from pynetdicom import AE, evt
 from structlog.testing import capture_logs
 
 from reader import dimse
+from reader.config import SendingConfig
 from reader.dimse import StatusCategory
+from reader.dispatch import DicomDelivery, Dispatcher
 from reader.errors import PermanentSendError, StorageError, TransientSendError
+from reader.jobs import JobStore, SendState
 from reader.send import Destination, StoreSCU
+from reader.spool import Spool
 from tests.peers import LOCALHOST, Orthanc, OrthancFactory, orthanc, orthanc_factory, require_data
 
 __all__ = ["orthanc", "orthanc_factory"]  # fixtures used below; re-exported so ruff keeps the import
@@ -229,10 +233,33 @@ def test_send_stores_every_ct_slice_in_orthanc(orthanc: Orthanc) -> None:
     assert orthanc.sop_instance_uids() == set(expected)
     events = {entry["event"]: entry for entry in logs}
     assert events["send.association"]["destination_ae"] == orthanc.aet
-    assert events["result.sent"]["count"] == len(slices)
+    assert "result.sent" not in events  # the dispatcher logs it, once per ticket
     patient = pydicom.dcmread(slices[0], stop_before_pixels=True)
     assert str(patient.PatientID) not in repr(logs)
     assert str(patient.PatientName) not in repr(logs)
+
+
+@pytest.mark.integration
+def test_one_delivered_ticket_logs_result_sent_once(orthanc: Orthanc, tmp_path: Path) -> None:
+    """A ticket delivered by the dispatcher is logged as exactly one ``result.sent`` event, carrying
+    the ticket's fields (ticket, series, destination, attempt) and the association's (destination
+    AE, instances, warnings, seconds)."""
+    slices = _ct_slices()[:3]
+    destination = Destination(orthanc.aet, orthanc.host, orthanc.dicom_port)
+    jobs = JobStore(Spool(tmp_path / "data"))
+    scu = StoreSCU("READER")
+    dispatcher = Dispatcher(jobs, SendingConfig(), {str(destination): DicomDelivery(scu, destination)}, scu)
+    ticket = jobs.add_send("1.2.3", 1, str(destination), slices)
+    with capture_logs() as logs:
+        done = dispatcher.attempt(ticket)
+    assert done.state is SendState.DONE
+    sent = [entry for entry in logs if entry["event"] == "result.sent"]
+    assert len(sent) == 1, logs
+    assert {k: sent[0][k] for k in ("ticket", "series_uid", "destination", "attempt", "destination_ae",
+                                    "instances", "warnings")} == {
+        "ticket": ticket.name, "series_uid": "1.2.3", "destination": str(destination), "attempt": 1,
+        "destination_ae": orthanc.aet, "instances": 3, "warnings": 0}
+    assert sent[0]["seconds"] > 0
 
 
 @pytest.mark.integration

@@ -329,7 +329,8 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     """The commented DICOMweb destination of deploy/reader.example.toml, uncommented (with its files
     made), is a valid configuration: basic auth with a password file and a CA bundle."""
     example = (Path(__file__).resolve().parents[1] / "deploy" / "reader.example.toml").read_text("utf-8")
-    block = example[example.index("# [[destinations]]", example.index("STOW-RS")):].split("\n\n")[0]
+    start = example.index("# [[destinations]]", example.index("results stored by STOW-RS"))
+    block = example[start:].split("\n\n")[0]
     text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
     (tmp_path / "pw").write_text("pw-from-file", encoding="utf-8")
     (tmp_path / "ca.pem").write_text("unused", encoding="utf-8")

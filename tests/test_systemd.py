@@ -326,7 +326,8 @@ def test_example_config_copied_anywhere_resolves_the_bundled_model(tmp_path: Pat
 
 
 def test_example_destination_is_a_valid_commented_out_example(tmp_path: Path) -> None:
-    """Uncommenting the example's [[destinations]] table (as the README's systemd section says) gives one destination."""
+    """Uncommenting the example's [[destinations]] table (as the README's systemd section says) gives
+    one destination."""
     text = EXAMPLE.read_text(encoding="utf-8")
     block = re.search(r"(?m)^# \[\[destinations\]\].*\n(?:# (?:ae_title|host|port) = .*\n){3}", text)
     assert block, "deploy/reader.example.toml: no commented-out [[destinations]] example"

@@ -131,45 +131,17 @@ def dicomweb_config() -> dict[str, Any]:
 
 # --- OHIF's static files and the DICOMweb proxy ---------------------------------------------------
 
-_APP_CONFIG = """// The harness is no first-time user: mark OHIF's guided tour (over the panels) as shown.
-try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) {}
-window.config = {
-  routerBasename: '/',
-  extensions: [],
-  modes: [],
-  showStudyList: true,
-  maxNumberOfWebWorkers: 1,
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: false,
-  showLoadingIndicator: true,
-  strictZSpacingForVolumeViewport: true,
-  investigationalUseDialog: { option: 'never' },
-  disableConfirmationPrompts: true,
-  measurementTrackingMode: 'none',
-  defaultDataSourceName: 'orthanc',
-  dataSources: [{
-    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-    sourceName: 'orthanc',
-    configuration: {
-      friendlyName: 'Orthanc (tests)',
-      name: 'orthanc',
-      wadoUriRoot: window.location.origin + '/dicom-web',
-      qidoRoot: window.location.origin + '/dicom-web',
-      wadoRoot: window.location.origin + '/dicom-web',
-      qidoSupportsIncludeField: false,
-      supportsReject: false,
-      imageRendering: 'wadors',
-      thumbnailRendering: 'wadors',
-      enableStudyLazyLoad: true,
-      supportsFuzzyMatching: false,
-      supportsWildcard: true,
-      omitQuotationForMultipartRequest: true,
-      bulkDataURI: { enabled: true },
-    },
-  }],
-};
-"""
-"""OHIF configuration: one DICOMweb source on this origin; no study-tracking or usage prompts."""
+_DEPLOYED_APP_CONFIG = REPO / "deploy" / "ohif" / "app-config.js"
+_APP_CONFIG = (
+    "// The harness is no first-time user: mark OHIF's guided tour (over the panels) as shown.\n"
+    "try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) {}\n"
+    + _DEPLOYED_APP_CONFIG.read_text(encoding="utf-8")
+    + "// The harness's own settings: one web worker, no usage, tracking or confirmation prompts.\n"
+    "Object.assign(window.config, { maxNumberOfWebWorkers: 1, showCPUFallbackMessage: false,\n"
+    "  investigationalUseDialog: { option: 'never' }, disableConfirmationPrompts: true,\n"
+    "  measurementTrackingMode: 'none' });\n"
+)
+"""OHIF configuration: the compose stack's (one DICOMweb source on this origin), no prompts."""
 
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 

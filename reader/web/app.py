@@ -6,6 +6,7 @@
 ``/metrics``                                GET     Prometheus exposition (``reader.metrics``)
 ``/dicom-web/studies``                      POST    STOW-RS (``reader.web.stow``)
 ``/dicom-web/studies/{study}``              POST    STOW-RS into one study
+``/``, ``/studies``, ``/sends``...             GET     the status pages (``reader.web.pages``)
 ==========================================  ======  =============================================
 
 Unknown paths answer 404, other methods 405, both as short JSON. STOW-RS callers present
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,16 +31,20 @@ import structlog
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from reader.assemble import CompletionTracker
+from reader.audit import AuditTrail
 from reader.config import WebCaller
 from reader.errors import InputRejected, RequestRejected
 from reader.metrics import NodeMetrics
 from reader.spool import Spool, check_uid
 from reader.web.health import Readiness
+from reader.web.pages import PagesContext, page_routes
 from reader.web.stow import MEDIA_DICOM_JSON, read_request, store_request
 
 __all__ = ["WebContext", "build_app"]
@@ -52,6 +58,7 @@ HTTP_PAYLOAD_TOO_LARGE = 413
 HTTP_INTERNAL_ERROR = 500
 HTTP_UNAVAILABLE = 503
 ANONYMOUS = "anonymous"  # the caller's name in log events when no callers are configured
+_SESSION_S = 8 * 3600  # a status-page sign-in lasts a working day
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class WebContext:
     readiness: Readiness
     callers: Sequence[WebCaller]
     max_request_bytes: int
+    pages: PagesContext | None = None  # None: no status pages (tests of the API alone)
+    audit: AuditTrail | None = None  # STOW-RS requests are audited as associations are
     metrics: NodeMetrics | None = None  # /metrics answers 404 without
 
 
@@ -145,7 +154,9 @@ class _Routes:
             del body
             result = await run_in_threadpool(
                 store_request, self.ctx.spool, self.ctx.tracker, instances,
-                base_url=_base_url(request), study_uid=study_uid, caller=caller, metrics=self.ctx.metrics)
+                base_url=_base_url(request), study_uid=study_uid, caller=caller,
+                address=request.client.host if request.client else "", audit=self.ctx.audit,
+                metrics=self.ctx.metrics)
         except RequestRejected as exc:
             log.warning("stow.rejected", caller=caller, reason=exc.reason, detail=exc.detail,
                         status=exc.http_status)
@@ -188,13 +199,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def build_app(ctx: WebContext) -> Starlette:
     """The ASGI application of one node."""
     routes = _Routes(ctx)
-    return Starlette(
-        routes=[
-            Route("/healthz", routes.healthz, methods=["GET"]),
-            Route("/readyz", routes.readyz, methods=["GET"]),
-            Route("/metrics", routes.metrics, methods=["GET"]),
-            Route("/dicom-web/studies", routes.stow, methods=["POST"]),
-            Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"]),
-        ],
-        exception_handlers={HTTPException: _http_error},
-    )
+    api: list[BaseRoute] = [
+        Route("/healthz", routes.healthz, methods=["GET"]),
+        Route("/readyz", routes.readyz, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
+        Route("/dicom-web/studies", routes.stow, methods=["POST"]),
+        Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"]),
+    ]
+    middleware = []
+    if ctx.pages is not None:
+        web = ctx.pages.config.web
+        api += page_routes(ctx.pages)
+        # signed with a key made now: a restart signs everyone out, and no key sits on disk
+        middleware.append(Middleware(SessionMiddleware, secret_key=secrets.token_hex(32),
+                                     session_cookie="reader_session", max_age=_SESSION_S, same_site="strict",
+                                     https_only=web is not None and web.tls is not None))
+    return Starlette(routes=api, middleware=middleware, exception_handlers={HTTPException: _http_error})

@@ -48,6 +48,8 @@ from reader.spool import Spool
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
+    from reader.audit import AuditTrail
+
 __all__ = ["MEDIA_DICOM", "MEDIA_DICOM_JSON", "Instance", "StowResult", "read_request", "store_request"]
 
 log = structlog.get_logger(__name__)
@@ -196,9 +198,10 @@ def read_request(content_type: str, body: bytes, study_uid: str | None) -> list[
 
 
 def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Instance], *,
-                  base_url: str, study_uid: str | None, caller: str,
-                  metrics: NodeMetrics | None = None) -> StowResult:
+                  base_url: str, study_uid: str | None, caller: str, address: str = "",
+                  audit: AuditTrail | None = None, metrics: NodeMetrics | None = None) -> StowResult:
     """Store the instances that passed phase 1 (phase 2) and build the response (PS3.18 10.5.3);
+    the audit trail records what was received, as for an association (PS3.15 A.5.3.5);
     ``metrics`` counts each one stored by the caller's name."""
     started = time.perf_counter()
     request_id = next(_request_ids)
@@ -213,6 +216,11 @@ def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Inst
                     stored.append(inst)
                     if metrics is not None:
                         metrics.instance_received(PROTOCOL_STOW, caller, len(inst.data))
+                    if audit is not None:
+                        header = pydicom.dcmread(io.BytesIO(inst.data), stop_before_pixels=True, force=True)
+                        audit.instance_received(request_id, calling_ae=caller, address=address,
+                                                study_uid=inst.ids.study_uid,
+                                                sop_class_uid=inst.sop_class_uid, header=header)
                     continue
                 except OutOfResources as exc:
                     log.warning("instance.refused", reason="out_of_resources", detail=str(exc), via="stow-rs")
@@ -223,6 +231,8 @@ def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Inst
             failed.append((inst, reason if reason is not None else dimse.CANNOT_UNDERSTAND))
     finally:
         tracker.association_ended(request_id)  # as an A-RELEASE: the study completes after grace
+        if audit is not None:
+            audit.association_ended(request_id)
     status = HTTP_OK if not failed else HTTP_ACCEPTED if stored else HTTP_CONFLICT
     log.info("stow.received", caller=caller, instances=len(instances), stored=len(stored),
              failed=len(failed), reasons=sorted({f"0x{r:04X}" for _, r in failed}),
