@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from reader.assemble import CompletionTracker
+from reader.config import load_config
 from reader.jobs import SeriesStatus
 from reader.metrics import MAX_CALLING_AES, OTHER, PROTOCOL_DIMSE, PROTOCOL_STOW, STAGES, NodeMetrics
+from reader.scp import StorageSCP
+from reader.spool import Spool
 from tests.node_process import ReaderNode
 from tests.peers import LOCALHOST, free_port, require_tool, storescu, wait_until
 from tests.reliability import MODEL_NAME, MODEL_VERSION, Study, serve_config, write_fixture_model, write_study
@@ -247,3 +254,38 @@ def test_stow_rs_instances_are_counted_by_caller(sent: Sent) -> None:
     assert value(found, "reader_instances_received_total", **stow) == 1
     assert value(found, "reader_received_bytes_total", **stow) == len(part)
     assert value(found, "reader_instances_received_total", protocol="dimse", calling_ae=CALLING_AE) == SLICES
+
+
+def test_rejected_associations_are_counted_by_reason(tmp_path: Path) -> None:
+    """Real associations to a listener with an allow-list and max_associations = 1: the one
+    accepted counts by calling AE; a caller off the list counts as calling_ae_not_allowed, and a
+    second concurrent association (rejected by pynetdicom itself) as too_many_associations."""
+    config_file = tmp_path / "reader.toml"
+    config_file.write_text('routes = []\n\n[node]\nmax_associations = 1\n\n'
+                           '[security]\nallowed_callers = ["MODALITY"]\n', encoding="utf-8")
+    config = replace(load_config(config_file, {"bind_address": LOCALHOST, "data_dir": tmp_path / "data"}),
+                     port=0)  # any free port (the flag refuses 0)
+    metrics = NodeMetrics()
+    scp = StorageSCP(config, Spool(config.data_dir), CompletionTracker(config.completion), metrics=metrics)
+    scp.start()
+
+    def associate(calling_ae: str) -> Association:
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.add_requested_context(Verification)
+        return ae.associate(LOCALHOST, scp.port, ae_title=config.ae_title)
+
+    try:
+        first = associate("MODALITY")
+        assert first.is_established
+        try:
+            assert associate("STRANGER").is_rejected
+            assert associate("MODALITY").is_rejected
+        finally:
+            first.release()
+    finally:
+        scp.stop()
+    found = samples(metrics.exposition("")[0].decode())
+    assert value(found, "reader_associations_accepted_total", calling_ae="MODALITY") == 1
+    assert value(found, "reader_associations_rejected_total", reason="calling_ae_not_allowed") == 1
+    assert value(found, "reader_associations_rejected_total", reason="too_many_associations") == 1
