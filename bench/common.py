@@ -408,30 +408,40 @@ def start_orthanc(workdir: Path, *, modalities: Mapping[str, tuple[str, str, int
 
 
 def start_node(workdir: Path, model: Path, *, config_extra: str = "", destinations: Sequence[str] = (),
-               process_series: bool = True, variant: Sequence[str] = (), name: str = "node") -> Server:
+               process_series: bool = True, variant: Sequence[str] = (), name: str = "node",
+               web: bool = True) -> Server:
     """``reader serve`` (``python -m reader.cli``) on 127.0.0.1 with ``model`` as its only model.
 
     ``process_series=False`` routes nothing (a route needing a million instances), so ingest runs are not
     disturbed by processing: the series are recorded as skipped after reading one header.
     ``variant`` (``--no-fsync``, ``--no-tune``) runs it through ``bench/node_variant.py``.
+    ``web=False`` turns its HTTP server off (``[web] enabled = false``); otherwise the bound port
+    is in ``http_port``.
     """
     port = free_port()
     data = workdir / "data"
     min_instances = 1 if process_series else 1_000_000
     config = (f'[models.bench]\npath = "{model}"\n\n[[routes]]\nname = "bench"\nmodel = "bench"\n'
               f'modalities = ["CT"]\nmin_instances = {min_instances}\n{config_extra}\n')
+    if not web:
+        config += "\n[web]\nenabled = false\n"
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "reader.toml").write_text(config)
     launcher = [str(REPO / "bench" / "node_variant.py"), *variant] if variant else ["-m", "reader.cli"]
     cmd = [sys.executable, *launcher, "serve", "--config", str(workdir / "reader.toml"),
-           "--bind", LOCALHOST, "--port", str(port), "--ae-title", "SECONDREADER", "--data-dir", str(data),
-           "--web-port", "0"]  # any free port: the HTTP server is not measured here, 8080 may be taken
+           "--bind", LOCALHOST, "--port", str(port), "--ae-title", "SECONDREADER", "--data-dir", str(data)]
+    if web:
+        cmd += ["--web-port", "0"]  # any free port: 8080 may be taken
     for dest in destinations:
         cmd += ["--send-to", dest]
     log = (workdir / "node.log").open("ab")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     wait_until(lambda: _listening(port, process, "reader serve"), 120, "reader serve")
-    return Server(name, process, "SECONDREADER", port, workdir)
+    server = Server(name, process, "SECONDREADER", port, workdir)
+    if web:
+        wait_until(lambda: bool(node_events(server, "web.listening")), 60, "reader serve's HTTP server")
+        server.http_port = int(node_events(server, "web.listening")[-1]["port"])
+    return server
 
 
 def node_events(server: Server, name: str | None = None) -> list[dict[str, Any]]:

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import pydicom
 
@@ -41,12 +40,15 @@ class _Activity:
     stat: bool = False
 
 
-class CompleteSeries(NamedTuple):
-    """A series whose completion was just inferred; ``stat`` when a sender marked it urgent."""
+@dataclass(frozen=True, order=True)
+class CompleteSeries:
+    """A series whose completion was just inferred; ``stat`` when a sender marked it urgent;
+    ``waited_s`` from its last instance to now (the completion wait, ``reader.metrics``)."""
 
     study_uid: str
     series_uid: str
     stat: bool = False
+    waited_s: float = field(default=0.0, compare=False)
 
 
 class CompletionTracker:
@@ -104,7 +106,8 @@ class CompletionTracker:
             waiting = {act.study_uid for act in self._series.values() if self._deadline(act) > now}
             done = [uid for uid, act in self._series.items() if act.study_uid not in waiting]
             popped = [(uid, self._series.pop(uid)) for uid in done]
-            return sorted((CompleteSeries(a.study_uid, uid, a.stat) for uid, a in popped),
+            return sorted((CompleteSeries(a.study_uid, uid, a.stat, now - a.last_instance)
+                           for uid, a in popped),
                           key=lambda c: not c.stat)
 
     def wait(self, timeout: float) -> None:

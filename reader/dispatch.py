@@ -29,6 +29,7 @@ from reader.config import SendingConfig
 from reader.dicomweb import StowDestination, store_instances
 from reader.errors import PermanentSendError, SendError, TransientSendError
 from reader.jobs import JobStore, SendState, SendTicket, backoff
+from reader.metrics import SEND_PARKED, SEND_SENT, STAGE_SEND, NodeMetrics
 from reader.notify.hl7 import MllpEndpoint, send_oru
 from reader.notify.webhook import WebhookEndpoint, post_event
 from reader.send import Destination, StoreSCU
@@ -100,12 +101,15 @@ class Dispatcher:
     """Sends due tickets; one instance is driven by one thread of the node."""
 
     def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
-                 scu: StoreSCU, rng: random.Random | None = None, *, audit: AuditTrail | None = None) -> None:
+                 scu: StoreSCU, rng: random.Random | None = None, *, audit: AuditTrail | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
         configured is still sent, as parsed, with ``scu``; another unknown key is parked. DICOM
-        objects delivered (C-STORE, STOW-RS) are audited in ``audit``."""
+        objects delivered (C-STORE, STOW-RS) are audited in ``audit``; ``metrics`` counts the
+        outcomes (a private set when not given)."""
         self._audit = audit
         self._jobs = jobs
+        self._metrics = metrics or NodeMetrics()
         self._config = config
         self._targets = dict(targets)
         self._scu = scu
@@ -146,6 +150,7 @@ class Dispatcher:
                          attempt=attempts)
         files = [Path(f) for f in ticket.files]
         target: Delivery | None = None
+        started = time.perf_counter()
         try:
             target = self._target(ticket.destination)
             sent = target.deliver(files)
@@ -170,7 +175,13 @@ class Dispatcher:
             updated = replace(ticket, state=SendState.DONE, attempts=attempts, last_error="",
                               last_status=None)
             bound.info("result.sent", **sent)
+        self._metrics.stage_seconds(STAGE_SEND, time.perf_counter() - started)
         self._jobs.update_send(updated)
+        if updated.state is SendState.PENDING:
+            self._metrics.send_retry(ticket.destination)
+        else:
+            self._metrics.send_settled(ticket.destination,
+                                       SEND_SENT if updated.state is SendState.DONE else SEND_PARKED)
         if updated.state is SendState.DONE and self._audit is not None \
                 and isinstance(target, DicomDelivery | StowDelivery):
             self._audit.results_sent(ticket.destination, files)

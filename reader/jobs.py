@@ -20,7 +20,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -132,9 +132,11 @@ def _dump(obj: Any) -> dict[str, Any]:
 class JobStore:
     """Reads and writes tickets in a :class:`Spool`; one lock makes read-modify-write safe."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, on_finished: Callable[[SeriesStatus], None] | None = None) -> None:
+        """``on_finished`` is told each outcome :meth:`finish_job` records (``reader.metrics``)."""
         self.spool = spool
         self._lock = threading.Lock()
+        self._on_finished = on_finished
 
     # --- series ----------------------------------------------------------------------------
     def series_state(self, series_uid: str) -> SeriesState | None:
@@ -240,6 +242,8 @@ class JobStore:
             self.record_series(SeriesState(job.study_uid, job.series_uid, job.version, job.instances,
                                            status, reason, flag=flag, model=model, timeline=steps))
             self.spool.delete_state("jobs", job.series_uid)
+        if self._on_finished is not None:
+            self._on_finished(status)
 
     def job_is_current(self, job: ProcessJob) -> bool:
         """False when a newer version of the series was queued after this job was read."""

@@ -42,6 +42,7 @@ from reader.errors import StorageError
 from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
+from reader.metrics import STAGE_ENCODING, STAGE_INFERENCE, STAGE_LOAD, NodeMetrics
 from reader.pipeline import Inferred, Pipeline, Prepared, model_record, send_key
 from reader.results import load_standard_tables
 from reader.scp import StorageSCP
@@ -257,18 +258,26 @@ class Node:
     def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage]) -> None:
         self.config = config
         self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
-        self.jobs = JobStore(self.spool)
+        self.metrics = NodeMetrics()
+        self.jobs = JobStore(self.spool, on_finished=self.metrics.series_finished)
         self.tracker = CompletionTracker(config.completion)
         self.associations = AssociationLog()
         self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
                       else None)
-        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit)
+        self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit,
+                              metrics=self.metrics)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
         self.board = StageBoard()
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
-        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit)
+        self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit,
+                                     metrics=self.metrics)
+        for key, model in models.items():
+            self.metrics.model_loaded(key, name=model.algorithm.name, version=model.algorithm.version,
+                                      weights_sha256=model.algorithm.weights_sha256,
+                                      provider=model.provider, precision=model.precision)
+        self.metrics.watch(self.queue_depths, config.data_dir, config.min_free_disk_bytes)
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -280,7 +289,7 @@ class Node:
                                  wake_sends=self._sends.set, audit=self.audit)
             self.web = WebServer(config.web, build_app(WebContext(
                 self.spool, self.tracker, readiness, config.security.web_callers,
-                config.web.max_request_bytes, pages, self.audit)))
+                config.web.max_request_bytes, pages, self.audit, self.metrics)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
@@ -321,6 +330,14 @@ class Node:
             self.audit.stop()
         log.info("node.stopped", collecting=self.tracker.tracked())
 
+    def queue_depths(self) -> dict[str, int]:
+        """Series in each stage now (``collecting`` until complete, ``queued`` for a stage), and the
+        send tickets not yet settled (``sending``); read at each scrape of ``/metrics``."""
+        stages = {name: len(uids) for name, uids in self.board.snapshot().items()}
+        unfinished = len(self.spool.list_state("jobs"))
+        return {"collecting": self.tracker.tracked(), "queued": max(0, unfinished - sum(stages.values())),
+                **stages, "sending": len(self.spool.list_state("sends"))}
+
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
         for study_uid, series_uid in self.spool.stored_series():
@@ -347,7 +364,10 @@ class Node:
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
             released: set[str] = set()
-            for study_uid, series_uid, stat, held in self._release_held(self.tracker.pop_complete()):
+            complete = self.tracker.pop_complete()
+            for series in complete:
+                self.metrics.series_completed(series.waited_s)
+            for study_uid, series_uid, stat, held in self._release_held(complete):
                 files = self.spool.series_instances(study_uid, series_uid)
                 urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
                 priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
@@ -419,24 +439,34 @@ class Node:
             if not current:
                 self.board.release(job)
                 continue
-            self._hand_on(job, "prepare", partial(self.pipeline.prepare, job), Prepared,
-                          self.board.put_ready)
+            self._hand_on(job, "prepare", partial(self.pipeline.prepare, job), Prepared, self._put_ready)
+
+    def _put_ready(self, prepared: Prepared) -> None:
+        self.metrics.stage_seconds(STAGE_LOAD, prepared.loaded_at - prepared.started_at)
+        self.board.put_ready(prepared)
+
+    def _put_handed(self, inferred: Inferred) -> None:
+        seconds = inferred.inference_ended_at - inferred.inference_started_at
+        self.metrics.stage_seconds(STAGE_INFERENCE, seconds)
+        self.board.put_handed(inferred)
 
     def _inference_loop(self) -> None:
         """Run the model on the best decoded volume as soon as the previous run ends."""
         while (prepared := self.board.take_ready()) is not None:
             self._hand_on(prepared.job, "inference", partial(self.pipeline.infer, prepared), Inferred,
-                          self.board.put_handed)
+                          self._put_handed)
 
     def _finishing_loop(self) -> None:
         """Encode, write and queue the sends of each model result, beside the next inference."""
         while (inferred := self.board.take_handed()) is not None:
             job = inferred.prepared.job
+            started = time.perf_counter()
             try:
                 status = self._stage(job, "finish", partial(self.pipeline.finish, inferred))
             finally:
                 self.board.release(job)
             if status is SeriesStatus.DONE:
+                self.metrics.stage_seconds(STAGE_ENCODING, time.perf_counter() - started)
                 self._sends.set()
 
     def _hand_on(self, job: ProcessJob, stage: str, work: Callable[[], _T | SeriesStatus],

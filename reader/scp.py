@@ -58,6 +58,7 @@ from reader.audit import AuditTrail
 from reader.config import NodeConfig
 from reader.errors import InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
+from reader.metrics import PROTOCOL_DIMSE, NodeMetrics, rejection_reason
 from reader.receiver import tune_association
 from reader.spool import Spool
 
@@ -98,27 +99,30 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def _handle_store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
-                  associations: AssociationLog, audit: AuditTrail | None = None) -> int:
+def _handle_store(  # noqa: PLR0917 - pynetdicom passes a handler's arguments by position
+        event: evt.Event, spool: Spool, tracker: CompletionTracker, associations: AssociationLog,
+        metrics: NodeMetrics, audit: AuditTrail | None = None) -> int:
     """C-STORE: store atomically (``reader.intake``, as STOW-RS does), then answer; the association
-    log and the audit trail count the instance (in memory). Runs in the association's thread."""
-    status, reason = _store(event, spool, tracker, audit)
+    log, the metrics and the audit trail count the instance (in memory). Runs in the association's
+    thread."""
+    status, reason = _store(event, spool, tracker, metrics, audit)
     if status == dimse.SUCCESS:
         associations.stored(id(event.assoc))
     else:
         associations.refused(id(event.assoc), reason)
+        metrics.instance_refused(reason)
     return status
 
 
-def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
+def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker, metrics: NodeMetrics,
            audit: AuditTrail | None) -> tuple[int, str]:
     """Store one instance; the DIMSE status and, when refused, the reason's name."""
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     try:
         ids = instance_ids(event.dataset, request.AffectedSOPInstanceUID)  # header parsed lazily
-        store_received(spool, tracker, id(event.assoc), ids, event.encoded_dataset(),
-                       stat=request.Priority == PRIORITY_HIGH)
+        data = event.encoded_dataset()
+        store_received(spool, tracker, id(event.assoc), ids, data, stat=request.Priority == PRIORITY_HIGH)
     except OutOfResources as exc:
         log.warning("instance.refused", reason="out_of_resources", detail=str(exc))
         return dimse.OUT_OF_RESOURCES, "out_of_resources"
@@ -129,8 +133,9 @@ def _store(event: evt.Event, spool: Spool, tracker: CompletionTracker,
     except StorageError as exc:
         log.error("instance.store_failed", detail=str(exc))
         return dimse.OUT_OF_RESOURCES, "storage_error"
+    requestor = event.assoc.requestor
+    metrics.instance_received(PROTOCOL_DIMSE, str(requestor.ae_title), len(data))
     if audit is not None:
-        requestor = event.assoc.requestor
         audit.instance_received(id(event.assoc), calling_ae=str(requestor.ae_title),
                                 address=str(requestor.address), study_uid=ids.study_uid,
                                 sop_class_uid=str(request.AffectedSOPClassUID), header=event.dataset)
@@ -143,12 +148,21 @@ def _handle_echo(event: evt.Event) -> int:
     return dimse.SUCCESS
 
 
-def _handle_accepted(event: evt.Event, associations: AssociationLog, audit: AuditTrail | None = None) -> None:
+def _handle_accepted(event: evt.Event, associations: AssociationLog, metrics: NodeMetrics,
+                     audit: AuditTrail | None = None) -> None:
     calling_ae, address = str(event.assoc.requestor.ae_title), str(event.assoc.requestor.address)
     log.info("association.accepted", calling_ae=calling_ae, address=address)
     associations.opened(id(event.assoc), calling_ae, address)
+    metrics.association_accepted(calling_ae)
     if audit is not None:
         audit.association_accepted(calling_ae, address)
+
+
+def _handle_rejected(event: evt.Event, metrics: NodeMetrics) -> None:
+    """pynetdicom rejected the association itself (too many associations, a called AE title...)."""
+    sent = event.assoc.acceptor.primitive
+    metrics.association_rejected(rejection_reason(getattr(sent, "result_source", None),
+                                                  getattr(sent, "diagnostic", None)))
 
 
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): rejected-permanent, DICOM UL service-user, calling AE not recognized
@@ -158,7 +172,7 @@ _RJ_CALLING_AE_NOT_RECOGNIZED = 0x03
 
 
 def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: AssociationLog,
-                      audit: AuditTrail | None = None) -> None:
+                      metrics: NodeMetrics, audit: AuditTrail | None = None) -> None:
     """A-ASSOCIATE-RQ received: refuse callers the allow-list does not admit (fail closed)."""
     assoc = event.assoc
     address = str(assoc.requestor.address)
@@ -173,6 +187,7 @@ def _handle_requested(event: evt.Event, policy: AccessPolicy, associations: Asso
     log.warning("association.rejected", reason=decision.verdict.value, calling_ae=decision.calling_ae,
                 address=address)
     associations.opened(id(assoc), decision.calling_ae, address, rejected=decision.verdict.value)
+    metrics.association_rejected(decision.verdict.value)
     if audit is not None:
         audit.association_rejected(decision.calling_ae, address, decision.verdict.value)
     assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNIZED)
@@ -210,12 +225,15 @@ class StorageSCP:
     """The node's listening AE."""
 
     def __init__(self, config: NodeConfig, spool: Spool, tracker: CompletionTracker,
-                 associations: AssociationLog | None = None, audit: AuditTrail | None = None) -> None:
+                 associations: AssociationLog | None = None, audit: AuditTrail | None = None, *,
+                 metrics: NodeMetrics | None = None) -> None:
+        """``metrics`` counts what arrives (a private set when not given)."""
         self._config = config
         self._spool = spool
         self._tracker = tracker
         self.associations = associations if associations is not None else AssociationLog()
         self._audit = audit
+        self._metrics = metrics or NodeMetrics()
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -234,10 +252,12 @@ class StorageSCP:
         for sop_class in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations, self._audit]),
+            (evt.EVT_REQUESTED, _handle_requested, [policy, self.associations, self._metrics, self._audit]),
             (evt.EVT_C_ECHO, _handle_echo),
-            (evt.EVT_C_STORE, _handle_store, [self._spool, self._tracker, self.associations, self._audit]),
-            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations, self._audit]),
+            (evt.EVT_C_STORE, _handle_store,
+             [self._spool, self._tracker, self.associations, self._metrics, self._audit]),
+            (evt.EVT_ACCEPTED, _handle_accepted, [self.associations, self._metrics, self._audit]),
+            (evt.EVT_REJECTED, _handle_rejected, [self._metrics]),
             (evt.EVT_RELEASED, _handle_ended, [self._tracker, self.associations, self._audit]),
             (evt.EVT_ABORTED, _handle_ended, [self._tracker, self.associations, self._audit]),
             (evt.EVT_CONN_CLOSE, _handle_ended, [self._tracker, self.associations, self._audit]),

@@ -65,6 +65,7 @@ _DEBIAN_PACKAGE = {
     "dciodvfy": "dicom3tools",
     "systemd-analyze": "systemd",
     "kubectl": "kubectl",
+    "prometheus": "prometheus",
     "rsyslogd": "rsyslog",
 }
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")

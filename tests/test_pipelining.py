@@ -96,6 +96,10 @@ class GatedModel:
         self.fail = fail
         self.order: list[str] = []
 
+    def __getattr__(self, name: str) -> Any:
+        """The rest (algorithm, provider, precision) as the real package has it."""
+        return getattr(self.inner, name)
+
     def run(self, volume: Volume) -> InferenceResult:
         """Run the real model once the test lets this series through."""
         uid = volume.series_instance_uid

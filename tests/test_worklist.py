@@ -37,6 +37,10 @@ class GatedModel:
         self.entered = threading.Event()
         self.order: list[str] = []
 
+    def __getattr__(self, name: str) -> Any:
+        """The rest (algorithm, provider, precision) as the real package has it."""
+        return getattr(self.inner, name)
+
     def run(self, volume: Volume) -> InferenceResult:
         self.order.append(volume.series_instance_uid)
         self.entered.set()

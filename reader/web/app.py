@@ -3,6 +3,7 @@
 ==========================================  ======  =============================================
 ``/healthz``                                GET     200 ``ok`` while the process serves HTTP
 ``/readyz``                                 GET     200, or 503 naming the failed checks (JSON)
+``/metrics``                                GET     Prometheus exposition (``reader.metrics``)
 ``/dicom-web/studies``                      POST    STOW-RS (``reader.web.stow``)
 ``/dicom-web/studies/{study}``              POST    STOW-RS into one study
 ``/``, ``/studies``, ``/sends``...             GET     the status pages (``reader.web.pages``)
@@ -11,8 +12,9 @@
 Unknown paths answer 404, other methods 405, both as short JSON. STOW-RS callers present
 ``Authorization: Bearer <token>``; with ``[[security.web_callers]]`` configured only a listed
 token gets in (401 otherwise); without, every caller does (the configuration allows that on a
-loopback bind only). The probes need no token. No answer carries a stack trace: an unexpected
-error is logged (``web.error``) and answered 500 with a short message.
+loopback bind only). The probes and ``/metrics`` need no token: like the probes, the metrics
+carry no patient data (``reader.metrics``), and a scraper holds no caller token. No answer
+carries a stack trace: an unexpected error is logged (``web.error``) and answered 500 with a short message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from reader.assemble import CompletionTracker
 from reader.audit import AuditTrail
 from reader.config import WebCaller
 from reader.errors import InputRejected, RequestRejected
+from reader.metrics import NodeMetrics
 from reader.spool import Spool, check_uid
 from reader.web.health import Readiness
 from reader.web.pages import PagesContext, page_routes
@@ -50,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 HTTP_BAD_REQUEST = 400
 HTTP_UNAUTHORIZED = 401
+HTTP_NOT_FOUND = 404
 HTTP_PAYLOAD_TOO_LARGE = 413
 HTTP_INTERNAL_ERROR = 500
 HTTP_UNAVAILABLE = 503
@@ -68,6 +72,7 @@ class WebContext:
     max_request_bytes: int
     pages: PagesContext | None = None  # None: no status pages (tests of the API alone)
     audit: AuditTrail | None = None  # STOW-RS requests are audited as associations are
+    metrics: NodeMetrics | None = None  # /metrics answers 404 without
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -125,6 +130,13 @@ class _Routes:
             body["failed"] = [r.name for r in failed]
         return JSONResponse(body, status_code=HTTP_UNAVAILABLE if failed else 200)
 
+    async def metrics(self, request: Request) -> Response:
+        metrics = self.ctx.metrics
+        if metrics is None:
+            return _error(HTTP_NOT_FOUND, "Not Found")
+        body, media_type = await run_in_threadpool(metrics.exposition, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": media_type})
+
     async def stow(self, request: Request) -> Response:
         client = request.client.host if request.client else ""
         caller = _caller(request, self.ctx.callers)
@@ -143,7 +155,8 @@ class _Routes:
             result = await run_in_threadpool(
                 store_request, self.ctx.spool, self.ctx.tracker, instances,
                 base_url=_base_url(request), study_uid=study_uid, caller=caller,
-                address=request.client.host if request.client else "", audit=self.ctx.audit)
+                address=request.client.host if request.client else "", audit=self.ctx.audit,
+                metrics=self.ctx.metrics)
         except RequestRejected as exc:
             log.warning("stow.rejected", caller=caller, reason=exc.reason, detail=exc.detail,
                         status=exc.http_status)
@@ -189,6 +202,7 @@ def build_app(ctx: WebContext) -> Starlette:
     api: list[BaseRoute] = [
         Route("/healthz", routes.healthz, methods=["GET"]),
         Route("/readyz", routes.readyz, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
         Route("/dicom-web/studies", routes.stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"]),
     ]

@@ -41,6 +41,7 @@ from reader import dimse
 from reader.assemble import CompletionTracker
 from reader.errors import InputRejected, OutOfResources, RequestRejected, StorageError
 from reader.intake import InstanceIds, instance_ids, store_received
+from reader.metrics import PROTOCOL_STOW, NodeMetrics
 from reader.scp import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
 from reader.spool import Spool
 
@@ -198,9 +199,10 @@ def read_request(content_type: str, body: bytes, study_uid: str | None) -> list[
 
 def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Instance], *,
                   base_url: str, study_uid: str | None, caller: str, address: str = "",
-                  audit: AuditTrail | None = None) -> StowResult:
+                  audit: AuditTrail | None = None, metrics: NodeMetrics | None = None) -> StowResult:
     """Store the instances that passed phase 1 (phase 2) and build the response (PS3.18 10.5.3);
-    the audit trail records what was received, as for an association (PS3.15 A.5.3.5)."""
+    the audit trail records what was received, as for an association (PS3.15 A.5.3.5);
+    ``metrics`` counts each one stored by the caller's name."""
     started = time.perf_counter()
     request_id = next(_request_ids)
     stored: list[Instance] = []
@@ -212,6 +214,8 @@ def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Inst
                 try:
                     store_received(spool, tracker, request_id, inst.ids, inst.data)
                     stored.append(inst)
+                    if metrics is not None:
+                        metrics.instance_received(PROTOCOL_STOW, caller, len(inst.data))
                     if audit is not None:
                         header = pydicom.dcmread(io.BytesIO(inst.data), stop_before_pixels=True, force=True)
                         audit.instance_received(request_id, calling_ae=caller, address=address,
