@@ -50,7 +50,8 @@ def stack(docker_engine: DockerEngine) -> Iterator[Compose]:
     """The demo stack's images built from this checkout, and a compose project for it on free ports."""
     Compose.binary()
     docker_engine.base_images()
-    ports = published(["PACS_DICOM_PORT", "PACS_HTTP_PORT", "READER_DICOM_PORT", "VIEWER_PORT"])
+    ports = published(["PACS_DICOM_PORT", "PACS_HTTP_PORT", "READER_DICOM_PORT", "VIEWER_PORT",
+                       "PROMETHEUS_PORT"])
     project = f"srtest{uuid.uuid4().hex[:8]}"
     compose = Compose(docker_engine, project, COMPOSE_FILE, {"BIND": LOCALHOST, **ports})
     compose("build", timeout=_BUILD_S)
@@ -82,9 +83,10 @@ def test_node_image_runs_as_a_user_with_its_model_and_the_cpu_runtime(stack: Com
 
 
 def test_compose_demo_stack_returns_sr_and_seg_for_a_study_sent_to_its_pacs(stack: Compose) -> None:
-    """`docker compose up` starts the PACS, the node and the viewer (healthy); the sample study sent to
-    the PACS with storescu is routed to the node, whose SR and SEG come back into the PACS; the
-    viewer serves OHIF and the PACS's DICOMweb through its proxy; `down` removes the stack."""
+    """`docker compose up` starts the PACS, the node, the viewer and Prometheus (healthy); the sample
+    study sent to the PACS with storescu is routed to the node, whose SR, SEG and KOS come back into
+    the PACS; the viewer serves OHIF and the PACS's DICOMweb through its proxy; Prometheus has
+    scraped the node's instance count; `down` removes the stack."""
     series = [require_data(s) for s in SAMPLE_SERIES]
     first = min(series[0].iterdir())
     study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
@@ -110,6 +112,14 @@ def test_compose_demo_stack_returns_sr_and_seg_for_a_study_sent_to_its_pacs(stac
     assert b"<title>" in _get(f"{viewer}/") and b"dataSources" in _get(f"{viewer}/app-config.js")
     listed = _json(f"{viewer}/dicom-web/studies/{study_uid}/series")
     assert {"SR", "SEG"} <= {s["00080060"]["Value"][0] for s in listed}
+
+    prometheus = f"http://{LOCALHOST}:{env['PROMETHEUS_PORT']}/api/v1/query?query="
+
+    def scraped() -> float:
+        answer = _json(prometheus + "sum(reader_instances_received_total)")["data"]["result"]
+        return float(answer[0]["value"][1]) if answer else 0.0
+
+    wait_until(lambda: scraped() >= 128, 120, "Prometheus to scrape the node's 128 received instances")
 
     stack("down", "--volumes", "--timeout", "60", timeout=300)
     left = stack("ps", "--all", "--quiet").stdout.split()
