@@ -1,8 +1,8 @@
-"""Command line: ``reader serve | status | retry | backfill``.
+"""Command line: ``reader serve | status | retry | backfill | purge``.
 
 The edge where typed errors become exit codes: 0 success, 2 invalid configuration or flag
-(one line naming the key and the problem, before any port opens), 1 anything else that stops
-the node.
+(one line naming the key and the problem, before any port opens) or a refused ``purge`` (one
+line), 1 anything else that stops the node.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import structlog
 from reader import __version__
 from reader.backfill import Backfill, BackfillOptions, Window, parse_date, study_query
 from reader.config import NodeConfig, load_config
-from reader.errors import ConfigError, ModelError, ReaderError, RetrieveError
+from reader.errors import ConfigError, InputRejected, ModelError, ReaderError, RetrieveError
 from reader.jobs import JobStore
 from reader.log import configure_logging
-from reader.spool import Spool
+from reader.retention import Retention
+from reader.spool import Spool, check_uid
 from reader.status import collect, render
 
 __all__ = ["main"]
@@ -86,7 +87,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bf.add_argument("--port", help="the node's listening port (default from the config)")
     bf.add_argument("--node-host", default="127.0.0.1", help="where the node listens (default 127.0.0.1)")
     bf.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    return p, {"serve": serve, "status": status, "retry": retry, "backfill": bf}
+    purge = sub.add_parser("purge", help="remove one study everywhere: instances, results, state, "
+                           "pending sends (cancelled)")
+    common(purge)
+    purge.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    purge.add_argument("--force", action="store_true",
+                       help="with the node stopped: also cancel the study's queued jobs and pending sends")
+    return p, {"serve": serve, "status": status, "retry": retry, "backfill": bf, "purge": purge}
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -219,6 +226,34 @@ def _backfill(config: NodeConfig, args: argparse.Namespace) -> int:
     return EXIT_OK if result and result[0] == 0 and not stop.is_set() else EXIT_ERROR
 
 
+def _purge(config: NodeConfig, study_uid: str, force: bool) -> int:
+    """Remove one study; refuse (exit 2, one line) a study still in flight while the node runs,
+    and, with the node stopped, unless ``force``."""
+    if not config.data_dir.is_dir():
+        raise ConfigError("data_dir", f"{config.data_dir} does not exist")
+    try:
+        study_uid = check_uid(study_uid, "--study")
+    except InputRejected as exc:
+        raise ConfigError("--study", f"{study_uid!r} is not a valid Study Instance UID") from exc
+    spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
+    retention = Retention(spool, JobStore(spool), config.retention)
+    activity = retention.study_activity(study_uid)
+    if activity.in_flight:
+        busy = (f"{len(activity.queued_jobs)} queued job(s), {len(activity.pending_sends)} pending send(s), "
+                f"{len(activity.collecting)} series being received")
+        if spool.node_running():
+            print(f"reader: purge refused: study in flight ({busy}) and the node is running; let it "
+                  "finish, or stop the node and purge with --force", file=sys.stderr)
+            return EXIT_CONFIG
+        if not force:
+            print(f"reader: purge refused: study in flight ({busy}); --force cancels them", file=sys.stderr)
+            return EXIT_CONFIG
+    report = retention.purge_study(study_uid, reason="purged by an administrator (reader purge)")
+    print(f"purged study {study_uid}: {len(report.series)} series, {report.instances} instance(s), "
+          f"{report.results} result version(s), {len(report.cancelled_sends)} pending send(s) cancelled")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reader`` console script."""
     parser, parsers = _parser()
@@ -232,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
         commands: dict[str, Callable[[], int]] = {
             "serve": lambda: _serve(config), "status": lambda: _status(config, args.json),
-            "backfill": lambda: _backfill(config, args), "retry": lambda: _retry(config)}
+            "backfill": lambda: _backfill(config, args), "retry": lambda: _retry(config),
+            "purge": lambda: _purge(config, args.study, args.force)}
         return commands[args.command]()
     except ConfigError as exc:
         print(f"reader: configuration error: {exc.key}: {exc.problem}", file=sys.stderr)

@@ -40,6 +40,7 @@ __all__ = [
     "InferenceConfig",
     "ModelRef",
     "NodeConfig",
+    "RetentionConfig",
     "Route",
     "SecurityConfig",
     "SendingConfig",
@@ -81,6 +82,23 @@ class SendingConfig:
     retry_max: timedelta = timedelta(minutes=10)
     max_attempts: int = 20
     association_timeout: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long the node keeps what it has finished with (``reader.retention``); ``None``: for ever.
+
+    Ages count from the moment a piece of data stopped being needed: received instances from
+    their series' results being delivered or parked (or the series skipped or failed), results
+    from their last send settling, settled state from its last change.
+    """
+
+    enabled: bool = True  # False: no sweeps at all (an interrupted ``reader purge`` is still completed)
+    instances: timedelta | None = timedelta(hours=24)
+    results: timedelta | None = timedelta(days=30)
+    history: timedelta | None = timedelta(days=90)
+    disk_margin_bytes: int = 1024 * 1024 * 1024  # sweep by age order while free < watermark + margin
+    sweep_interval: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -280,6 +298,7 @@ class NodeConfig:
     destinations: tuple[AnyDestination, ...] = ()
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     sending: SendingConfig = field(default_factory=SendingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     models: tuple[ModelRef, ...] = ()
     routes: tuple[Route, ...] = ()
@@ -343,7 +362,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources"})
+                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources", "retention"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -374,6 +393,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         destinations=_destinations(_list(raw.get("destinations", []), "destinations"), "destinations", base),
         completion=_completion(_table(raw, "completion")),
         sending=_sending(_table(raw, "sending")),
+        retention=_retention(_table(raw, "retention")),
         inference=_inference(_table(raw, "inference")),
         models=models,
         routes=routes,
@@ -542,6 +562,34 @@ def _sending(t: Mapping[str, Any]) -> SendingConfig:
         association_timeout=_seconds(t.get("association_timeout_seconds",
                                            d.association_timeout.total_seconds()),
                                      "sending.association_timeout_seconds", 1, 3600),
+    )
+
+
+def _retention(t: Mapping[str, Any]) -> RetentionConfig:
+    _known(t, "retention.", {"enabled", "instances_hours", "results_days", "history_days", "disk_margin_mb",
+                             "sweep_minutes"})
+    d = RetentionConfig()
+
+    def age(key: str, default: timedelta | None, unit: timedelta) -> timedelta | None:
+        """A number of ``unit`` (fractions allowed); 0 keeps for ever."""
+        value = t.get(key, 0 if default is None else default / unit)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError("retention." + key, "must be a number (0 = keep for ever)")
+        if not 0 <= value <= 100 * 365 * timedelta(days=1) / unit:
+            raise ConfigError("retention." + key, f"must be between 0 and 100 years, got {value}")
+        return None if value == 0 else unit * value
+
+    margin = t.get("disk_margin_mb", d.disk_margin_bytes // 2**20)
+    minutes = t.get("sweep_minutes", d.sweep_interval / timedelta(minutes=1))
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not 0.001 <= minutes <= 1440:
+        raise ConfigError("retention.sweep_minutes", f"must be minutes from 0.001 to 1440, got {minutes}")
+    return RetentionConfig(
+        enabled=_bool(t.get("enabled", d.enabled), "retention.enabled"),
+        instances=age("instances_hours", d.instances, timedelta(hours=1)),
+        results=age("results_days", d.results, timedelta(days=1)),
+        history=age("history_days", d.history, timedelta(days=1)),
+        disk_margin_bytes=_int(margin, "retention.disk_margin_mb", 0, 2**30) * 2**20,
+        sweep_interval=timedelta(minutes=minutes),
     )
 
 

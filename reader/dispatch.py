@@ -152,6 +152,8 @@ class Dispatcher:
         target: Delivery | None = None
         started = time.perf_counter()
         try:
+            if not all(f.is_file() for f in files):  # a parked ticket retried after retention or a purge
+                raise PermanentSendError("result files no longer stored (retention or reader purge)")
             target = self._target(ticket.destination)
             sent = target.deliver(files)
         except PermanentSendError as exc:

@@ -15,12 +15,13 @@ of the same shape.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -138,6 +139,13 @@ class JobStore:
         self._lock = threading.Lock()
         self._on_finished = on_finished
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store's lock: no job is queued and no ticket written meanwhile (``reader.retention``
+        decides and deletes under it). Call no other locking method of the store inside."""
+        with self._lock:
+            yield
+
     # --- series ----------------------------------------------------------------------------
     def series_state(self, series_uid: str) -> SeriesState | None:
         """The recorded state of a series, if it was ever processed or queued."""
@@ -158,17 +166,19 @@ class JobStore:
     def enqueue_if_changed(self, study_uid: str, series_uid: str, instances: tuple[str, ...],
                            priority: int = 0, models: Collection[Mapping[str, str]] | None = None
                            ) -> ProcessJob | None:
-        """Queue processing unless exactly these instances were already processed or queued.
+        """Queue processing unless these instances were all already processed or queued.
 
         A new instance after processing gives a new result version that supersedes the old one;
-        re-sent identical instances change nothing (idempotent), except that with ``models`` (the
-        ``model_record`` of each model loaded now) a series done by none of them is read again
-        (a study moved back by ``reader backfill`` after a model update).
+        re-sent identical instances change nothing (idempotent), nor does a re-sent part of a
+        series whose instances retention deleted (``reader.retention``): nothing in it is new;
+        except that with ``models`` (the ``model_record`` of each model loaded now) a series done
+        by none of them is read again (a study moved back by ``reader backfill`` after a model
+        update).
         """
         with self._lock:
             instances = tuple(sorted(instances))
             state = self.series_state(series_uid)
-            if state is not None and state.instances == instances and not (
+            if state is not None and set(instances) <= set(state.instances) and not (
                     models is not None and state.status is SeriesStatus.DONE and state.model not in models):
                 return None
             version = 1 if state is None else state.version + 1

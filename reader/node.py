@@ -13,6 +13,10 @@ model, two only while a higher-priority (STAT) series overtakes one that was alr
 aside, it runs next). The inference worker always takes the highest-priority work: it waits for a
 STAT series being decoded rather than start routine work already decoded.
 
+A sixth worker, retention (``reader.retention``), deletes at start and every
+``retention.sweep_minutes`` what is delivered and past its retention, and, under disk pressure, the
+longest-settled data first; the node holds the data dir's lock (``node.lock``) while it runs.
+
 All state needed to resume lives in the spool: a job's ticket is deleted only once its outcome is
 recorded (``reader.jobs.JobStore.finish_job``), so :meth:`Node.start` after a crash picks up
 collecting series, queued jobs (whichever stage held them) and pending sends. :meth:`Node.stop`
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import pydicom
 import structlog
@@ -45,6 +49,7 @@ from reader.jobs import JobStore, ProcessJob, SeriesStatus
 from reader.metrics import STAGE_ENCODING, STAGE_INFERENCE, STAGE_LOAD, NodeMetrics
 from reader.pipeline import Inferred, Pipeline, Prepared, model_record, send_key
 from reader.results import load_standard_tables
+from reader.retention import Retention
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
@@ -278,6 +283,8 @@ class Node:
                                       weights_sha256=model.algorithm.weights_sha256,
                                       provider=model.provider, precision=model.precision)
         self.metrics.watch(self.queue_depths, config.data_dir, config.min_free_disk_bytes)
+        self.retention = Retention(self.spool, self.jobs, config.retention)
+        self._node_lock: IO[bytes] | None = None
         self._stopping = threading.Event()
         self._sends = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -293,13 +300,18 @@ class Node:
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers."""
+        self._node_lock = self.spool.lock_node()  # one node per data dir; ``reader purge`` asks it
         load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
         if self.audit is not None:
             self.audit.start()
+        self.retention.resume()  # interrupted deletions first: a half-deleted series is not new work
         self._resume()
-        for name, target in (("completion", self._completion_loop), ("loader", self._loader_loop),
-                             ("inference", self._inference_loop), ("finishing", self._finishing_loop),
-                             ("dispatch", self._dispatch_loop)):
+        loops = [("completion", self._completion_loop), ("loader", self._loader_loop),
+                 ("inference", self._inference_loop), ("finishing", self._finishing_loop),
+                 ("dispatch", self._dispatch_loop)]
+        if self.config.retention.enabled:
+            loops.append(("retention", self._retention_loop))
+        for name, target in loops:
             t = threading.Thread(target=self._guard(name, target), name=f"reader-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -328,6 +340,9 @@ class Node:
         if self.audit is not None:
             self.audit.application_stopped()
             self.audit.stop()
+        if self._node_lock is not None:
+            self._node_lock.close()
+            self._node_lock = None
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def queue_depths(self) -> dict[str, int]:
@@ -343,7 +358,7 @@ class Node:
         for study_uid, series_uid in self.spool.stored_series():
             state = self.jobs.series_state(series_uid)
             stored = tuple(sorted(p.stem for p in self.spool.series_instances(study_uid, series_uid)))
-            if state is None or state.instances != stored:
+            if state is None or not set(stored) <= set(state.instances):  # fewer: retention deleted them
                 self.tracker.resume(study_uid, series_uid)
         pending = self.jobs.pending_jobs()
         log.info("node.resumed", collecting=self.tracker.tracked(), queued=len(pending),
@@ -491,6 +506,16 @@ class Node:
             log.exception("series.failed", series_uid=job.series_uid, stage=stage, error=type(exc).__name__)
             self.jobs.finish_job(job, SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
             return SeriesStatus.FAILED
+
+    def _retention_loop(self) -> None:
+        """Sweep at start and then every ``retention.sweep_minutes``."""
+        interval = self.config.retention.sweep_interval.total_seconds()
+        while not self._stopping.is_set():
+            try:
+                self.retention.sweep()
+            except OSError as exc:  # e.g. a folder removed by ``reader purge`` meanwhile: next sweep
+                log.error("retention.failed", error=type(exc).__name__, detail=str(exc))
+            self._stopping.wait(interval)
 
     def _dispatch_loop(self) -> None:
         while not self._stopping.is_set():

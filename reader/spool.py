@@ -11,7 +11,10 @@ Layout (every hand-over between stages is a file, written atomically)::
       state/sends-archive/<ticket>.json      settled send tickets (done, superseded, parked)
       state/holds/<study>.json               instances a backfilled study waits for (reader.holds)
       state/backfill/<run>/<study>.json      a backfill's progress, one record per study (reader.backfill)
+      state/studies/<study>-<route>.json     a study's result lineage (reader.jobs)
+      state/purging/<name>.json              deletions under way (reader.retention)
       results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
+      node.lock                              held (flock) by the running node
 
 A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.
 UIDs become file names only after :func:`check_uid` (PS3.5 9.1: digits and dots, at most 64
@@ -21,6 +24,8 @@ characters), so a crafted UID cannot escape the data dir.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
@@ -29,7 +34,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from reader.errors import InputRejected, OutOfResources, StorageError
 
@@ -103,6 +108,59 @@ class Spool:
                 leftover.unlink()
                 removed += 1
         return removed
+
+    # --- the running node ------------------------------------------------------------------
+    def lock_node(self) -> IO[bytes]:
+        """Take the data dir's node lock (``node.lock``, an flock held until the returned file is
+        closed or the process ends, SIGKILL included); StorageError when another process holds it."""
+        handle = (self.root / "node.lock").open("ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in {errno.EAGAIN, errno.EACCES}:
+                raise StorageError(f"another reader node is using {self.root}") from exc
+            raise StorageError(f"cannot lock {self.root}: {exc.strerror}") from exc
+        return handle
+
+    def node_running(self) -> bool:
+        """True while a node holds the data dir's lock (:meth:`lock_node`)."""
+        try:
+            handle = self.lock_node()
+        except StorageError:
+            return True
+        handle.close()
+        return False
+
+    # --- deleting (reader.retention) ---------------------------------------------------------
+    def remove_file(self, path: Path) -> int:
+        """Delete one file; its size in bytes, or 0 when it was already gone. Durable once
+        :meth:`sync_folder` ran on its folder."""
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def sync_folder(self, folder: Path) -> None:
+        """Make the deletions in ``folder`` durable (fsync), if it still exists."""
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(folder)
+
+    def prune_empty(self, folder: Path, top: Path) -> None:
+        """Remove ``folder`` and then its parents while they are empty, up to (not including) ``top``."""
+        while folder != top and top in folder.parents:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    return
+                raise StorageError(f"cannot remove {folder.name}: {exc.strerror}") from exc
+            self.sync_folder(folder.parent)
+            folder = folder.parent
 
     # --- instances -------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

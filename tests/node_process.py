@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ _STOP_S = 60.0
 
 class ReaderNode:
     """A started node; :meth:`stop` sends SIGTERM and returns the exit code. ``log_level`` "debug"
-    adds the per-instance ``instance.stored`` events."""
+    adds the per-instance ``instance.stored`` events; ``env`` adds environment variables (e.g.
+    ``READER_CRASH_AT``, ``reader.faults``)."""
 
     def __init__(self, workdir: Path, *, ae_title: str = "SECONDREADER", destinations: Sequence[str] = (),
                  config_text: str | None = None, data_dir: Path | None = None,
-                 port: int | None = None, log_level: str = "info", web: bool = True) -> None:
+                 port: int | None = None, log_level: str = "info", web: bool = True,
+                 env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
         self.host = LOCALHOST
@@ -56,7 +58,8 @@ class ReaderNode:
         self._earlier_listening = len(self.events("web.listening")) if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=Path(__file__).resolve().parents[1])
+                                            cwd=Path(__file__).resolve().parents[1],
+                                            env={**os.environ, **env} if env is not None else None)
         try:
             wait_until(self._ready, _START_S, f"reader serve listening on {LOCALHOST}:{self.port}")
         except BaseException:

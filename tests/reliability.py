@@ -8,6 +8,9 @@
 - :func:`peak_rss_bytes` reads a process's peak resident set (``VmHWM`` of ``/proc/PID/status``).
 - :func:`pacs_results` lists the SR and SEG instances a PACS (Orthanc) holds for a series, in the
   order it received them (Orthanc's change log), with the result version each UID encodes.
+- :func:`retention_config` adds a ``[retention]`` table of sub-second sweeps to ``serve_config``;
+  :func:`reader_purge` runs ``reader purge --study`` as an administrator does; :func:`log_events`
+  reads a command's JSON log events.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +35,12 @@ __all__ = [
     "MODEL_NAME",
     "MODEL_VERSION",
     "PacsResult",
-
     "Study",
+    "log_events",
     "pacs_results",
     "peak_rss_bytes",
+    "reader_purge",
+    "retention_config",
     "serve_config",
     "store_responses",
     "write_fixture_model",
@@ -207,3 +213,24 @@ def pacs_results(orthanc: Orthanc, study_uid: str, series_uid: str, *,
 def replace_files(study: Study, files: Sequence[Path]) -> Study:
     """The same study with a different file list (e.g. all but the last slice)."""
     return dataclasses.replace(study, files=tuple(files))
+
+
+def retention_config(model: Path, **retention: float) -> str:
+    """``serve_config`` with a ``[retention]`` table (sub-second sweeps, no disk margin)."""
+    table = {"sweep_minutes": 0.005, "disk_margin_mb": 0, "results_days": 0, "history_days": 0, **retention}
+    return serve_config(model) + "\n[retention]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+
+
+def reader_purge(data_dir: Path, study_uid: str, *extra: str,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``reader purge --study`` as an administrator runs it."""
+    return subprocess.run([sys.executable, "-m", "reader.cli", "purge", "--data-dir", os.fspath(data_dir),
+                           "--study", study_uid, *extra], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, **(env or {})}, timeout=120, check=False)
+
+
+def log_events(stderr: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log events named ``name`` in a command's stderr."""
+    return [e for line in stderr.splitlines() if line.startswith("{")
+            if (e := json.loads(line)).get("event") == name]

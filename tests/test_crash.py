@@ -9,6 +9,13 @@ broke re-sends the whole study, as modalities do. After each kill every acknowle
 be on disk; at the end the PACS must hold exactly one current SR and SEG per study (see
 :func:`test_sigkill_at_many_moments_loses_and_duplicates_nothing`).
 
+Retention (``reader.retention``) and ``reader purge`` are killed at their own moments, named crash
+points the process reaches itself (``reader.faults``, ``READER_CRASH_AT``): a deletion of one file
+is over long before a kill from outside could land. After a restart nothing needed is lost, the
+interrupted deletion is completed, and nothing is processed or sent again
+(:func:`test_sigkill_inside_a_retention_sweep_resends_nothing`,
+:func:`test_sigkill_inside_reader_purge_is_completed_and_sends_nothing`).
+
 A machine reboot differs from SIGKILL only in losing the page cache; the spool fsyncs every file
 and its folder before answering Success or moving on (``reader.spool.atomic_write``), which a
 process-level test cannot observe.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,14 +36,19 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from reader.faults import CRASH_ENV
 from reader.jobs import JobStore, SendState, SeriesStatus
 from reader.spool import Spool
 from tests.node_process import ReaderNode
 from tests.peers import Orthanc, free_port, peer_env, require_tool, wait_until
 from tests.reliability import (
     Study,
+    log_events,
     pacs_results,
+    reader_purge,
+    retention_config,
     serve_config,
+    store_responses,
     write_fixture_model,
     write_study,
 )
@@ -290,3 +303,110 @@ def _download(orthanc: Orthanc, instance_id: str) -> Path:
     path = orthanc.workdir / f"{instance_id}.dcm"
     path.write_bytes(orthanc.download(instance_id))
     return path
+
+
+def _killed_itself(node: ReaderNode, point: str) -> None:
+    wait_until(lambda: node.process.poll() is not None, FINAL_DEADLINE_S, f"the node killing itself: {point}")
+    assert node.process.returncode == -signal.SIGKILL, node.log_tail()
+    assert [e["point"] for e in node.events("fault.injected")] == [point]
+
+
+def _series_events(node: ReaderNode, series_uid: str, *names: str) -> list[dict[str, object]]:
+    return [e for e in node.events() if e.get("event") in names and e.get("series_uid") == series_uid]
+
+
+@pytest.mark.parametrize("point", ["retention.after_mark", "retention.mid_delete", "retention.before_unmark"])
+def test_sigkill_inside_a_retention_sweep_resends_nothing(tmp_path: Path, orthanc: Orthanc,
+                                                          point: str) -> None:
+    """SIGKILL while retention deletes a delivered study's instances (after the durable marker,
+    after the first file, before the marker goes), with a second study arriving meanwhile: the
+    restarted node completes the deletion before anything else, never takes the half-deleted series
+    for new work (no ``series.complete``, nothing sent again), and the second study is processed
+    and delivered once: the PACS holds exactly one SR and one SEG (v1) of each."""
+    require_tool("storescu")
+    model = write_fixture_model(tmp_path / "model")
+    data_dir, port = tmp_path / "data", free_port()
+    pacs = f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"
+    config = retention_config(model, instances_hours=0.0003)  # about one second after delivery
+    first, second = write_study(tmp_path / "A", 20), write_study(tmp_path / "B", 20)
+    node = ReaderNode(tmp_path / "run-1", config_text=config, data_dir=data_dir, port=port,
+                      destinations=[pacs], env={CRASH_ENV: point})
+    try:
+        assert store_responses(node.host, node.port, node.ae_title, first.files) == ["Success"] * 20
+        wait_until(lambda: bool(node.events("result.sent")), TRIGGER_DEADLINE_S, "A delivered")
+        acked = store_responses(node.host, node.port, node.ae_title, second.files)  # may be cut short
+        _killed_itself(node, point)
+    finally:
+        node.kill()
+    marker = data_dir / "state" / "purging" / f"instances-{first.series_uid}.json"
+    assert marker.is_file(), f"{point}: no deletion marker left by the kill"
+    left = len(list((data_dir / "incoming" / first.study_uid / first.series_uid).glob("*.dcm")))
+    expected = {"retention.after_mark": 20, "retention.mid_delete": 19, "retention.before_unmark": 0}
+    assert left == expected[point]
+
+    node = ReaderNode(tmp_path / "run-2", config_text=config, data_dir=data_dir, port=port,
+                      destinations=[pacs])
+    try:
+        if acked != ["Success"] * 20:  # the modality re-sends a study whose association broke
+            assert store_responses(node.host, node.port, node.ae_title, second.files) == ["Success"] * 20
+        jobs = JobStore(Spool(data_dir))
+        wait_until(lambda: not marker.exists() and not (data_dir / "incoming" / first.study_uid).exists(),
+                   TRIGGER_DEADLINE_S, "the interrupted deletion completed")
+        wait_until(lambda: (s := jobs.series_state(second.series_uid)) is not None
+                   and s.status is SeriesStatus.DONE and len(s.instances) == 20
+                   and all(t.state is SendState.DONE for t in jobs.sends()), FINAL_DEADLINE_S, "B delivered")
+        assert node.events("retention.resumed")[0]["completed"] == 1
+        again = _series_events(node, first.series_uid, "series.complete", "result.sent", "series.processed")
+        assert again == [], f"{point}: the half-deleted series was taken for new work"
+    finally:
+        assert node.stop() == 0, node.log_tail()
+    state = jobs.series_state(first.series_uid)
+    assert state is not None and state.version == 1 and state.status is SeriesStatus.DONE
+    assert len(state.instances) == 20
+    for study in (first, second):
+        held = pacs_results(orthanc, study.study_uid, study.series_uid)
+        found = sorted((r.modality, r.version) for r in held)
+        assert found == [("SEG", 1), ("SR", 1)], f"{point}: the PACS holds {found}"
+
+
+@pytest.mark.parametrize("point", ["purge.after_mark", "purge.mid_delete"])
+def test_sigkill_inside_reader_purge_is_completed_and_sends_nothing(tmp_path: Path, point: str) -> None:
+    """SIGKILL inside ``reader purge --force`` of a study whose sends are pending (after its durable
+    marker; after its first file): the next node start (or the next ``reader purge``) completes the
+    purge before any worker runs, so the cancelled sends are never attempted and nothing of the
+    study is left; another study is untouched."""
+    require_tool("storescu")
+    model = write_fixture_model(tmp_path / "model")
+    data_dir, port = tmp_path / "data", free_port()
+    down = f"DOWN@127.0.0.1:{free_port()}"
+    config = retention_config(model, instances_hours=0)
+    study, other = write_study(tmp_path / "S", 20), write_study(tmp_path / "O", 20)
+    node = ReaderNode(tmp_path / "run-1", config_text=config, data_dir=data_dir, port=port,
+                      destinations=[down])
+    try:
+        for s in (study, other):
+            assert store_responses(node.host, node.port, node.ae_title, s.files) == ["Success"] * 20
+        wait_until(lambda: len(node.events("series.processed")) == 2, FINAL_DEADLINE_S, "both processed")
+    finally:
+        assert node.stop() == 0, node.log_tail()
+    killed = reader_purge(data_dir, study.study_uid, "--force", env={CRASH_ENV: point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (data_dir / "state" / "purging" / f"study-{study.study_uid}.json").is_file()
+    if point == "purge.mid_delete":  # the administrator runs the command again
+        again = reader_purge(data_dir, study.study_uid, "--force")
+        assert again.returncode == 0, again.stderr
+        assert log_events(again.stderr, "study.purged")[0]["cancelled_sends"] == 1
+    node = ReaderNode(tmp_path / "run-2", config_text=config, data_dir=data_dir, port=port,
+                      destinations=[down])
+    try:
+        wait_until(lambda: len(node.events("send.retry_scheduled")) >= 2, FINAL_DEADLINE_S,
+                   "the other study's send retried")
+        if point == "purge.after_mark":
+            (purged,) = node.events("study.purged")
+            assert purged["resumed"] is True and purged["cancelled_sends"] == 1
+        assert _series_events(node, study.series_uid, "series.complete", "send.retry_scheduled",
+                              "result.sent", "send.parked") == []
+    finally:
+        assert node.stop() == 0, node.log_tail()
+    assert [p for p in data_dir.rglob("*") if study.study_uid in p.name or study.series_uid in p.name] == []
+    assert len(list((data_dir / "incoming" / other.study_uid / other.series_uid).glob("*.dcm"))) == 20
