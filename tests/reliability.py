@@ -10,7 +10,7 @@
   order it received them (Orthanc's change log), with the result version each UID encodes.
 - :func:`retention_config` adds a ``[retention]`` table of sub-second sweeps to ``serve_config``;
   :func:`reader_purge` runs ``reader purge --study`` as an administrator does; :func:`log_events`
-  reads a command's JSON log events.
+  reads a command's JSON log events; :func:`refused_port` holds a port that refuses connections.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 from reader.results.uids import result_uid
 from tests.dicom_factory import SeriesIds, ct_series, write_datasets
 from tests.onnx_fixtures import manifest_dict, sigmoid_model, write_package
-from tests.peers import Orthanc, peer_env, require_tool
+from tests.peers import LOCALHOST, Orthanc, peer_env, require_tool
 
 __all__ = [
     "MODEL_NAME",
@@ -40,6 +42,7 @@ __all__ = [
     "pacs_results",
     "peak_rss_bytes",
     "reader_purge",
+    "refused_port",
     "retention_config",
     "serve_config",
     "store_responses",
@@ -234,3 +237,12 @@ def log_events(stderr: str, name: str) -> list[dict[str, Any]]:
     """The JSON log events named ``name`` in a command's stderr."""
     return [e for line in stderr.splitlines() if line.startswith("{")
             if (e := json.loads(line)).get("event") == name]
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening while the block runs: every connection to it is
+    refused, and no other process (a peer another test starts) can take it meanwhile."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        yield int(sock.getsockname()[1])

@@ -46,6 +46,7 @@ from tests.reliability import (
     log_events,
     pacs_results,
     reader_purge,
+    refused_port,
     retention_config,
     serve_config,
     store_responses,
@@ -305,6 +306,13 @@ def _download(orthanc: Orthanc, instance_id: str) -> Path:
     return path
 
 
+@pytest.fixture
+def down() -> Iterator[str]:
+    """A DICOM destination that refuses every association (its sends stay pending)."""
+    with refused_port() as port:
+        yield f"DOWN@127.0.0.1:{port}"
+
+
 def _killed_itself(node: ReaderNode, point: str) -> None:
     wait_until(lambda: node.process.poll() is not None, FINAL_DEADLINE_S, f"the node killing itself: {point}")
     assert node.process.returncode == -signal.SIGKILL, node.log_tail()
@@ -370,7 +378,8 @@ def test_sigkill_inside_a_retention_sweep_resends_nothing(tmp_path: Path, orthan
 
 
 @pytest.mark.parametrize("point", ["purge.after_mark", "purge.mid_delete"])
-def test_sigkill_inside_reader_purge_is_completed_and_sends_nothing(tmp_path: Path, point: str) -> None:
+def test_sigkill_inside_reader_purge_is_completed_and_sends_nothing(tmp_path: Path, point: str,
+                                                                   down: str) -> None:
     """SIGKILL inside ``reader purge --force`` of a study whose sends are pending (after its durable
     marker; after its first file): the next node start (or the next ``reader purge``) completes the
     purge before any worker runs, so the cancelled sends are never attempted and nothing of the
@@ -378,7 +387,6 @@ def test_sigkill_inside_reader_purge_is_completed_and_sends_nothing(tmp_path: Pa
     require_tool("storescu")
     model = write_fixture_model(tmp_path / "model")
     data_dir, port = tmp_path / "data", free_port()
-    down = f"DOWN@127.0.0.1:{free_port()}"
     config = retention_config(model, instances_hours=0)
     study, other = write_study(tmp_path / "S", 20), write_study(tmp_path / "O", 20)
     node = ReaderNode(tmp_path / "run-1", config_text=config, data_dir=data_dir, port=port,

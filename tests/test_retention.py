@@ -36,6 +36,7 @@ from tests.reliability import (
     log_events,
     pacs_results,
     reader_purge,
+    refused_port,
     retention_config,
     store_responses,
     write_fixture_model,
@@ -222,6 +223,13 @@ def test_retention_config_is_typed_with_hospital_defaults(tmp_path: Path) -> Non
 # --- a real node -----------------------------------------------------------------------------
 
 @pytest.fixture
+def down() -> Iterator[str]:
+    """A DICOM destination that refuses every association (its sends stay pending)."""
+    with refused_port() as port:
+        yield f"DOWN@127.0.0.1:{port}"
+
+
+@pytest.fixture
 def model(tmp_path: Path) -> Iterator[Path]:
     """The fast fixture model package."""
     require_tool("storescu")
@@ -229,7 +237,7 @@ def model(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_node_deletes_delivered_instances_and_keeps_those_owed(tmp_path: Path, orthanc: Orthanc,
-                                                              model: Path) -> None:
+                                                              model: Path, down: str) -> None:
     """A running node deletes a study's instances once its results reached the PACS and
     ``instances_hours`` passed, keeps its results, and logs ``retention.swept``; a study whose
     results wait for a destination that is down keeps its instances and results across sweeps."""
@@ -250,7 +258,6 @@ def test_node_deletes_delivered_instances_and_keeps_those_owed(tmp_path: Path, o
     finally:
         assert node.stop() == 0, node.log_tail()
 
-    down = f"DOWN@127.0.0.1:{free_port()}"
     node = ReaderNode(tmp_path / "run-2", config_text=config, data_dir=data_dir, port=port,
                       destinations=[pacs, down])
     owed = write_study(tmp_path / "B", 20)
@@ -267,13 +274,12 @@ def test_node_deletes_delivered_instances_and_keeps_those_owed(tmp_path: Path, o
         assert node.stop() == 0, node.log_tail()
 
 
-def test_reader_purge_removes_a_study_everywhere(tmp_path: Path, model: Path) -> None:
+def test_reader_purge_removes_a_study_everywhere(tmp_path: Path, model: Path, down: str) -> None:
     """``reader purge --study``: refuses (exit 2, one line) a study whose sends are pending while
     the node runs, and, with the node stopped, without ``--force``; with it, cancels the pending
     sends (named in ``study.purged``) and leaves nothing of the study: no instance, result, ticket,
     lineage or series state, and a restarted node sends nothing. A bad UID exits 2."""
     data_dir, port = tmp_path / "data", free_port()
-    down = f"DOWN@127.0.0.1:{free_port()}"
     node = ReaderNode(tmp_path / "run-1", config_text=retention_config(model, instances_hours=0),
                       data_dir=data_dir, port=port, destinations=[down])
     study = write_study(tmp_path / "S", 20)
