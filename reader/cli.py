@@ -8,6 +8,7 @@ line), 1 anything else that stops the node.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import TypeVar
 import structlog
 
 from reader import __version__
+from reader.audit import AuditTrail
 from reader.backfill import Backfill, BackfillOptions, Window, parse_date, study_query
 from reader.config import NodeConfig, load_config
 from reader.errors import ConfigError, InputRejected, ModelError, ReaderError, RetrieveError
@@ -236,7 +238,12 @@ def _purge(config: NodeConfig, study_uid: str, force: bool) -> int:
     except InputRejected as exc:
         raise ConfigError("--study", f"{study_uid!r} is not a valid Study Instance UID") from exc
     spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
-    retention = Retention(spool, JobStore(spool), config.retention)
+    audit = None
+    if config.audit.enabled:  # written at once (not started: the running node's senders deliver it)
+        audit = AuditTrail(config.audit, config.data_dir, config.ae_title)
+        for folder in (audit.root / "tmp", audit.file.parent):  # what AuditTrail.start would create
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    retention = Retention(spool, JobStore(spool), config.retention, audit=audit, user=getpass.getuser())
     activity = retention.study_activity(study_uid)
     if activity.in_flight:
         busy = (f"{len(activity.queued_jobs)} queued job(s), {len(activity.pending_sends)} pending send(s), "

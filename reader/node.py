@@ -283,7 +283,7 @@ class Node:
                                       weights_sha256=model.algorithm.weights_sha256,
                                       provider=model.provider, precision=model.precision)
         self.metrics.watch(self.queue_depths, config.data_dir, config.min_free_disk_bytes)
-        self.retention = Retention(self.spool, self.jobs, config.retention)
+        self.retention = Retention(self.spool, self.jobs, config.retention, audit=self.audit)
         self._node_lock: IO[bytes] | None = None
         self._stopping = threading.Event()
         self._sends = threading.Event()

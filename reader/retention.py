@@ -23,6 +23,10 @@ Never deleted, whatever the age or the pressure:
   version's SR names the previous one);
 - the state of anything still stored, queued or pending.
 
+Every deletion of a study's instances, by a sweep or a purge, is audited (``reader.audit``: A.5.3.6
+DICOM Study Deleted, by the node or by the account that ran ``reader purge``); a purge's marker
+holds the patient's ID and name for that message until the purge completes.
+
 A crash never leaves a state that loses or re-sends anything: deleting instances, results or a whole
 study (:meth:`Retention.purge_study`) first writes a durable marker, ``state/purging/<name>.json``,
 naming what goes; then the files go (their folders fsynced); then the marker. The node completes the
@@ -42,8 +46,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import structlog
 
+from reader.audit import AuditTrail, PatientObject
 from reader.config import RetentionConfig
 from reader.faults import crash_point
 from reader.holds import HOLDS
@@ -106,9 +112,8 @@ class PurgeReport:
 
 
 def record_purge(report: PurgeReport) -> None:
-    """Every completed purge passes here: the ``study.purged`` event, and the hook of the audit
-    trail (issue 17, part 4: an ATNA message for the deletion of the study's data is sent from
-    here, with ``report``)."""
+    """Every completed purge passes here: the ``study.purged`` event (the audit message is
+    :meth:`Retention._audit_deleted`'s)."""
     log.info("study.purged", study_uid=report.study_uid, series=len(report.series),
              instances=report.instances, results=report.results, jobs_dropped=report.jobs_dropped,
              cancelled_sends=len(report.cancelled_sends),
@@ -144,13 +149,38 @@ class Retention:
 
     def __init__(self, spool: Spool, jobs: JobStore, config: RetentionConfig, *,
                  free_bytes: Callable[[], int] | None = None, clock: Callable[[], float] = time.time,
-                 on_purged: Callable[[PurgeReport], None] = record_purge) -> None:
+                 on_purged: Callable[[PurgeReport], None] = record_purge,
+                 audit: AuditTrail | None = None, user: str | None = None) -> None:
         self.spool = spool
         self.jobs = jobs
         self.config = config
         self._free = free_bytes or (lambda: shutil.disk_usage(spool.root).free)
         self._clock = clock
         self._on_purged = on_purged
+        self._audit = audit
+        self._user = user  # who purges (``reader purge``: the account running it); None: the node
+
+    def _patient(self, study_uid: str) -> dict[str, str]:
+        """Patient ID and name of a study, from one of its stored instances, for its audit message
+        (A.5.3.6 names the patient); empty when none is left or auditing is off."""
+        if self._audit is None:
+            return {}
+        for series_uid in self.spool.study_series(study_uid):
+            for path in self.spool.series_instances(study_uid, series_uid)[:1]:
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                         specific_tags=["PatientID", "PatientName"])
+                except (OSError, pydicom.errors.InvalidDicomError):
+                    continue
+                return {"patient_id": str(ds.get("PatientID", "")),
+                        "patient_name": str(ds.get("PatientName", ""))}
+        return {}
+
+    def _audit_deleted(self, study_uid: str, patient: dict[str, str], user: str | None) -> None:
+        """A.5.3.6 DICOM Study Deleted for ``study_uid``: by ``user``, or by the node (retention)."""
+        if self._audit is not None:
+            self._audit.study_deleted(study_uid, PatientObject(patient.get("patient_id", ""),
+                                                               patient.get("patient_name", "")), user=user)
 
     # --- reading ----------------------------------------------------------------------------
     def _view(self, *, tickets: bool = True) -> _View:
@@ -274,12 +304,14 @@ class Retention:
             stored = self.spool.series_instances(study_uid, series_uid)
             if not stored or self._instances_since(view, study_uid, series_uid, stored) is None:
                 return False
+            patient = self._patient(study_uid)
             name = f"instances-{series_uid}"
             self.spool.write_state(_MARKERS, name, {"kind": "instances", "study_uid": study_uid,
                                                     "series_uid": series_uid,
                                                     "instances": [p.stem for p in stored]})
             crash_point("retention.after_mark")
             self._finish_instances(name, study_uid, series_uid, [p.stem for p in stored], counts)
+        self._audit_deleted(study_uid, patient, None)
         counts.series += 1
         return True
 
@@ -409,8 +441,9 @@ class Retention:
         cancelled += [{"ticket": t.name, "destination": t.destination} for t in activity.pending_sends
                       if t.name not in {c["ticket"] for c in cancelled}]
         series = sorted(set(activity.series) | set([] if earlier is None else earlier["series"]))
+        patient = earlier.get("patient", {}) if earlier is not None else {}
         marker = {"kind": "study", "study_uid": study_uid, "series": series, "reason": reason,
-                  "cancelled": cancelled}
+                  "cancelled": cancelled, "user": self._user, "patient": patient or self._patient(study_uid)}
         self.spool.write_state(_MARKERS, f"study-{study_uid}", marker)
         crash_point("purge.after_mark")
         return self._purge(study_uid, marker, resumed=earlier is not None)
@@ -458,6 +491,7 @@ class Retention:
                                                     "destination": str(c["destination"])}
                                                    for c in marker.get("cancelled", [])),
                              reason=str(marker.get("reason", "")), resumed=resumed)
+        self._audit_deleted(study_uid, marker.get("patient") or {}, marker.get("user"))
         self.spool.delete_state(_MARKERS, f"study-{study_uid}")
         self._on_purged(report)
         return report

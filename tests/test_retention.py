@@ -10,6 +10,7 @@ in ``tests/test_crash.py``.
 
 from __future__ import annotations
 
+import getpass
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -222,6 +223,14 @@ def test_retention_config_is_typed_with_hospital_defaults(tmp_path: Path) -> Non
 
 # --- a real node -----------------------------------------------------------------------------
 
+def study_deleted_audits(data_dir: Path, study_uid: str) -> list[bytes]:
+    """The A.5.3.6 DICOM Study Deleted messages (EventID 110105) about ``study_uid`` in the
+    node's local audit file."""
+    audit = data_dir / "audit" / "audit.log"
+    lines = audit.read_bytes().splitlines() if audit.is_file() else []
+    return [line for line in lines if b'csd-code="110105"' in line and study_uid.encode() in line]
+
+
 @pytest.fixture
 def down() -> Iterator[str]:
     """A DICOM destination that refuses every association (its sends stay pending)."""
@@ -239,7 +248,8 @@ def model(tmp_path: Path) -> Iterator[Path]:
 def test_node_deletes_delivered_instances_and_keeps_those_owed(tmp_path: Path, orthanc: Orthanc,
                                                               model: Path, down: str) -> None:
     """A running node deletes a study's instances once its results reached the PACS and
-    ``instances_hours`` passed, keeps its results, and logs ``retention.swept``; a study whose
+    ``instances_hours`` passed, keeps its results, logs ``retention.swept`` and audits the deletion
+    (DICOM Study Deleted, naming the patient); a study whose
     results wait for a destination that is down keeps its instances and results across sweeps."""
     data_dir, port = tmp_path / "data", free_port()
     pacs = f"{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"
@@ -255,6 +265,9 @@ def test_node_deletes_delivered_instances_and_keeps_those_owed(tmp_path: Path, o
         assert (data_dir / "results" / delivered.series_uid / "v1" / "sr.dcm").is_file()
         swept = [e for e in node.events("retention.swept") if e["series"] == 1]
         assert swept and swept[0]["instances"] == 20
+        wait_until(lambda: len(study_deleted_audits(data_dir, delivered.study_uid)) == 1, 30,
+                   "the deletion audited (DICOM Study Deleted)")
+        assert b"Synthetic^Phantom" in study_deleted_audits(data_dir, delivered.study_uid)[0]
     finally:
         assert node.stop() == 0, node.log_tail()
 
@@ -278,7 +291,8 @@ def test_reader_purge_removes_a_study_everywhere(tmp_path: Path, model: Path, do
     """``reader purge --study``: refuses (exit 2, one line) a study whose sends are pending while
     the node runs, and, with the node stopped, without ``--force``; with it, cancels the pending
     sends (named in ``study.purged``) and leaves nothing of the study: no instance, result, ticket,
-    lineage or series state, and a restarted node sends nothing. A bad UID exits 2."""
+    lineage or series state, and a restarted node sends nothing; the purge is audited as DICOM
+    Study Deleted by the account that ran it, naming the patient. A bad UID exits 2."""
     data_dir, port = tmp_path / "data", free_port()
     node = ReaderNode(tmp_path / "run-1", config_text=retention_config(model, instances_hours=0),
                       data_dir=data_dir, port=port, destinations=[down])
@@ -303,6 +317,8 @@ def test_reader_purge_removes_a_study_everywhere(tmp_path: Path, model: Path, do
     (purged,) = log_events(done.stderr, "study.purged")
     assert purged["cancelled_sends"] == 1 and purged["instances"] == 20 and purged["results"] == 1
     assert purged["cancelled_destinations"] == [down]
+    (audited,) = study_deleted_audits(data_dir, study.study_uid)
+    assert f'UserID="{getpass.getuser()}"'.encode() in audited and b"SYNTH-0001" in audited
     leftovers = [p for p in data_dir.rglob("*") if study.study_uid in p.name or study.series_uid in p.name]
     assert leftovers == []
     assert study.series_uid not in json.dumps([vars(t) for t in JobStore(Spool(data_dir)).sends()])
