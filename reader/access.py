@@ -20,7 +20,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["AccessDecision", "AccessPolicy", "AllowedCaller", "Network", "Verdict", "parse_network"]
+__all__ = ["AccessDecision", "AccessPolicy", "AllowedCaller", "Network", "Verdict", "is_loopback",
+           "parse_network"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -119,3 +120,13 @@ class AccessPolicy:
         if any(c.admits(ip) for c in entries):
             return AccessDecision(Verdict.ALLOWED, title, address)
         return AccessDecision(Verdict.ADDRESS_NOT_ALLOWED, title, address)
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -9,7 +9,6 @@ and the problem, before a port opens. Durations are :class:`datetime.timedelta`,
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import re
 import ssl
@@ -20,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from reader.access import AccessPolicy, AllowedCaller, parse_network
+from reader.access import AccessPolicy, AllowedCaller, is_loopback, parse_network
 from reader.dicomweb import Credential, CredentialError, StowAuth, StowDestination
 from reader.errors import ConfigError
 from reader.flag import FlagRule, parse_flag_rule
@@ -245,16 +244,6 @@ class WebConfig:
     def loopback(self) -> bool:
         """True when the server listens on a loopback address only."""
         return is_loopback(self.bind_address)
-
-
-def is_loopback(address: str) -> bool:
-    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

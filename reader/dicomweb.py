@@ -30,7 +30,6 @@ URLs of webhooks.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
 import time
 import urllib.parse
@@ -46,6 +45,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 
 from reader import __version__, dimse
+from reader.access import is_loopback
 from reader.errors import PermanentSendError, SendError, StorageError, TransientSendError
 
 __all__ = [
@@ -120,16 +120,6 @@ class Credential:
         return f"${self.env}" if self.env is not None else str(self.file)
 
 
-def _loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class StowDestination:
     """A DICOMweb service that receives results by STOW-RS.
@@ -166,7 +156,7 @@ class StowDestination:
             raise ValueError("a basic auth username must not contain ':' (RFC 7617)")
         if self.auth is StowAuth.BEARER and (self.username or self.secret is None):
             raise ValueError("bearer auth needs a token and no username")
-        if self.auth is not StowAuth.NONE and parts.scheme == "http" and not _loopback(parts.hostname):
+        if self.auth is not StowAuth.NONE and parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError("credentials go only over https:// (http:// only to a loopback address)")
         if not self.timeout_s > 0:
             raise ValueError(f"DICOMweb timeout must be positive, got {self.timeout_s}")
