@@ -159,6 +159,11 @@ class JobStore:
             flag=raw.get("flag"), model=raw.get("model"), timeline=raw.get("timeline"),
         )
 
+    def series_states(self) -> dict[str, SeriesState]:
+        """Every recorded series state by Series Instance UID (the status pages, ``reader status``,
+        retention)."""
+        return {n: s for n in self.spool.list_state("series") if (s := self.series_state(n)) is not None}
+
     def record_series(self, state: SeriesState) -> None:
         """Durably record a series outcome."""
         self.spool.write_state("series", state.series_uid, _dump(replace(state, updated_at=time.time())))

@@ -184,8 +184,7 @@ class Retention:
 
     # --- reading ----------------------------------------------------------------------------
     def _view(self, *, tickets: bool = True) -> _View:
-        states = {n: s for n in self.spool.list_state("series")
-                  if (s := self.jobs.series_state(n)) is not None}
+        states = self.jobs.series_states()
         jobs = self.jobs.pending_jobs()
         job_series = {j.series_uid for j in jobs}
         job_studies = {j.study_uid for j in jobs}

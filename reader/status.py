@@ -83,7 +83,7 @@ def _study_lines(series: Sequence[SeriesState]) -> list[StudyLine]:
 
 def collect(jobs: JobStore, last_studies: int = LAST_STUDIES) -> StatusReport:
     """Read the series states, queued jobs and send tickets of ``jobs``' data dir."""
-    series = [s for n in jobs.spool.list_state("series") if (s := jobs.series_state(n)) is not None]
+    series = list(jobs.series_states().values())
     sends = jobs.sends()
     studies = _study_lines(series)
     return StatusReport(

@@ -263,14 +263,9 @@ def _series_view(spool: Spool, study_uid: str, series_uid: str, state: SeriesSta
         header=_series_header(spool, study_uid, series_uid, versions), versions=versions)
 
 
-def _all_series(jobs: JobStore) -> dict[str, SeriesState]:
-    names = jobs.spool.list_state("series")
-    return {s.series_uid: s for n in names if (s := jobs.series_state(n)) is not None}
-
-
 def series_views(jobs: JobStore) -> list[SeriesView]:
     """Every series the node knows (received or recorded)."""
-    states = _all_series(jobs)
+    states = jobs.series_states()
     queued = {j.series_uid: j.created_at for j in jobs.pending_jobs()}
     by_series: dict[str, list[SendTicket]] = {}
     for ticket in jobs.sends():
@@ -313,7 +308,7 @@ def studies(jobs: JobStore, *, accession: str = "", date: str = "", state: str =
 def study(jobs: JobStore, study_uid: str) -> StudyView | None:
     """One study by its UID, or None."""
     uid = check_uid(study_uid, "Study Instance UID")
-    states = [s for s in _all_series(jobs).values() if s.study_uid == uid]
+    states = [s for s in jobs.series_states().values() if s.study_uid == uid]
     series = {s.series_uid for s in states} | set(jobs.spool.study_series(uid))
     if not series:
         return None
@@ -448,7 +443,7 @@ def overview(jobs: JobStore, stages: Callable[[], Mapping[str, Sequence[str]]] |
     now = time.time() if now is None else now
     since = now - _HOUR_S
     spool = jobs.spool
-    states = _all_series(jobs)
+    states = jobs.series_states()
     stored = list(spool.stored_series())
     tickets = jobs.sends()
     counts, last_hour = _counts(states, since)

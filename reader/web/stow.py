@@ -79,6 +79,7 @@ class Instance:
     ids: InstanceIds | None
     data: bytes
     failure: int | None = None
+    header: Dataset | None = None  # the part's header as phase 1 read it (the audit trail's patient)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def _instance(number: int, media_type: str, data: bytes, study_uid: str | None) 
         failure = TRANSFER_SYNTAX_NOT_SUPPORTED
     elif study_uid is not None and ids.study_uid != study_uid:
         failure = dimse.DATASET_MISMATCH
-    return Instance(sop_class, sop_uid, ids, data, failure)
+    return Instance(sop_class, sop_uid, ids, data, failure, header=ds)
 
 
 def read_request(content_type: str, body: bytes, study_uid: str | None) -> list[Instance]:
@@ -217,10 +218,9 @@ def store_request(spool: Spool, tracker: CompletionTracker, instances: list[Inst
                     if metrics is not None:
                         metrics.instance_received(PROTOCOL_STOW, caller, len(inst.data))
                     if audit is not None:
-                        header = pydicom.dcmread(io.BytesIO(inst.data), stop_before_pixels=True, force=True)
                         audit.instance_received(request_id, calling_ae=caller, address=address,
                                                 study_uid=inst.ids.study_uid,
-                                                sop_class_uid=inst.sop_class_uid, header=header)
+                                                sop_class_uid=inst.sop_class_uid, header=inst.header)
                     continue
                 except OutOfResources as exc:
                     log.warning("instance.refused", reason="out_of_resources", detail=str(exc), via="stow-rs")
