@@ -83,6 +83,11 @@ def _shot(driver: Any, name: str) -> None:
     image.quantize(colors=128).save(SCREENSHOTS / f"{name}.png", optimize=True)
 
 
+def _wait_for(driver: Any, selector: str, timeout_s: float = 30.0) -> None:
+    """Wait until the page shows ``selector``: a form submitted by a click loads its answer later."""
+    wait_until(lambda: bool(_css(driver, selector)), timeout_s, f"{selector} on the page")
+
+
 def _css(driver: Any, selector: str) -> list[Any]:
     from selenium.webdriver.common.by import By  # noqa: PLC0415 - optional dependency (dev extras)
 
@@ -194,6 +199,7 @@ def test_pages_show_a_study_and_retry_a_parked_send_in_chromium(tmp_path: Path, 
         _shot(browser, "sends")
         orthanc = Orthanc.start(tmp_path / "pacs", extra_config={"DicomPort": pacs_port})
         _css(browser, f'#parked tr[data-ticket="{ticket}"] button[value="retry"]')[0].click()
+        _wait_for(browser, "#confirm")  # a click does not wait for the next page
         assert _css(browser, "#confirm"), "retry asks for a confirmation first"
         _shot(browser, "sends-confirm")
         _css(browser, "#confirm-button")[0].click()
@@ -226,6 +232,7 @@ def test_pages_show_a_study_and_retry_a_parked_send_in_chromium(tmp_path: Path, 
         _css(browser, 'input[name="user"]')[0].send_keys(USER)
         _css(browser, 'input[name="password"]')[0].send_keys("wrong password")
         _css(browser, "#signin-button")[0].click()
+        _wait_for(browser, "#message")
         assert _css(browser, "#message") and not _css(browser, "#user")
         _shot(browser, "signin")
         _css(browser, 'input[name="user"]')[0].send_keys(USER)
