@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import missing, wait_until
+from tests.peers import free_port, missing, wait_until
 
-__all__ = ["REPO", "Compose", "DockerEngine", "docker_engine"]
+__all__ = ["REPO", "Compose", "DockerEngine", "docker_engine", "published"]
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_BINARY = REPO / ".cache" / "bin" / "docker-compose"
@@ -133,8 +133,6 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 def published(ports: Sequence[str]) -> dict[str, str]:
     """Unused loopback ports for the named compose variables (``PACS_DICOM_PORT`` ...)."""
-    from tests.peers import free_port  # noqa: PLC0415
-
     chosen: dict[str, str] = {}
     for name in ports:
         port = free_port()
