@@ -13,6 +13,11 @@ so completion is inferred from the associations that carry a series:
 
 A late instance of an already processed series simply starts the clock again; processing then
 yields a new result version that supersedes the old one (``reader.jobs``).
+
+In a cluster several receivers share the work, and one study may come over associations to two of
+them. Each receiver tracks its own associations here and records every instance in the shared
+state (``recorder``: ``JobStore.record_arrival``) before it is acknowledged; the node then lets the
+receiver that received a study's latest instance complete it (``reader.node``).
 """
 
 from __future__ import annotations
@@ -38,23 +43,31 @@ class _Activity:
     last_instance: float
     open_associations: set[int] = field(default_factory=set)
     stat: bool = False
+    last_arrival: float = 0.0  # wall clock (time.time) of the last instance, as recorded in a cluster
 
 
 @dataclass(frozen=True, order=True)
 class CompleteSeries:
     """A series whose completion was just inferred; ``stat`` when a sender marked it urgent;
-    ``waited_s`` from its last instance to now (the completion wait, ``reader.metrics``)."""
+    ``waited_s`` from its last instance to now (the completion wait, ``reader.metrics``);
+    ``last_arrival`` the wall-clock time of that instance (0 for a series resumed from disk)."""
 
     study_uid: str
     series_uid: str
     stat: bool = False
     waited_s: float = field(default=0.0, compare=False)
+    last_arrival: float = field(default=0.0, compare=False)
 
 
 class CompletionTracker:
     """Thread-safe record of series activity; association threads report, one monitor consumes."""
 
-    def __init__(self, config: CompletionConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: CompletionConfig, clock: Callable[[], float] = time.monotonic,
+                 recorder: Callable[[str, str, float, bool], None] | None = None) -> None:
+        """``recorder(study, series, wall time, stat)`` is called for every stored instance before
+        it is tracked (a cluster's shared state); what it raises reaches the caller, which then
+        refuses the instance."""
+        self._recorder = recorder
         self._grace = config.grace.total_seconds()
         self._idle = config.idle_timeout.total_seconds()
         self._clock = clock
@@ -66,6 +79,9 @@ class CompletionTracker:
                         stat: bool = False) -> None:
         """An instance of ``series_uid`` was stored on association ``association_id``; ``stat``
         when the C-STORE request had Priority HIGH (PS3.7 9.1.1.1)."""
+        wall = time.time()
+        if self._recorder is not None:
+            self._recorder(study_uid, series_uid, wall, stat)
         now = self._clock()
         with self._changed:
             act = self._series.get(series_uid)
@@ -76,6 +92,7 @@ class CompletionTracker:
                 # instance cost the receive path ~9 % of its GIL time (bench/README.md).
                 self._changed.notify_all()
             act.last_event = act.last_instance = now
+            act.last_arrival = wall
             act.stat = act.stat or stat
             act.open_associations.add(association_id)
             self._by_association.setdefault(association_id, set()).add(series_uid)
@@ -91,12 +108,20 @@ class CompletionTracker:
                     act.last_event = now
             self._changed.notify_all()
 
-    def resume(self, study_uid: str, series_uid: str) -> None:
-        """Track a series found on disk at start-up as if its last association just ended."""
+    def resume(self, study_uid: str, series_uid: str, stat: bool = False, last_arrival: float = 0.0) -> None:
+        """Track a series found on disk at start-up as if its last association just ended (also a
+        series a cluster's receiver looks at again later, ``reader.node``)."""
         now = self._clock()
         with self._changed:
-            self._series.setdefault(series_uid, _Activity(study_uid, now, now))
+            act = self._series.setdefault(series_uid, _Activity(study_uid, now, now))
+            act.stat = act.stat or stat
+            act.last_arrival = max(act.last_arrival, last_arrival)
             self._changed.notify_all()
+
+    def tracks_study(self, study_uid: str) -> bool:
+        """True while a series of ``study_uid`` is being tracked here."""
+        with self._changed:
+            return any(act.study_uid == study_uid for act in self._series.values())
 
     def pop_complete(self) -> list[CompleteSeries]:
         """Series complete now, with every tracked series of their study, STAT ones first; they stop
@@ -106,7 +131,7 @@ class CompletionTracker:
             waiting = {act.study_uid for act in self._series.values() if self._deadline(act) > now}
             done = [uid for uid, act in self._series.items() if act.study_uid not in waiting]
             popped = [(uid, self._series.pop(uid)) for uid in done]
-            return sorted((CompleteSeries(a.study_uid, uid, a.stat, now - a.last_instance)
+            return sorted((CompleteSeries(a.study_uid, uid, a.stat, now - a.last_instance, a.last_arrival)
                            for uid, a in popped),
                           key=lambda c: not c.stat)
 

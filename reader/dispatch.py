@@ -102,11 +102,13 @@ class Dispatcher:
 
     def __init__(self, jobs: JobStore, config: SendingConfig, targets: Mapping[str, Delivery],
                  scu: StoreSCU, rng: random.Random | None = None, *, audit: AuditTrail | None = None,
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None, lease_s: float = 60.0) -> None:
         """``targets`` maps ticket keys to configured targets; a DICOM key that is no longer
         configured is still sent, as parsed, with ``scu``; another unknown key is parked. DICOM
         objects delivered (C-STORE, STOW-RS) are audited in ``audit``; ``metrics`` counts the
-        outcomes (a private set when not given)."""
+        outcomes (a private set when not given). Each attempt leases its ticket first (processes of
+        a cluster dispatch the same queue) for ``lease_s``, or four association timeouts if longer."""
+        self._lease_s = max(lease_s, 4 * config.association_timeout.total_seconds())
         self._audit = audit
         self._jobs = jobs
         self._metrics = metrics or NodeMetrics()
@@ -138,12 +140,13 @@ class Dispatcher:
     def attempt(self, ticket: SendTicket) -> SendTicket:
         """Make one delivery attempt and durably record its outcome.
 
-        The ticket is read again first: one superseded (or re-queued) since ``due`` listed it is
-        returned as it now stands, unsent.
+        The ticket is leased first, which reads it again: one superseded (or re-queued) since
+        ``due`` listed it, or leased by another process of a cluster, is returned as it now stands,
+        unsent. Recording the outcome ends the lease.
         """
-        current = self._jobs.send(ticket.name)
-        if current is None or current.state is not SendState.PENDING:
-            return current or ticket
+        current = self._jobs.claim_send(ticket.name, self._lease_s)
+        if current is None:
+            return self._jobs.send(ticket.name) or ticket
         ticket = current
         attempts = ticket.attempts + 1
         bound = log.bind(ticket=ticket.name, series_uid=ticket.series_uid, destination=ticket.destination,

@@ -26,6 +26,7 @@ still waiting are dropped: their jobs stay queued on disk), and returns.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -39,7 +40,7 @@ import structlog
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.associations import AssociationLog
 from reader.audit import AuditTrail
-from reader.config import NodeConfig
+from reader.config import NodeConfig, Role
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
@@ -53,6 +54,7 @@ from reader.retention import Retention
 from reader.scp import StorageSCP
 from reader.send import StoreSCU
 from reader.spool import Spool
+from reader.state import Database
 from reader.web import PagesContext, Readiness, WebContext, WebServer, build_app
 
 __all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
@@ -62,7 +64,9 @@ log = structlog.get_logger(__name__)
 PRIORITY_ROUTINE = 0
 PRIORITY_STAT = 1  # processed before routine work already queued (reader.jobs orders by priority)
 
-_IDLE_POLL_S = 5.0  # the loader re-reads the queue on disk at least this often
+_IDLE_POLL_S = 5.0  # the loader re-reads the queue at least this often (a single node)
+_LISTED_JOBS = 16  # the loader looks at the best this many queued jobs each time
+_ADOPT_EVERY_S = 5.0  # how often a cluster's receiver looks for studies a dead receiver left
 _T = TypeVar("_T")
 
 
@@ -110,7 +114,10 @@ class StageBoard:
     - ``finishing``: the job being encoded and written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_release: Callable[[ProcessJob], None] | None = None) -> None:
+        """``on_release`` is told, outside the board's lock, of every job a stage lets go of (its
+        outcome recorded, or dropped): the node then gives up its claim on the job."""
+        self._on_release = on_release
         self._cond = threading.Condition()
         self._closed = False
         self._version = 0  # bumped on every change, so a waiter never misses one
@@ -151,10 +158,13 @@ class StageBoard:
         the finishing worker still receives what the model is running on."""
         with self._cond:
             self._closed = True
-            for item in self._ready:
-                self._claimed.discard(_key(item.job))
+            dropped = [item.job for item in self._ready]
+            for job in dropped:
+                self._claimed.discard(_key(job))
             self._ready.clear()
             self._changed()
+        for job in dropped:
+            self._released(job)
 
     # --- loader ----------------------------------------------------------------------------
     def claim_load(self) -> ProcessJob | None:
@@ -178,11 +188,14 @@ class StageBoard:
         """Hand a decoded volume to the inference worker (dropped if the board was closed)."""
         with self._cond:
             self._loading = None
-            if self._closed:
+            closed = self._closed
+            if closed:
                 self._claimed.discard(_key(prepared.job))
             else:
                 self._ready.append(prepared)
             self._changed()
+        if closed:
+            self._released(prepared.job)
 
     # --- inference -------------------------------------------------------------------------
     def take_ready(self) -> Prepared | None:
@@ -240,6 +253,11 @@ class StageBoard:
                 if getattr(self, stage) == job:
                     setattr(self, stage, None)
             self._changed()
+        self._released(job)
+
+    def _released(self, job: ProcessJob) -> None:
+        if self._on_release is not None:
+            self._on_release(job)
 
     def snapshot(self) -> dict[str, list[str]]:
         """Series UIDs per stage (``loading``, ``ready``, ``inferring``, ``handed``, ``finishing``)."""
@@ -260,24 +278,45 @@ class StageBoard:
 class Node:
     """The second-reader node; construct, :meth:`start`, later :meth:`stop`."""
 
-    def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage]) -> None:
+    def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage], *, role: Role = Role.ALL,
+                 name: str | None = None) -> None:
+        """``role``: what this process does (``reader serve --role``, module docstring); ``name``
+        the process's name in a cluster (default ``<host>-<role>``, then ``-2``, ``-3``... while
+        another running process of this storage holds it)."""
         self.config = config
-        self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
+        self.role = role
+        # a database other processes share: arrivals are recorded, claims compete (reader.state)
+        self.shared = config.cluster.shared
+        self.clustered = self.shared or role is not Role.ALL
+        self.receives = role in (Role.ALL, Role.RECEIVER)
+        self.processes = role in (Role.ALL, Role.WORKER)
+        self._process_lock: IO[bytes] | None = None
+        self.name = name or f"{socket.gethostname()}-{role.value}"
+        if self.clustered:  # its own staging folder on the shared storage, cleaned at its start only
+            self.name, self._process_lock = Spool(config.data_dir, min_free_bytes=0).claim_process(self.name)
+        self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes,
+                           process=self.name if self.clustered else "")
         self.metrics = NodeMetrics()
-        self.jobs = JobStore(self.spool, on_finished=self.metrics.series_finished)
-        self.tracker = CompletionTracker(config.completion)
+        self.database = Database.open(config.cluster.database, self.spool.root)
+        self.jobs = JobStore(self.spool, on_finished=self.metrics.series_finished, database=self.database,
+                             owner=self.name)
+        self.tracker = CompletionTracker(config.completion,
+                                         recorder=self.jobs.record_arrival if self.shared else None)
         self.associations = AssociationLog()
         self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
                       else None)
         self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit,
                               metrics=self.metrics)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
-        self.board = StageBoard()
+        self._lease_s = config.cluster.lease.total_seconds()
+        self._claimed: dict[str, ProcessJob] = {}  # series UID -> the job this process holds a lease on
+        self._claimed_lock = threading.Lock()
+        self.board = StageBoard(on_release=self._let_go)
         scu = StoreSCU(config.ae_title, acse_timeout=config.sending.association_timeout,
                        dimse_timeout=config.dimse_timeout, network_timeout=config.network_timeout,
                        max_pdu=config.max_pdu_bytes)
         self.dispatcher = Dispatcher(self.jobs, config.sending, _targets(config, scu), scu, audit=self.audit,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, lease_s=self._lease_s)
         for key, model in models.items():
             self.metrics.model_loaded(key, name=model.algorithm.name, version=model.algorithm.version,
                                       weights_sha256=model.algorithm.weights_sha256,
@@ -290,8 +329,8 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.web: WebServer | None = None
         if config.web is not None:
-            readiness = Readiness(self.spool, (r.model for r in config.routes), models,
-                                  lambda: self.scp.listening)
+            readiness = Readiness(self.spool, (r.model for r in config.routes) if self.processes else (),
+                                  models, (lambda: self.scp.listening) if self.receives else (lambda: True))
             pages = PagesContext(config, self.jobs, models, self.associations, stages=self.board.snapshot,
                                  wake_sends=self._sends.set, audit=self.audit)
             self.web = WebServer(config.web, build_app(WebContext(
@@ -299,28 +338,36 @@ class Node:
                 config.web.max_request_bytes, pages, self.audit, self.metrics)))
 
     def start(self) -> None:
-        """Resume durable work, then open the port and start the workers."""
-        self._node_lock = self.spool.lock_node()  # one node per data dir; ``reader purge`` asks it
+        """Resume durable work, then open the port and start the workers (those of its role)."""
+        if not self.clustered:
+            self._node_lock = self.spool.lock_node()  # one node per data dir; ``reader purge`` asks it
         load_standard_tables()  # highdicom's tables now, not inside the first series' latency and peak
         if self.audit is not None:
             self.audit.start()
-        self.retention.resume()  # interrupted deletions first: a half-deleted series is not new work
+        if self.receives and self.config.retention.enabled and self._retention_turn():
+            self.retention.resume()  # interrupted deletions first: a half-deleted series is not new work
         self._resume()
-        loops = [("completion", self._completion_loop), ("loader", self._loader_loop),
-                 ("inference", self._inference_loop), ("finishing", self._finishing_loop),
-                 ("dispatch", self._dispatch_loop)]
-        if self.config.retention.enabled:
-            loops.append(("retention", self._retention_loop))
+        loops: list[tuple[str, Callable[[], None]]] = [("dispatch", self._dispatch_loop)]
+        if self.receives:
+            loops.append(("completion", self._completion_loop))
+            if self.config.retention.enabled:
+                loops.append(("retention", self._retention_loop))
+        if self.processes:
+            loops += [("loader", self._loader_loop), ("inference", self._inference_loop),
+                      ("finishing", self._finishing_loop), ("leases", self._lease_loop)]
         for name, target in loops:
             t = threading.Thread(target=self._guard(name, target), name=f"reader-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        self.scp.start()
+        if self.receives:
+            self.scp.start()
         if self.web is not None:
             self.web.start()
-        log.info("node.started", ae_title=self.config.ae_title, port=self.scp.port,
+        log.info("node.started", ae_title=self.config.ae_title, role=self.role.value, process=self.name,
+                 port=self.scp.port if self.receives else None,
                  web_port=self.web.port if self.web is not None else None,
-                 data_dir=str(self.config.data_dir), destinations=len(self.config.destinations))
+                 data_dir=str(self.config.data_dir), database=self.database.engine_name,
+                 destinations=len(self.config.destinations))
         if self.audit is not None:
             self.audit.application_started()
 
@@ -330,31 +377,40 @@ class Node:
         log.info("node.stopping")
         if self.web is not None:
             self.web.stop()
-        self.scp.stop()
+        if self.receives:
+            self.scp.stop()
         self._stopping.set()
         self.board.close()
         self._sends.set()
         self.tracker.wake()
         for t in self._threads:
             t.join(timeout)
+        self._let_go_all()
         if self.audit is not None:
             self.audit.application_stopped()
             self.audit.stop()
-        if self._node_lock is not None:
-            self._node_lock.close()
-            self._node_lock = None
+        self.database.close()
+        for held in (self._node_lock, self._process_lock):
+            if held is not None:
+                held.close()
+        self._node_lock = self._process_lock = None
         log.info("node.stopped", collecting=self.tracker.tracked())
 
     def queue_depths(self) -> dict[str, int]:
         """Series in each stage now (``collecting`` until complete, ``queued`` for a stage), and the
         send tickets not yet settled (``sending``); read at each scrape of ``/metrics``."""
         stages = {name: len(uids) for name, uids in self.board.snapshot().items()}
-        unfinished = len(self.spool.list_state("jobs"))
-        return {"collecting": self.tracker.tracked(), "queued": max(0, unfinished - sum(stages.values())),
-                **stages, "sending": len(self.spool.list_state("sends"))}
+        counts = self.jobs.queue_counts()
+        return {"collecting": self.tracker.tracked(),
+                "queued": max(0, counts["queued"] - sum(stages.values())),
+                **stages, "sending": counts["sending"]}
 
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
+        if self.clustered:  # other processes write the storage: unfinished studies are in the arrivals
+            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["queued"],
+                     partial_writes_removed=partial)
+            return
         for study_uid, series_uid in self.spool.stored_series():
             state = self.jobs.series_state(series_uid)
             stored = tuple(sorted(p.stem for p in self.spool.series_instances(study_uid, series_uid)))
@@ -376,28 +432,103 @@ class Node:
         return run
 
     def _completion_loop(self) -> None:
+        adopt_at = 0.0
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            released: set[str] = set()
             complete = self.tracker.pop_complete()
             for series in complete:
                 self.metrics.series_completed(series.waited_s)
-            for study_uid, series_uid, stat, held in self._release_held(complete):
-                files = self.spool.series_instances(study_uid, series_uid)
-                urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
-                priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
-                job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
-                                                   priority=priority,
-                                                   models=self._model_records() if held else None)
-                log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
-                         instances=len(files), queued=job is not None, priority=priority,
-                         version=job.version if job else None)
-                if job is not None:
-                    self.board.add_queued([job])
-                if held:
-                    released.add(study_uid)
-            for study_uid in sorted(released):  # every listed series queued, or read already
-                StudyHold.delete(self.spool, study_uid)
+            settled: dict[str, float] = {}
+            if self.shared:
+                complete, settled = self._settle_across_receivers(complete)
+                if time.monotonic() >= adopt_at:
+                    adopt_at = time.monotonic() + _ADOPT_EVERY_S
+                    adopted, left = self._adopt_left_studies()
+                    complete += adopted
+                    settled.update(left)
+            try:
+                self._queue_complete(complete)
+            except StorageError:  # the state is out of reach: track them again, queue them later
+                for c in complete:
+                    self.tracker.resume(c.study_uid, c.series_uid, c.stat, c.last_arrival)
+                raise
+            for study_uid, seen in settled.items():  # queued: the arrivals seen are done with
+                self.jobs.clear_arrivals(study_uid, not_after=seen)
+
+    def _queue_complete(self, complete: list[CompleteSeries]) -> None:
+        """Queue the complete series (those of a held study once it is whole)."""
+        released: set[str] = set()
+        for study_uid, series_uid, stat, held in self._release_held(complete):
+            files = self.spool.series_instances(study_uid, series_uid)
+            urgent = not held and (stat or self._stat_by_rule(files))  # a backfill is never STAT
+            priority = PRIORITY_STAT if urgent else PRIORITY_ROUTINE
+            job = self.jobs.enqueue_if_changed(study_uid, series_uid, tuple(p.stem for p in files),
+                                               priority=priority,
+                                               models=self._model_records() if held else None)
+            log.info("series.complete", study_uid=study_uid, series_uid=series_uid,
+                     instances=len(files), queued=job is not None, priority=priority,
+                     version=job.version if job else None)
+            if job is not None and self.processes:
+                self.board.add_queued([job])
+            if held:
+                released.add(study_uid)
+        for study_uid in sorted(released):  # every listed series queued, or read already
+            StudyHold.delete(self.spool, study_uid)
+
+    def _settle_across_receivers(self, complete: list[CompleteSeries]
+                                 ) -> tuple[list[CompleteSeries], dict[str, float]]:
+        """Of the studies this receiver found complete, those it completes for the cluster: no
+        other receiver recorded a later instance of them (that one completes the study when its
+        own associations end; unless its last instance is older than the idle timeout, then it is
+        presumed gone). A study completed here takes every series the arrivals list for it, also
+        those other receivers received. Returns the series to queue, and per study the latest
+        arrival seen (its arrivals are cleared up to that once queued)."""
+        by_study: dict[str, list[CompleteSeries]] = {}
+        for c in complete:
+            by_study.setdefault(c.study_uid, []).append(c)
+        idle = self.config.completion.idle_timeout.total_seconds()
+        out: list[CompleteSeries] = []
+        settled: dict[str, float] = {}
+        now = time.time()
+        for study_uid, items in by_study.items():
+            local_last = max(c.last_arrival for c in items)
+            rows = self.jobs.study_arrivals(study_uid)
+            latest = max((r.last_instance_at for r in rows), default=0.0)
+            if latest > local_last + 0.001 and latest > now - idle:
+                for c in items:  # look again after the grace: done by then, or the other one is gone
+                    self.tracker.resume(study_uid, c.series_uid, c.stat, c.last_arrival)
+                log.info("study.deferred", study_uid=study_uid, series=len(items),
+                         later_by_s=round(latest - local_last, 3))
+                continue
+            listed = {c.series_uid: c for c in items}
+            for r in rows:
+                known = listed.get(r.series_uid)
+                listed[r.series_uid] = CompleteSeries(
+                    study_uid, r.series_uid, r.stat or (known is not None and known.stat),
+                    now - r.last_instance_at, r.last_instance_at)
+            out += sorted(listed.values(), key=lambda c: not c.stat)
+            settled[study_uid] = max(latest, local_last)
+        return out, settled
+
+    def _adopt_left_studies(self) -> tuple[list[CompleteSeries], dict[str, float]]:
+        """Studies whose last recorded instance is older than the idle timeout and the grace and
+        that no association here is still carrying: their receiver died or lost its association
+        mid-study. Any receiver completes them (enqueueing is idempotent, so two doing it at once
+        queue each series once)."""
+        limit = (self.config.completion.idle_timeout + self.config.completion.grace).total_seconds()
+        now = time.time()
+        out: list[CompleteSeries] = []
+        settled: dict[str, float] = {}
+        for row in self.jobs.stale_arrivals(older_than=now - limit):
+            if self.tracker.tracks_study(row.study_uid):
+                continue
+            out.append(CompleteSeries(row.study_uid, row.series_uid, row.stat, now - row.last_instance_at,
+                                      row.last_instance_at))
+            settled[row.study_uid] = max(settled.get(row.study_uid, 0.0), row.last_instance_at)
+        for study_uid in settled:
+            log.info("study.adopted", study_uid=study_uid,
+                     series=sum(1 for c in out if c.study_uid == study_uid))
+        return out, settled
 
     def _model_records(self) -> list[dict[str, str]]:
         """What a series read now records of its model, for each model loaded (``model_record``)."""
@@ -439,22 +570,58 @@ class Node:
     # --- processing: three stages, one series each ------------------------------------------
     def _loader_loop(self) -> None:
         """Route and decode the highest-priority queued job whenever there is room for it."""
+        poll = self.config.cluster.poll_interval.total_seconds() if self.clustered else _IDLE_POLL_S
         while not self._stopping.is_set():
             seen = self.board.version()
-            self.board.add_queued(self.jobs.pending_jobs())
+            self.board.add_queued(self.jobs.pending_jobs(limit=_LISTED_JOBS))
             job = self.board.claim_load()
             if job is None:
-                self.board.wait_change(seen, _IDLE_POLL_S)
+                self.board.wait_change(seen, poll)
                 continue
-            try:
-                current = self.jobs.job_is_current(job)  # finished or superseded since it was listed?
+            try:  # finished, superseded or taken by another worker since it was listed?
+                claimed = self.jobs.claim_job(job, self._lease_s)
             except BaseException:
                 self.board.release(job)
                 raise
-            if not current:
+            if not claimed:
                 self.board.release(job)
                 continue
+            with self._claimed_lock:
+                self._claimed[job.series_uid] = job
             self._hand_on(job, "prepare", partial(self.pipeline.prepare, job), Prepared, self._put_ready)
+
+    def _let_go(self, job: ProcessJob) -> None:
+        """The board let go of ``job``: give up the lease (a no-op once its outcome is recorded; a
+        job dropped unfinished is free for any worker at once)."""
+        with self._claimed_lock:
+            if self._claimed.get(job.series_uid) != job:
+                return
+            del self._claimed[job.series_uid]
+        self.jobs.release_job(job)
+
+    def _let_go_all(self) -> None:
+        """At stop: give up the leases of the jobs still held (their volumes were dropped)."""
+        with self._claimed_lock:
+            held, self._claimed = list(self._claimed.values()), {}
+        for job in held:
+            try:
+                self.jobs.release_job(job)
+            except StorageError as exc:  # the lease then runs out by itself
+                log.error("worker.storage_error", worker="leases", detail=str(exc))
+
+    def _lease_loop(self) -> None:
+        """Renew the leases of the jobs this process holds, three times per lease."""
+        while not self._stopping.wait(self._lease_s / 3):
+            with self._claimed_lock:
+                held = list(self._claimed)
+            if held:
+                self.jobs.renew_job_leases(held, self._lease_s)
+
+    def _retention_turn(self) -> bool:
+        """Whether this process deletes now: always on a single node; in a cluster, the receiver
+        holding the ``retention`` lease (one at a time)."""
+        interval = self.config.retention.sweep_interval.total_seconds()
+        return not self.shared or self.jobs.hold_lease("retention", max(self._lease_s, 2 * interval))
 
     def _put_ready(self, prepared: Prepared) -> None:
         self.metrics.stage_seconds(STAGE_LOAD, prepared.loaded_at - prepared.started_at)
@@ -512,7 +679,8 @@ class Node:
         interval = self.config.retention.sweep_interval.total_seconds()
         while not self._stopping.is_set():
             try:
-                self.retention.sweep()
+                if self._retention_turn():
+                    self.retention.sweep()
             except OSError as exc:  # e.g. a folder removed by ``reader purge`` meanwhile: next sweep
                 log.error("retention.failed", error=type(exc).__name__, detail=str(exc))
             self._stopping.wait(interval)

@@ -4,6 +4,8 @@ Layout (every hand-over between stages is a file, written atomically)::
 
     <data_dir>/
       tmp/                                   partial writes, same filesystem, renamed into place
+      tmp/<process>/                         the same, of one process of a cluster (``--role``)
+      processes/<process>.lock               held (flock) by that process while it runs
       incoming/<study>/<series>/<sop>.dcm    received instances, exactly the peer's bytes (PS3.10 file)
       state/series/<series>.json             per-series processing state (reader.jobs)
       state/jobs/<series>.json               processing job tickets (reader.jobs)
@@ -14,7 +16,8 @@ Layout (every hand-over between stages is a file, written atomically)::
       state/studies/<study>-<route>.json     a study's result lineage (reader.jobs)
       state/purging/<name>.json              deletions under way (reader.retention)
       results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
-      node.lock                              held (flock) by the running node
+      state.db                               the state (reader.state), unless a PostgreSQL is set
+      node.lock                              held (flock) by the running single node
 
 A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.
 UIDs become file names only after :func:`check_uid` (PS3.5 9.1: digits and dots, at most 64
@@ -89,25 +92,55 @@ class Spool:
 
     root: Path
     min_free_bytes: int = 512 * 1024 * 1024
+    process: str = ""  # a cluster process's name (:meth:`claim_process`): its own ``tmp/<process>/``
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)  # instances carry patient data: the service user alone reads them
-        for sub in ("tmp", "incoming", "state/series", "state/jobs", "state/sends", "results"):
+        for sub in ("tmp", "incoming", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.process:
+            self.tmp.mkdir(exist_ok=True, mode=0o700)
+
+    @property
+    def tmp(self) -> Path:
+        """Where this process stages its writes: ``tmp/``, or ``tmp/<process>/`` in a cluster."""
+        return self.root / "tmp" / self.process if self.process else self.root / "tmp"
 
     def remove_partial_writes(self) -> int:
-        """Delete what writes interrupted by a crash left in ``tmp/``; returns how many.
+        """Delete what this process's writes interrupted by a crash left in :attr:`tmp`; returns
+        how many. Another process's staged files (a cluster shares the storage) are left alone.
 
         Only the node calls this, at start-up, before anything writes: ``reader status`` opens
         the same spool while a node may be writing.
         """
         removed = 0
-        for leftover in (self.root / "tmp").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-                removed += 1
+        for leftover in self.tmp.iterdir():
+            if leftover.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+                    removed += 1
         return removed
+
+    def claim_process(self, base: str) -> tuple[str, IO[bytes]]:
+        """The first free process name among ``base``, ``base-2``, ``base-3``... on this storage,
+        and its lock (``processes/<name>.lock``, an flock held until the file is closed or the
+        process ends). The same name comes back after a restart, so the process finds and cleans
+        its own staged files (:meth:`remove_partial_writes`)."""
+        folder = self.root / "processes"
+        folder.mkdir(exist_ok=True, mode=0o700)
+        for n in range(1, 1000):
+            name = base if n == 1 else f"{base}-{n}"
+            handle = (folder / f"{name}.lock").open("ab")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                handle.close()
+                if exc.errno in {errno.EAGAIN, errno.EACCES}:
+                    continue
+                raise StorageError(f"cannot lock {folder / name}: {exc.strerror}") from exc
+            return name, handle
+        raise StorageError(f"no free process name {base}-N under {folder}")
 
     # --- the running node ------------------------------------------------------------------
     def lock_node(self) -> IO[bytes]:
@@ -170,7 +203,7 @@ class Spool:
     def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
         """Durably store one received instance; storing the same SOP Instance UID again replaces it."""
         path = self.instance_path(study_uid, series_uid, sop_uid)
-        atomic_write(path, data, self.root / "tmp")
+        atomic_write(path, data, self.tmp)
         return path
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -206,7 +239,7 @@ class Spool:
     def check_writable(self) -> None:
         """Write, sync and delete a small file where writes are staged; StorageError if that fails."""
         try:
-            fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=".probe-")
+            fd, name = tempfile.mkstemp(dir=self.tmp, prefix=".probe-")
             try:
                 os.write(fd, b"probe")
                 os.fsync(fd)
@@ -226,7 +259,7 @@ class Spool:
                      suffix: str = ".dcm") -> Path:
         """Durably store an encoded result object or rendered notification."""
         path = self.result_path(series_uid, version, kind, suffix)
-        atomic_write(path, data, self.root / "tmp")
+        atomic_write(path, data, self.tmp)
         return path
 
     # --- JSON state ------------------------------------------------------------------------
@@ -236,7 +269,7 @@ class Spool:
 
     def write_state(self, kind: str, name: str, value: dict[str, Any]) -> None:
         """Durably replace a state file."""
-        atomic_write(self.state_path(kind, name), json.dumps(value, indent=1).encode(), self.root / "tmp")
+        atomic_write(self.state_path(kind, name), json.dumps(value, indent=1).encode(), self.tmp)
 
     def read_state(self, kind: str, name: str) -> dict[str, Any] | None:
         """A state file's content, or None when it does not exist."""
