@@ -39,7 +39,7 @@ import structlog
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.associations import AssociationLog
 from reader.audit import AuditTrail
-from reader.config import NodeConfig
+from reader.config import Device, NodeConfig, Role
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
@@ -66,12 +66,18 @@ _IDLE_POLL_S = 5.0  # the loader re-reads the queue on disk at least this often
 _T = TypeVar("_T")
 
 
-def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
-    """Load every model a route refers to, once; raises ModelError (ManifestError) on a bad package."""
+def load_models(config: NodeConfig, device: Device | None = None) -> dict[str, ModelPackage]:
+    """Load every model a route refers to, once; raises ModelError (ManifestError) on a bad package.
+
+    ``device`` (``reader serve --device``) replaces the configured providers: ``cpu`` the CPU
+    provider only, ``cuda:N`` CUDA on GPU N then the CPU; None: ``[inference] providers``.
+    """
     names = sorted({r.model for r in config.routes})
+    providers = config.inference.providers if device is None else device.providers
+    options = None if device is None else device.provider_options
     return {
-        name: ModelPackage.load(config.model(name).path, providers=config.inference.providers,
-                                fp16=config.inference.fp16)
+        name: ModelPackage.load(config.model(name).path, providers=providers,
+                                fp16=config.inference.fp16, provider_options=options)
         for name in names
     }
 
@@ -260,8 +266,11 @@ class StageBoard:
 class Node:
     """The second-reader node; construct, :meth:`start`, later :meth:`stop`."""
 
-    def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage]) -> None:
+    def __init__(self, config: NodeConfig, models: Mapping[str, ModelPackage], *,
+                 role: Role = Role.ALL, name: str | None = None) -> None:
         self.config = config
+        self.role = role
+        self.name = name
         self.spool = Spool(config.data_dir, min_free_bytes=config.min_free_disk_bytes)
         self.metrics = NodeMetrics()
         self.jobs = JobStore(self.spool, on_finished=self.metrics.series_finished)
