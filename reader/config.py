@@ -33,6 +33,7 @@ from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
 __all__ = [
+    "DATABASE_URL_ENV",
     "DEFAULT_PROVIDERS",
     "AnyDestination",
     "AuditCollector",
@@ -401,7 +402,7 @@ def _database_url(value: Any, key: str) -> str:
         return url
     if scheme == "postgresql":
         parts = urlsplit(url)
-        if not parts.hostname and "host=" not in parts.query:
+        if not parts.hostname and "unix_sock=" not in parts.query:  # pg8000: ?unix_sock=/run/...
             raise ConfigError(key, f"names no host: {redact_url(url)}")
         return url
     raise ConfigError(key, f"must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB, "
