@@ -12,6 +12,7 @@ arrives, the allow-list (``reader.access``) is applied; a caller it refuses gets
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, cast
@@ -249,7 +250,10 @@ class SharedPortServer(ThreadedAssociationServer):
     """An association server whose socket is bound with SO_REUSEPORT (``[cluster] reuse_port``):
     several processes listen on one port and the kernel spreads the connections between them."""
 
-    allow_reuse_port = True
+    def server_bind(self) -> None:
+        """SO_REUSEPORT, then pynetdicom's own binding (which ignores ``allow_reuse_port``)."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class StorageSCP:
