@@ -252,7 +252,7 @@ class SharedPortServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         """SO_REUSEPORT, then pynetdicom's own binding (which ignores ``allow_reuse_port``)."""
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        cast("socket.socket", self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
 
