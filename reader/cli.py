@@ -1,7 +1,7 @@
 """Command line: ``reader serve | status | retry | backfill | purge``.
 
 ``reader serve --role all|receiver|worker`` runs the whole node (``all``, the default) or one
-part of a cluster sharing a database and a storage folder (docs/cluster.md): a ``receiver`` (DICOM
+part of a cluster sharing a database and a storage folder (README "Cluster"): a ``receiver`` (DICOM
 listener, STOW-RS, completion, sends, retention; loads no model) or a ``worker`` (reads complete
 series on ``--device cpu|cuda:N``).
 
@@ -75,7 +75,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     serve = sub.add_parser(
         "serve", help="run the node (or one role of a cluster) until SIGTERM/SIGINT",
-        description="Run the node until SIGTERM/SIGINT. Roles (docs/cluster.md): all = the whole node "
+        description="Run the node until SIGTERM/SIGINT. Roles (README, Cluster): all = the whole node "
                     "in one process; receiver = DICOM listener, STOW-RS, completion, sends, retention "
                     "(no model); worker = reads complete series from the shared queue on --device.")
     common(serve)

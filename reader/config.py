@@ -285,7 +285,7 @@ class AuditConfig:
 
 
 class Role(StrEnum):
-    """What one ``reader serve`` process does (``--role``; docs/cluster.md).
+    """What one ``reader serve`` process does (``--role``; README "Cluster").
 
     ``all``: the whole node in one process (the default); ``receiver``: the DICOM listener and
     STOW-RS, series completion, dispatch of sends and retention; ``worker``: claims complete series,
@@ -341,7 +341,7 @@ class Device:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Several processes sharing one state database and one storage folder (docs/cluster.md).
+    """Several processes sharing one state database and one storage folder (README "Cluster").
 
     ``database`` None: the single node's SQLite file ``<data_dir>/state.db``; otherwise
     ``sqlite:///PATH`` or ``postgresql://USER:PASSWORD@HOST:PORT/DB`` (environment variable
@@ -435,7 +435,7 @@ class NodeConfig:
     web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
     audit: AuditConfig = field(default_factory=AuditConfig)
     sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # docs/cluster.md
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # README "Cluster"
 
     def source(self, name: str) -> Source:
         """The source named ``name`` (case-insensitive); raises KeyError."""

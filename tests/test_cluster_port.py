@@ -1,4 +1,4 @@
-"""Several receivers on one DICOM port (``[cluster] reuse_port``, SO_REUSEPORT; docs/cluster.md)."""
+"""Several receivers on one DICOM port (``[cluster] reuse_port``, SO_REUSEPORT; README "Cluster")."""
 
 from __future__ import annotations
 
