@@ -7,7 +7,9 @@ state (``reader.node``)::
     ReaderError
     ├── ConfigError            invalid configuration file or flag (CLI exit 2)
     ├── StorageError           the spool could not write or read durably
-    │   └── OutOfResources     free disk below the watermark (DIMSE 0xA700)
+    │   ├── OutOfResources     free disk below the watermark (DIMSE 0xA700)
+    │   ├── DatabaseUnavailable the state database cannot be reached (``reader.state``)
+    │   └── SchemaTooNew       the state database was migrated by a newer version of the node
     ├── InputRejected          a dataset or series we will not process; ``reason`` is recorded
     │   ├── VolumeError        geometry that cannot form a trustworthy volume
     │   └── RequestRejected    a STOW-RS request refused whole (HTTP 400 / 415), nothing stored
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DatabaseUnavailable",
     "EncodingError",
     "InferenceError",
     "InputRejected",
@@ -35,6 +38,7 @@ __all__ = [
     "ReaderError",
     "RequestRejected",
     "RetrieveError",
+    "SchemaTooNew",
     "SendError",
     "StorageError",
     "TransientSendError",
@@ -61,6 +65,15 @@ class StorageError(ReaderError):
 
 class OutOfResources(StorageError):
     """Free space on the data dir is below the configured watermark."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The state database (``reader.state``) cannot be reached; the message names it without its
+    password."""
+
+
+class SchemaTooNew(StorageError):
+    """The state database's schema version is newer than this code knows: refuse to start."""
 
 
 class InputRejected(ReaderError):
