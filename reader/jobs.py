@@ -39,6 +39,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from reader.spool import Spool
 from reader.state import Database
 from reader.state import schema as t
+from reader.state.legacy import import_json_state
 
 __all__ = ["Arrival", "JobStore", "ProcessJob", "SendState", "SendTicket", "SeriesState", "SeriesStatus",
            "backoff"]
@@ -225,10 +226,12 @@ class JobStore:
     def __init__(self, spool: Spool, on_finished: Callable[[SeriesStatus], None] | None = None, *,
                  database: Database | None = None, owner: str = "local") -> None:
         """``on_finished`` is told each outcome :meth:`finish_job` records (``reader.metrics``);
-        ``database`` None: the data dir's own SQLite file, ``<data_dir>/state.db``."""
+        ``database`` None: the data dir's own SQLite file, ``<data_dir>/state.db``. JSON state left
+        by an earlier version in the data dir is imported first (``reader.state.legacy``)."""
         self.spool = spool
         self._own_database = database is None
         self.database = database if database is not None else Database.open(None, spool.root)
+        import_json_state(self.database, spool.root)
         self.owner = owner
         self._lock = threading.RLock()
         self._on_finished = on_finished

@@ -349,9 +349,9 @@ class Node:
         """Series in each stage now (``collecting`` until complete, ``queued`` for a stage), and the
         send tickets not yet settled (``sending``); read at each scrape of ``/metrics``."""
         stages = {name: len(uids) for name, uids in self.board.snapshot().items()}
-        unfinished = len(self.spool.list_state("jobs"))
-        return {"collecting": self.tracker.tracked(), "queued": max(0, unfinished - sum(stages.values())),
-                **stages, "sending": len(self.spool.list_state("sends"))}
+        counts = self.jobs.queue_counts()
+        return {"collecting": self.tracker.tracked(),
+                "queued": max(0, counts["jobs"] - sum(stages.values())), **stages, "sending": counts["sends"]}
 
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
