@@ -2,7 +2,7 @@
 
 :func:`collect` reads the job store once into a :class:`StatusReport`; :meth:`StatusReport.as_json`
 is the ``--json`` form (the keys of earlier versions kept) and :func:`render` the tables a person
-reads. The queries live here alone, so the state layer can replace them in one place.
+reads. It reads the state database only through ``reader.jobs.JobStore``.
 """
 
 from __future__ import annotations

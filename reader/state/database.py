@@ -24,6 +24,7 @@ above what this code knows raises :class:`reader.errors.SchemaTooNew`.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ T = TypeVar("T")
 
 SQLITE_FILE = "state.db"
 _BUSY_TIMEOUT_MS = 30_000
-_CONNECT_TIMEOUT_S = 10
+_CONNECT_TIMEOUT_S = 30  # pg8000: connecting, and any one network read
 _RETRIES = 8  # a conflicting insert or a deadlock is retried this many times, then StorageError
 _MIGRATION_LOCK = 180_418_001  # pg_advisory_xact_lock key of the migrations
 _RETRYABLE_PG = {"40001", "40P01"}  # serialization failure, deadlock detected
@@ -104,6 +105,8 @@ class Database:
         if self.is_sqlite:
             path = Path(str(self.url.database)).resolve()
             self._write_lock = _file_lock(str(path))
+            with contextlib.suppress(FileExistsError, FileNotFoundError):  # owner-only, as the data dir
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self.engine: Engine = sa.create_engine(
                 self.url.set(database=str(path)),
                 connect_args={"isolation_level": None, "timeout": _BUSY_TIMEOUT_MS / 1000,
