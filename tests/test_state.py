@@ -230,3 +230,44 @@ def test_a_postgresql_restart_is_survived(postgres: str, postgres_server: Postgr
     state = store.series_state("1.2.3")
     assert state is not None and state.version == 1
     store.database.close()
+
+
+def test_json_state_of_an_earlier_version_is_imported_once(url: str, tmp_path: Path) -> None:
+    """A data dir with the JSON state of an earlier version (series, jobs, pending and archived
+    tickets, lineages) and an empty database: the first store imports it all, keeps the ticket in
+    ``state/sends/`` where both copies exist, and moves the folders to ``state/imported-json/``;
+    folders found again later are moved aside, never imported twice."""
+    spool = Spool(tmp_path / "data", min_free_bytes=0)
+    spool.write_state("series", "1.2.3", {
+        "study_uid": "1.2", "series_uid": "1.2.3", "version": 2, "instances": ["1.2.3.1"], "status": "queued",
+        "reason": "", "updated_at": 5.0, "flag": None, "model": {"name": "m"}, "timeline": None})
+    spool.write_state("jobs", "1.2.3", {"study_uid": "1.2", "series_uid": "1.2.3", "version": 2,
+                                        "instances": ["1.2.3.1"], "priority": 1, "created_at": 4.0})
+    ticket = {"name": "1.2.3-v1-abc", "series_uid": "1.2.3", "version": 1, "destination": "PACS@h:1",
+              "files": ["/r/sr.dcm"], "state": "pending", "attempts": 2, "next_attempt_at": 9.0,
+              "last_error": "refused", "last_status": None, "created_at": 3.0, "lineage": "",
+              "updated_at": 3.5}
+    spool.write_state("sends", ticket["name"], ticket)
+    spool.write_state("sends-archive", ticket["name"], {**ticket, "state": "done"})
+    spool.write_state("sends-archive", "1.2.3-v0-abc", {**ticket, "name": "1.2.3-v0-abc", "version": 0,
+                                                        "state": "superseded"})
+    spool.write_state("studies", "1.2-0000abcd", {"reads": [
+        {"series_uid": "1.2.3", "instances": ["1.2.3.1"], "version": 1}]})
+    store = JobStore(spool, database=Database(url), owner="a")
+    state = store.series_state("1.2.3")
+    assert state is not None and (state.version, state.model, state.updated_at) == (2, {"name": "m"}, 5.0)
+    assert [(j.series_uid, j.version, j.priority) for j in store.pending_jobs()] == [("1.2.3", 2, 1)]
+    pending = [(t.name, t.state, t.attempts) for t in store.pending_sends()]
+    assert pending == [(ticket["name"], SendState.PENDING, 2)], "the copy in state/sends/ is not the truth"
+    assert {t.name: t.state for t in store.sends()} == {ticket["name"]: SendState.PENDING,
+                                                        "1.2.3-v0-abc": SendState.SUPERSEDED}
+    assert store.study_result_version("1.2-0000abcd", "1.2.3", ("1.2.3.1",), 1) == 1, "lineage lost"
+    imported = tmp_path / "data" / "state" / "imported-json"
+    assert {p.name for p in imported.iterdir()} == {"jobs", "series", "sends", "sends-archive", "studies"}
+    assert not any((tmp_path / "data" / "state" / k).exists() for k in ("series", "jobs", "sends", "studies"))
+    spool.write_state("series", "1.2.9", {**vars(state), "series_uid": "1.2.9", "status": "done"})
+    again = JobStore(spool, database=Database(url), owner="b")
+    assert again.series_state("1.2.9") is None, "imported into a database that holds state"
+    assert (imported / "series-2" / "1.2.9.json").is_file()
+    store.database.close()
+    again.database.close()
