@@ -11,9 +11,11 @@ arrivals and named leases (issue 18: scale-out on PostgreSQL).
 
 **No queue library.** procrastinate and pgqueuer are PostgreSQL-only (the single node runs on
 SQLite), procrastinate needs psycopg (LGPL), and neither task model knows that a newer version of a
-series supersedes the one queued. Claims are plain SQL instead: a row updated only while unclaimed,
-its lease expired or already ours (``SELECT ... FOR UPDATE SKIP LOCKED`` / a conditional ``UPDATE`` on
-PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite). A claim is a lease (``claimed_by``, ``lease_until``),
+series supersedes the one queued. Claims are plain SQL instead: one conditional ``UPDATE`` sets
+``claimed_by`` only while the row is this version and unclaimed, its lease expired or already ours
+(on PostgreSQL the row lock makes a second claimer re-check that condition once the first commits,
+so exactly one wins, as ``SELECT ... FOR UPDATE SKIP LOCKED`` would; on SQLite writers are
+serialised by ``BEGIN IMMEDIATE``). A claim is a lease (``claimed_by``, ``lease_until``),
 renewed while the work runs and free again once it expires, so the job of a worker killed with
 SIGKILL is taken by another after the lease. Workers poll the indexed queue (``[cluster]
 poll_interval``) rather than LISTEN/NOTIFY, which pg8000 cannot block on, and still get in-process
