@@ -187,7 +187,7 @@ def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
 def _status(config: NodeConfig, as_json: bool) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    report = collect(JobStore(Spool(config.data_dir)))
+    report = collect(JobStore.open(Spool(config.data_dir), config.cluster.database))
     if as_json:
         print(json.dumps(report.as_json(), indent=1))
     else:
@@ -198,7 +198,7 @@ def _status(config: NodeConfig, as_json: bool) -> int:
 def _retry(config: NodeConfig) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    requeued = JobStore(Spool(config.data_dir)).requeue_failed()
+    requeued = JobStore.open(Spool(config.data_dir), config.cluster.database).requeue_failed()
     print(f"re-queued {len(requeued)} send(s)")
     return EXIT_OK
 
@@ -286,7 +286,8 @@ def _purge(config: NodeConfig, study_uid: str, force: bool) -> int:
         audit = AuditTrail(config.audit, config.data_dir, config.ae_title)
         for folder in (audit.root / "tmp", audit.file.parent):  # what AuditTrail.start would create
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    retention = Retention(spool, JobStore(spool), config.retention, audit=audit, user=getpass.getuser())
+    retention = Retention(spool, JobStore.open(spool, config.cluster.database), config.retention, audit=audit,
+                          user=getpass.getuser())
     activity = retention.study_activity(study_uid)
     if activity.in_flight:
         busy = (f"{len(activity.queued_jobs)} queued job(s), {len(activity.pending_sends)} pending send(s), "

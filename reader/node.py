@@ -372,7 +372,7 @@ class Node:
         log.info("node.started", ae_title=self.config.ae_title, role=self.role.value, process=self.name,
                  port=self.scp.port if self.receives else None,
                  web_port=self.web.port if self.web is not None else None,
-                 data_dir=str(self.config.data_dir), database=self.database.engine_name,
+                 data_dir=str(self.config.data_dir), database=self.database.name,
                  destinations=len(self.config.destinations))
         if self.audit is not None:
             self.audit.application_started()
@@ -408,13 +408,12 @@ class Node:
         stages = {name: len(uids) for name, uids in self.board.snapshot().items()}
         counts = self.jobs.queue_counts()
         return {"collecting": self.tracker.tracked(),
-                "queued": max(0, counts["queued"] - sum(stages.values())),
-                **stages, "sending": counts["sending"]}
+                "queued": max(0, counts["jobs"] - sum(stages.values())), **stages, "sending": counts["sends"]}
 
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
         if self.clustered:  # other processes write the storage: unfinished studies are in the arrivals
-            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["queued"],
+            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["jobs"],
                      partial_writes_removed=partial)
             return
         for study_uid, series_uid in self.spool.stored_series():
