@@ -336,12 +336,13 @@ class Node:
         self.web: WebServer | None = None
         if config.web is not None:
             readiness = Readiness(self.spool, (r.model for r in config.routes) if self.processes else (),
-                                  models, (lambda: self.scp.listening) if self.receives else (lambda: True))
+                                  models, (lambda: self.scp.listening) if self.receives else (lambda: True),
+                                  database=self.jobs.queue_counts if self.shared else None)
             pages = PagesContext(config, self.jobs, models, self.associations, stages=self.board.snapshot,
                                  wake_sends=self._sends.set, audit=self.audit)
             self.web = WebServer(config.web, build_app(WebContext(
                 self.spool, self.tracker, readiness, config.security.web_callers,
-                config.web.max_request_bytes, pages, self.audit, self.metrics)))
+                config.web.max_request_bytes, pages, self.audit, self.metrics, receives=self.receives)))
 
     def start(self) -> None:
         """Resume durable work, then open the port and start the workers (those of its role)."""
