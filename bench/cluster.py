@@ -273,6 +273,19 @@ def _receivers(pg: Postgres, run_dir: Path, count: int, model: Path) -> Target:
                   stop=lambda: [r.stop() for r in roles] and None, roles=roles)
 
 
+def _single_node(run_dir: Path, model: Path) -> Target:
+    """Today's single node for reference: ``--role all`` on its data dir's SQLite, no cluster."""
+    folder = run_dir / "node-all"
+    storage = folder / "data"
+    body = (f'[models.bench]\npath = "{model}"\n\n[[routes]]\nname = "bench"\nmodel = "bench"\n'
+            f'modalities = ["CT"]\nmin_instances = 1000000\n\n[web]\nenabled = false\n')
+    port = common.free_port()
+    role = start_role(folder, body, "all", "node-all", storage, port=port)
+    wait_started([role])
+    return Target("node --role all (SQLite)", port, "SECONDREADER", lambda: [role.process.pid],
+                  stop=role.stop, roles=[role])
+
+
 def _storescp(run_dir: Path, *, fork: bool) -> Target:
     folder = run_dir / ("storescp-fork" if fork else "storescp")
     out = folder / "out"
@@ -320,6 +333,8 @@ def part_ingest(args: argparse.Namespace, pg: Postgres, run_dir: Path, model: Pa
     try:
         for count in args.receivers:
             targets.append(_receivers(pg, run_dir, count, model))
+        if args.single_node:
+            targets.append(_single_node(run_dir, model))
         targets.append(_storescp(run_dir, fork=False))
         targets.append(_storescp(run_dir, fork=True))
         targets.append(_orthanc(run_dir))
@@ -427,10 +442,9 @@ def _all_done(store: Any, count: int) -> bool:
 
 def part_jobs(args: argparse.Namespace, pg: Postgres, run_dir: Path) -> dict[str, Any]:
     """Part 2: N small series queued at once, processed by 1 and 2 workers."""
-    from reader.state import Database  # noqa: PLC0415
-
     from reader.jobs import JobStore  # noqa: PLC0415
     from reader.spool import Spool  # noqa: PLC0415
+    from reader.state import Database  # noqa: PLC0415
     from tests import reliability  # noqa: PLC0415
 
     model = reliability.write_fixture_model(run_dir / "fixture-model")
@@ -522,9 +536,8 @@ def _fill(store: Any, count: int, start: int, *, held: bool) -> None:
     """Queue ``count`` routine jobs (series ``start`` .. ``start + count``) in batched transactions:
     the rows ``JobStore.enqueue_if_changed`` writes for a new series (its ``series`` row QUEUED and
     its ``jobs`` row); ``held``: leased for a day by another owner, as by a busy worker."""
-    from reader.state import schema  # noqa: PLC0415
-
     from reader import jobs as jobs_module  # noqa: PLC0415 - imported after the netns re-exec
+    from reader.state import schema  # noqa: PLC0415
 
     now = time.time()
     batch = 1000
@@ -558,10 +571,9 @@ def _summary(length: int, latencies: list[float], **extra: Any) -> dict[str, Any
 def _poller_latencies(url: str, storage: Path, queue_lengths: Sequence[int], repeats: int, poll_s: float,
                       *, held: bool) -> list[dict[str, Any]]:
     """In process: a poller doing a worker loader's queries; STAT enqueue -> ``claim_job`` True."""
-    from reader.state import Database  # noqa: PLC0415
-
     from reader.jobs import JobStore, SeriesStatus  # noqa: PLC0415
     from reader.spool import Spool  # noqa: PLC0415
+    from reader.state import Database  # noqa: PLC0415
 
     spool = Spool(storage)
     enq_db, work_db = Database(url), Database(url)
@@ -627,10 +639,10 @@ def _worker_latencies(url: str, folder: Path, queue_lengths: Sequence[int], repe
     """A real ``--role worker``: the backlog held by another owner (else the worker would work on
     it); STAT enqueue -> the ``started`` time the worker records when its routing of the job begins."""
     import pydicom  # noqa: PLC0415
-    from reader.state import Database  # noqa: PLC0415
 
     from reader.jobs import JobStore  # noqa: PLC0415
     from reader.spool import Spool  # noqa: PLC0415
+    from reader.state import Database  # noqa: PLC0415
     from tests import reliability  # noqa: PLC0415
 
     storage = folder / "storage"
@@ -741,6 +753,8 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--slices", type=int, default=200, help="slices (512 x 512) per sender's study")
     p.add_argument("--senders", type=_ints, default=[4, 8])
     p.add_argument("--receivers", type=_ints, default=[1, 2, 4])
+    p.add_argument("--no-single-node", dest="single_node", action="store_false",
+                   help="leave out today's single node (--role all on SQLite) from the ingest part")
     p.add_argument("--workers", type=_ints, default=[1, 2])
     p.add_argument("--job-runs", type=int, default=2, help="runs per worker count")
     p.add_argument("--job-series", type=int, default=20)
