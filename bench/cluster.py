@@ -1,12 +1,13 @@
 """Scaling out (issue 18): several receivers, several workers and the shared queue on PostgreSQL.
 
-Three parts, one run, side by side (``--parts``):
+Four parts, one run, side by side (``--parts``):
 
 1. **ingest**: 4 and 8 concurrent ``storescu`` senders (one distinct study each) into 1, 2 and 4
    ``reader serve --role receiver`` processes sharing one port (``[cluster] reuse_port = true``: the
    kernel spreads the associations over them), one PostgreSQL and one shared storage folder per
    group; against DCMTK ``storescp`` (one association at a time, as ``bench/ingest.py``), ``storescp
-   --fork`` (a process per association) and Orthanc. Every target is started once and stays up; the
+   --fork`` (a process per association), Orthanc, and today's single node (``--role all`` on its
+   SQLite state) for reference. Every target is started once and stays up; the
    order of the targets rotates every run. Aggregate img/s = images of all senders / wall time from
    the first start to the last storescu's exit. CPU = user + system time of the target's processes
    (the receivers; PostgreSQL's backends separately) over the run, from ``/proc/PID/stat``.
@@ -18,14 +19,19 @@ Three parts, one run, side by side (``--parts``):
 3. **claim**: completion-to-claim latency against the queue length: N routine jobs queued (1, 100,
    10 000), then one STAT job enqueued; a poller does what a worker's loader does (``pending_jobs``
    of the best 16 every ``poll_interval``, then ``claim_job`` of the first) and the latency is from
-   the start of ``enqueue_if_changed`` to ``claim_job`` returning True. PostgreSQL and SQLite.
+   the start of ``enqueue_if_changed`` to ``claim_job`` returning True; the same with the backlog
+   leased by another worker (the query must skip it), and with a real ``--role worker`` (latency to
+   the ``started`` time it records when its routing of the job begins). PostgreSQL and SQLite.
+4. **arrival**: what ``JobStore.record_arrival`` (one transaction per stored instance, in every
+   receiver of a PostgreSQL cluster) costs the calling process, wall and CPU time per call.
 
 PostgreSQL: the Debian server (``/usr/lib/postgresql/*/bin``), a cluster made by the bench in its
 scratch folder (``initdb``, ``pg_ctl``; as root it runs as the ``postgres`` user), default settings
-(fsync and synchronous commit on), reached through pg8000 on 127.0.0.1.
+(fsync and synchronous commit on), reached through pg8000 on 127.0.0.1 (not ``tests/postgres.py``'s
+server: it turns fsync and synchronous commit off, which tests may and a benchmark may not).
 
     .venv/bin/python bench/cluster.py [--runs 3] [--slices 200] [--senders 4,8] [--receivers 1,2,4]
-                                      [--parts ingest,jobs,claim] [--quick]
+                                      [--parts ingest,jobs,claim,arrival] [--quick]
 """
 
 from __future__ import annotations
@@ -739,6 +745,38 @@ CLAIM_HEADERS = ["engine", "claimer", "backlog", "queued", "latency p50 ms", "p9
                  "poll query ms", "enqueue ms"]
 
 
+# --- part 4: what a receiver's per-instance arrival row costs ----------------------------------------
+
+
+def part_arrival(args: argparse.Namespace, pg: Postgres | None, run_dir: Path) -> dict[str, Any]:
+    """In process: ``JobStore.record_arrival`` as a receiver calls it for every stored instance (one
+    transaction each), wall and CPU time of this process per call, PostgreSQL and SQLite."""
+    from reader.jobs import JobStore  # noqa: PLC0415 - imported after the netns re-exec
+    from reader.spool import Spool  # noqa: PLC0415
+    from reader.state import Database  # noqa: PLC0415
+
+    out: dict[str, Any] = {"calls": args.arrival_calls}
+    urls = {"sqlite": f"sqlite:///{run_dir / 'arrival-sqlite.db'}"}
+    if pg is not None:
+        urls["postgresql"] = pg.create("arrival")
+    for engine, url in urls.items():
+        db = Database(url)
+        try:
+            store = JobStore(Spool(run_dir / f"arrival-{engine}"), database=db, owner="bench-receiver")
+            store.record_arrival("2.25.1", "2.25.2", time.time())  # warm-up: the row exists
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            for _ in range(args.arrival_calls):
+                store.record_arrival("2.25.1", "2.25.2", time.time())
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        finally:
+            db.close()
+        out[engine] = {"wall_ms_per_call": 1000 * wall / args.arrival_calls,
+                       "cpu_ms_per_call": 1000 * cpu / args.arrival_calls}
+        print(f"record_arrival on {engine}: {out[engine]['wall_ms_per_call']:.2f} ms wall, "
+              f"{out[engine]['cpu_ms_per_call']:.2f} ms CPU of the calling process per call", flush=True)
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -748,7 +786,7 @@ def _ints(text: str) -> list[int]:
 
 def _arguments() -> argparse.Namespace:
     p = common.parser(__doc__)
-    p.add_argument("--parts", default="ingest,jobs,claim")
+    p.add_argument("--parts", default="ingest,jobs,claim,arrival")
     p.add_argument("--runs", type=int, default=3, help="ingest runs per target and sender count")
     p.add_argument("--slices", type=int, default=200, help="slices (512 x 512) per sender's study")
     p.add_argument("--senders", type=_ints, default=[4, 8])
@@ -762,6 +800,7 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--job-size", type=int, default=64, help="rows = columns of the job series")
     p.add_argument("--queue", type=_ints, default=[1, 100, 10000], help="queue lengths for the claim latency")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--arrival-calls", type=int, default=1000)
     p.add_argument("--poll", type=float, default=0.05, help="the workers' poll interval (s)")
     p.add_argument("--output", default="cluster")
     p.add_argument("--quick", action="store_true", help="a smoke test: 1 run, small studies, short queues")
@@ -769,6 +808,7 @@ def _arguments() -> argparse.Namespace:
     if args.quick:
         args.runs, args.slices, args.senders, args.receivers = 1, 40, [4], [1, 2]
         args.job_runs, args.job_series, args.queue, args.repeats = 1, 4, [1, 100], 5
+        args.arrival_calls = 100
     return args
 
 
@@ -781,7 +821,7 @@ def main() -> None:
     run_dir = args.work / f"cluster-{int(time.time())}"
     run_dir.mkdir(parents=True, exist_ok=True)
     model, model_what = common.model_dir(args.model, args.work)
-    pg = start_postgres(run_dir / "pg") if {"ingest", "jobs", "claim"} & set(parts) else None
+    pg = start_postgres(run_dir / "pg") if {"ingest", "jobs", "claim", "arrival"} & set(parts) else None
     result: dict[str, Any] = {"private_netns": netns, "machine": info,
                               "postgresql": pg.version() if pg else None, "parts": parts}
     try:
@@ -794,6 +834,8 @@ def main() -> None:
             result["jobs"] = part_jobs(args, pg, run_dir)
         if "claim" in parts:
             result["claim"] = part_claim(args, pg, run_dir)
+        if "arrival" in parts:
+            result["arrival"] = part_arrival(args, pg, run_dir)
     finally:
         if pg is not None:
             pg.stop()
