@@ -109,8 +109,9 @@ class Postgres:
                         "stop"], user=self.user, capture_output=True, check=False, timeout=60)
 
 
-def start_postgres(folder: Path) -> Postgres:
-    """``initdb`` and ``pg_ctl start`` in ``folder`` (as the ``postgres`` user when root)."""
+def start_postgres(folder: Path, settings: Sequence[str] = ()) -> Postgres:
+    """``initdb`` and ``pg_ctl start`` in ``folder`` (as the ``postgres`` user when root);
+    ``settings``: extra ``name=value`` server settings (default: none, PostgreSQL's defaults)."""
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
     if not bins:
         raise RuntimeError("PostgreSQL server not installed (Debian package postgresql)")
@@ -132,6 +133,7 @@ def start_postgres(folder: Path) -> Postgres:
                     "--no-sync"], user=user, capture_output=True, check=True, timeout=120)
     port = common.free_port()
     options = f"-c listen_addresses={common.LOCALHOST} -p {port} -k {folder} -c max_connections=200"
+    options += "".join(f" -c {setting}" for setting in settings)
     subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "server.log"),
                     "-w", "start"], user=user, capture_output=True, check=True, timeout=120)
     server = Postgres(folder, port, bindir, user)
@@ -153,6 +155,14 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(v) for v in fields[11:15])
     return total / _TICK
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    return (total - idle) / _TICK, total / _TICK
 
 
 def wait_quiet(pids: Sequence[int], *, idle_cpu_s: float = 0.01, window_s: float = 0.5,
@@ -362,7 +372,9 @@ def part_ingest(args: argparse.Namespace, pg: Postgres, run_dir: Path, model: Pa
                     accepted0 = [len(r.events("association.accepted")) for r in target.roles]
                     cpu0, db0 = cpu_seconds(pids), cpu_seconds(db)
                     load = os.getloadavg()[0]
+                    busy0, total0 = machine_busy()
                     wall, each = _send_all(target, folders[:senders])
+                    busy1, total1 = machine_busy()
                     cpu1, db1 = cpu_seconds(target.pids()), cpu_seconds(db)
                     spread = [cpu_seconds([p]) for p in pids] if target.roles else []
                     accepted = [len(r.events("association.accepted")) - n  # the kernel's spread
@@ -371,10 +383,12 @@ def part_ingest(args: argparse.Namespace, pg: Postgres, run_dir: Path, model: Pa
                     row = {"run": run + 1, "target": target.name, "senders": senders, "images": images,
                            "wall_s": wall, "sender_exits_s": each, "img_per_s": images / wall,
                            "cpu_s": cpu1 - cpu0, "db_cpu_s": db1 - db0, "load_average": load,
+                           "machine_busy_cores": (os.cpu_count() or 1) * (busy1 - busy0) / (total1 - total0),
                            "receiver_cpu_total_s": spread, "associations_per_receiver": accepted}
                     rows.append(row)
                     print(f"run {run + 1} {senders} senders -> {target.name}: {images / wall:.0f} img/s, "
-                          f"CPU {row['cpu_s']:.1f} s (+db {row['db_cpu_s']:.1f} s), load {load:.1f}"
+                          f"CPU {row['cpu_s']:.1f} s (+db {row['db_cpu_s']:.1f} s), machine "
+                          f"{row['machine_busy_cores']:.2f} cores busy, load {load:.1f}"
                           + (f", associations per receiver {accepted}" if accepted else ""), flush=True)
                     wait_quiet(target.pids() + target.db_pids())  # completion, untimed
                     target.clear()
@@ -407,13 +421,16 @@ def table_ingest(result: dict[str, Any]) -> list[list[Any]]:
             ms_img = common.median([1000 * r["cpu_s"] / r["images"] for r in mine])
             db_ms = (common.median([1000 * r["db_cpu_s"] / r["images"] for r in mine])
                      if mine[0]["db_cpu_s"] else "")
+            busy = (common.median([r["machine_busy_cores"] for r in mine])
+                    if "machine_busy_cores" in mine[0] else "")
             out.append([senders, name, rate, f"{min(r['img_per_s'] for r in mine):.0f}-"
-                        f"{max(r['img_per_s'] for r in mine):.0f}", rate / ref, cores, ms_img, db_ms])
+                        f"{max(r['img_per_s'] for r in mine):.0f}", rate / ref, cores, ms_img, db_ms, busy])
     return out
 
 
 INGEST_HEADERS = ["senders", "target", "img/s aggregate (median)", "range", "x storescp",
-                  "target CPU (cores busy)", "target CPU ms/image", "PostgreSQL CPU ms/image"]
+                  "target CPU (cores busy)", "target CPU ms/image", "PostgreSQL CPU ms/image",
+                  "machine CPU (cores busy)"]
 
 
 # --- part 2: jobs per minute ------------------------------------------------------------------------
@@ -801,6 +818,8 @@ def _arguments() -> argparse.Namespace:
     p.add_argument("--queue", type=_ints, default=[1, 100, 10000], help="queue lengths for the claim latency")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--arrival-calls", type=int, default=1000)
+    p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a PostgreSQL server setting (repeatable), e.g. synchronous_commit=off")
     p.add_argument("--poll", type=float, default=0.05, help="the workers' poll interval (s)")
     p.add_argument("--output", default="cluster")
     p.add_argument("--quick", action="store_true", help="a smoke test: 1 run, small studies, short queues")
@@ -821,9 +840,11 @@ def main() -> None:
     run_dir = args.work / f"cluster-{int(time.time())}"
     run_dir.mkdir(parents=True, exist_ok=True)
     model, model_what = common.model_dir(args.model, args.work)
-    pg = start_postgres(run_dir / "pg") if {"ingest", "jobs", "claim", "arrival"} & set(parts) else None
-    result: dict[str, Any] = {"private_netns": netns, "machine": info,
-                              "postgresql": pg.version() if pg else None, "parts": parts}
+    needs_pg = {"ingest", "jobs", "claim", "arrival"} & set(parts)
+    pg = start_postgres(run_dir / "pg", args.pg_setting) if needs_pg else None
+    result: dict[str, Any] = {"private_netns": netns, "machine": info, "parts": parts,
+                              "postgresql": pg.version() if pg else None,
+                              "postgresql_settings": args.pg_setting}
     try:
         if "ingest" in parts:
             assert pg is not None
