@@ -43,7 +43,7 @@ from reader.audit import AuditTrail
 from reader.config import Device, NodeConfig, Role
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
-from reader.errors import StorageError
+from reader.errors import DatabaseUnavailable, StorageError
 from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
@@ -603,7 +603,10 @@ class Node:
             if self._claimed.get(job.series_uid) != job:
                 return
             del self._claimed[job.series_uid]
-        self.jobs.release_job(job)
+        try:
+            self.jobs.release_job(job)
+        except StorageError as exc:  # the database is out of reach: the lease runs out by itself
+            log.error("worker.storage_error", worker="leases", detail=str(exc))
 
     def _let_go_all(self) -> None:
         """At stop: give up the leases of the jobs still held (their volumes were dropped)."""
@@ -672,9 +675,13 @@ class Node:
             self.board.release(job)
 
     def _stage(self, job: ProcessJob, stage: str, work: Callable[[], _T]) -> _T | SeriesStatus:
-        """Run one stage of one job; an unexpected error fails that series (recorded), not the worker."""
+        """Run one stage of one job; an unexpected error fails that series (recorded), not the worker.
+        A state database out of reach fails nothing: the job stays queued (and claimed by this
+        process, which takes it again) and the worker backs off until the database is back."""
         try:
             return work()
+        except DatabaseUnavailable:
+            raise
         except Exception as exc:
             log.exception("series.failed", series_uid=job.series_uid, stage=stage, error=type(exc).__name__)
             self.jobs.finish_job(job, SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
