@@ -441,21 +441,21 @@ class Node:
         adopt_at = 0.0
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            complete = self.tracker.pop_complete()
-            for series in complete:
+            popped = self.tracker.pop_complete()
+            for series in popped:
                 self.metrics.series_completed(series.waited_s)
-            settled: dict[str, float] = {}
-            if self.shared:
-                complete, settled = self._settle_across_receivers(complete)
-                if time.monotonic() >= adopt_at:
-                    adopt_at = time.monotonic() + _ADOPT_EVERY_S
-                    adopted, left = self._adopt_left_studies()
-                    complete += adopted
-                    settled.update(left)
+            complete, settled = popped, {}
             try:
+                if self.shared:
+                    complete, settled = self._settle_across_receivers(popped)
+                    if time.monotonic() >= adopt_at:
+                        adopt_at = time.monotonic() + _ADOPT_EVERY_S
+                        adopted, left = self._adopt_left_studies()
+                        complete += adopted
+                        settled.update(left)
                 self._queue_complete(complete)
             except StorageError:  # the state is out of reach: track them again, queue them later
-                for c in complete:
+                for c in popped:
                     self.tracker.resume(c.study_uid, c.series_uid, c.stat, c.last_arrival)
                 raise
             for study_uid, seen in settled.items():  # queued: the arrivals seen are done with
