@@ -444,7 +444,7 @@ class Node:
             popped = self.tracker.pop_complete()
             for series in popped:
                 self.metrics.series_completed(series.waited_s)
-            complete, settled = popped, {}
+            complete, settled = popped, dict[str, float]()
             try:
                 if self.shared:
                     complete, settled = self._settle_across_receivers(popped)
