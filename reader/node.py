@@ -309,8 +309,9 @@ class Node:
         self.tracker = CompletionTracker(config.completion,
                                          recorder=self.jobs.record_arrival if self.shared else None)
         self.associations = AssociationLog()
-        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
-                      else None)
+        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title,
+                                 process=self.name if self.clustered else "")
+                      if config.audit.enabled else None)
         self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit,
                               metrics=self.metrics)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
