@@ -223,6 +223,7 @@ class Backfill:
         self.out = out
         self.kind = ""  # set by run(), once the models are known
         self._spool: Spool | None = None
+        self._store: JobStore | None = None
         self._models: list[dict[str, str]] = []
 
     @property
@@ -426,7 +427,7 @@ class Backfill:
         """Wait (polling the node's records, with the study timeout) until the node has queued the
         study (hold ended) and settled every series moved."""
         deadline = time.monotonic() + self.options.study_timeout.total_seconds()
-        jobs = JobStore(self.spool)
+        jobs = self._jobs()
         while not self.stop.is_set():
             if self.spool.read_state(HOLDS, uid) is None:
                 states = [jobs.series_state(s) for s in hold.series]
@@ -441,11 +442,17 @@ class Backfill:
             self.stop.wait(_SETTLE_POLL_S)
         return Outcome.MOVING, {"instances": total}  # stopped (SIGTERM): the next run looks again
 
+    def _jobs(self) -> JobStore:
+        """The node's state (``[cluster] database``, or the data dir's SQLite file), opened once."""
+        if self._store is None:
+            self._store = JobStore.open(self.spool, self.config.cluster.database)
+        return self._store
+
     # -- records --------------------------------------------------------------------------------------
     def _read_by_current_model(self, study_uid: str) -> bool:
         if not (self.config.data_dir / "incoming" / study_uid).is_dir():
             return False  # nothing of it at the node (and a dry run creates no data dir)
-        jobs = JobStore(self.spool)
+        jobs = self._jobs()
         for series_uid in self.spool.study_series(study_uid):
             state = jobs.series_state(series_uid)
             if state is not None and state.status is SeriesStatus.DONE and state.model in self._models:

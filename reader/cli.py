@@ -1,8 +1,14 @@
 """Command line: ``reader serve | status | retry | backfill | purge``.
 
+``reader serve --role all|receiver|worker`` runs the whole node (``all``, the default) or one
+part of a cluster sharing a database and a storage folder (README "Cluster"): a ``receiver`` (DICOM
+listener, STOW-RS, completion, sends, retention; loads no model) or a ``worker`` (reads complete
+series on ``--device cpu|cuda:N``).
+
 The edge where typed errors become exit codes: 0 success, 2 invalid configuration or flag
-(one line naming the key and the problem, before any port opens) or a refused ``purge`` (one
-line), 1 anything else that stops the node.
+(one line naming the key and the problem, before any port opens), a state database that cannot be
+reached or whose schema is newer than this code (one line), or a refused ``purge`` (one line), 1
+anything else that stops the node.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,8 +33,16 @@ import structlog
 from reader import __version__
 from reader.audit import AuditTrail
 from reader.backfill import Backfill, BackfillOptions, Window, parse_date, study_query
-from reader.config import NodeConfig, load_config
-from reader.errors import ConfigError, InputRejected, ModelError, ReaderError, RetrieveError
+from reader.config import Device, NodeConfig, Role, load_config
+from reader.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    InputRejected,
+    ModelError,
+    ReaderError,
+    RetrieveError,
+    SchemaTooNew,
+)
 from reader.jobs import JobStore
 from reader.log import configure_logging
 from reader.retention import Retention
@@ -41,6 +56,8 @@ EXIT_ERROR = 1
 EXIT_CONFIG = 2
 
 _V = TypeVar("_V")
+_PROCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # names a lock file and a tmp folder
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")  # a database URL in an error message
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +73,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         sp.add_argument("--config", type=Path, help="TOML file, see deploy/reader.example.toml")
         sp.add_argument("--data-dir", help="data dir (default ./reader-data)")
 
-    serve = sub.add_parser("serve", help="run the node until SIGTERM/SIGINT")
+    serve = sub.add_parser(
+        "serve", help="run the node (or one role of a cluster) until SIGTERM/SIGINT",
+        description="Run the node until SIGTERM/SIGINT. Roles (README, Cluster): all = the whole node "
+                    "in one process; receiver = DICOM listener, STOW-RS, completion, sends, retention "
+                    "(no model); worker = reads complete series from the shared queue on --device.")
     common(serve)
+    serve.add_argument("--role", default=Role.ALL.value, choices=[r.value for r in Role],
+                       help="what this process does (default all)")
+    serve.add_argument("--device", metavar="cpu|cuda:N",
+                       help="where a worker (or all) runs its models: the CPU or GPU N "
+                            "(default: [inference] providers)")
+    serve.add_argument("--name", help="this process's name in the cluster (default HOST-ROLE[-DEVICE])")
     serve.add_argument("--ae-title", help="our AE title (default SECONDREADER)")
     serve.add_argument("--port", help="listening port (default 11112)")
     serve.add_argument("--bind", help="listening address (default 0.0.0.0)")
@@ -113,15 +140,31 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 _SIGNAL_POLL_S = 0.5  # longest delay before a delivered SIGTERM/SIGINT is acted on
 
 
-def _serve(config: NodeConfig) -> int:
+def _serve_flags(args: argparse.Namespace) -> tuple[Role, Device | None, str | None]:
+    """``--role``, ``--device`` and ``--name``, checked; a bad one is a ConfigError naming it."""
+    role = Role(args.role)
+    device = None if args.device is None else Device.parse(args.device, "--device")
+    if device is not None and role is Role.RECEIVER:
+        raise ConfigError("--device", "a receiver runs no model: give --device to a worker (or all)")
+    name = args.name
+    if name is not None and not _PROCESS_NAME.fullmatch(name):
+        raise ConfigError("--name", f"{name!r}: letters, digits, '.', '_' and '-', at most 63, "
+                                    "starting with a letter or digit")
+    return role, device, name
+
+
+def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
+    role, device, name = _serve_flags(args)
     os.umask(0o077)  # everything the node writes carries patient data: owner-only
     from reader.node import Node, load_models  # noqa: PLC0415 - onnxruntime loads only for serve
 
-    try:
-        models = load_models(config)
-    except ModelError as exc:
-        raise ConfigError("models", str(exc)) from exc
-    node = Node(config, models)
+    models = {}
+    if role is not Role.RECEIVER:  # a receiver never reads a series: no model, no onnxruntime session
+        try:
+            models = load_models(config, device)
+        except ModelError as exc:
+            raise ConfigError("--device" if device is not None else "models", str(exc)) from exc
+    node = Node(config, models, role=role, name=name)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -144,7 +187,7 @@ def _serve(config: NodeConfig) -> int:
 def _status(config: NodeConfig, as_json: bool) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    report = collect(JobStore(Spool(config.data_dir)))
+    report = collect(JobStore.open(Spool(config.data_dir), config.cluster.database))
     if as_json:
         print(json.dumps(report.as_json(), indent=1))
     else:
@@ -155,7 +198,7 @@ def _status(config: NodeConfig, as_json: bool) -> int:
 def _retry(config: NodeConfig) -> int:
     if not config.data_dir.is_dir():
         raise ConfigError("data_dir", f"{config.data_dir} does not exist")
-    requeued = JobStore(Spool(config.data_dir)).requeue_failed()
+    requeued = JobStore.open(Spool(config.data_dir), config.cluster.database).requeue_failed()
     print(f"re-queued {len(requeued)} send(s)")
     return EXIT_OK
 
@@ -243,7 +286,8 @@ def _purge(config: NodeConfig, study_uid: str, force: bool) -> int:
         audit = AuditTrail(config.audit, config.data_dir, config.ae_title)
         for folder in (audit.root / "tmp", audit.file.parent):  # what AuditTrail.start would create
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    retention = Retention(spool, JobStore(spool), config.retention, audit=audit, user=getpass.getuser())
+    retention = Retention(spool, JobStore.open(spool, config.cluster.database), config.retention, audit=audit,
+                          user=getpass.getuser())
     activity = retention.study_activity(study_uid)
     if activity.in_flight:
         busy = (f"{len(activity.queued_jobs)} queued job(s), {len(activity.pending_sends)} pending send(s), "
@@ -273,12 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         commands: dict[str, Callable[[], int]] = {
-            "serve": lambda: _serve(config), "status": lambda: _status(config, args.json),
+            "serve": lambda: _serve(config, args), "status": lambda: _status(config, args.json),
             "backfill": lambda: _backfill(config, args), "retry": lambda: _retry(config),
             "purge": lambda: _purge(config, args.study, args.force)}
         return commands[args.command]()
     except ConfigError as exc:
         print(f"reader: configuration error: {exc.key}: {exc.problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseUnavailable as exc:
+        print(f"reader: state database unavailable: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SchemaTooNew as exc:
+        print(f"reader: state database schema too new for this version: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except RetrieveError as exc:
         print(f"reader: {exc}", file=sys.stderr)
@@ -286,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     except ReaderError as exc:
         log.error("node.fatal", error=type(exc).__name__, detail=str(exc))
         return EXIT_ERROR
+
+
+def _one_line(exc: Exception) -> str:
+    """An error's message on one line, any password in a URL in it replaced by ``***``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from reader.access import AccessPolicy, AllowedCaller, is_loopback, parse_network
 from reader.dicomweb import Credential, CredentialError, StowAuth, StowDestination
@@ -31,15 +33,19 @@ from reader.study import DEFAULT_LUNG_KERNELS, SeriesPreference
 from reader.tls import TlsClientConfig, TlsServerConfig, client_context, server_context
 
 __all__ = [
+    "DATABASE_URL_ENV",
     "DEFAULT_PROVIDERS",
     "AnyDestination",
     "AuditCollector",
     "AuditConfig",
+    "ClusterConfig",
     "CompletionConfig",
+    "Device",
     "InferenceConfig",
     "ModelRef",
     "NodeConfig",
     "RetentionConfig",
+    "Role",
     "Route",
     "SecurityConfig",
     "SendingConfig",
@@ -50,9 +56,11 @@ __all__ = [
     "bundled_models_dir",
     "default_config",
     "load_config",
+    "redact_url",
 ]
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DATABASE_URL_ENV = "READER_DATABASE_URL"  # overrides [cluster] database (the Kubernetes overlay sets it)
 DEFAULT_MODEL = "lung-lesion-unet"
 BUNDLED_PREFIX = "bundled:"  # a model path "bundled:NAME" names the package models/NAME of this checkout
 
@@ -276,6 +284,131 @@ class AuditConfig:
     retry_max: timedelta = timedelta(seconds=30)  # longest wait between tries of a collector that is down
 
 
+class Role(StrEnum):
+    """What one ``reader serve`` process does (``--role``; README "Cluster").
+
+    ``all``: the whole node in one process (the default); ``receiver``: the DICOM listener and
+    STOW-RS, series completion, dispatch of sends and retention; ``worker``: claims complete series,
+    reads them (load, infer, encode), writes the results and queues and dispatches their sends.
+    """
+
+    ALL = "all"
+    RECEIVER = "receiver"
+    WORKER = "worker"
+
+
+_DEVICE = re.compile(r"(?:cpu|cuda:(0|[1-9][0-9]{0,3}))")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a worker runs its models: the CPU, or one CUDA GPU by its index (``--device``).
+
+    ``cuda:N`` asks onnxruntime for its CUDA execution provider on GPU ``N`` (provider option
+    ``device_id``), with the CPU provider as the fallback; ``cpu`` asks for the CPU provider only.
+    """
+
+    kind: Literal["cpu", "cuda"]
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "cuda") or self.index < 0 or (self.kind == "cpu" and self.index):
+            raise ValueError(f"not a device: {self.kind}:{self.index}")
+
+    @classmethod
+    def parse(cls, text: str, key: str = "--device") -> Device:
+        """``"cpu"`` or ``"cuda:N"`` (N ≥ 0); anything else raises ConfigError naming ``key``."""
+        match = _DEVICE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+        if match is None:
+            raise ConfigError(key, f'must be "cpu" or "cuda:N" (N a GPU index, 0 or more), got {text!r}')
+        return cls("cpu") if match.group(1) is None else cls("cuda", int(match.group(1)))
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The onnxruntime execution providers to ask for, in order."""
+        if self.kind == "cpu":
+            return ("CPUExecutionProvider",)
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+    @property
+    def provider_options(self) -> Mapping[str, Mapping[str, str]]:
+        """Options per provider: the GPU index for CUDA."""
+        return {} if self.kind == "cpu" else {"CUDAExecutionProvider": {"device_id": str(self.index)}}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several processes sharing one state database and one storage folder (README "Cluster").
+
+    ``database`` None: the single node's SQLite file ``<data_dir>/state.db``; otherwise
+    ``sqlite:///PATH`` or ``postgresql://USER:PASSWORD@HOST:PORT/DB`` (environment variable
+    ``READER_DATABASE_URL`` overrides it). Its password is never shown: see :func:`redact_url`.
+    ``storage`` is the folder every process mounts; when set it is the data dir. ``lease``: how long
+    a claimed job or send stays ours without renewal; ``poll_interval``: how often idle workers look
+    at the queue. ``reuse_port``: the DICOM listener binds with SO_REUSEPORT, so that several
+    receivers share the port and the kernel spreads the associations between them.
+    """
+
+    database: str | None = field(default=None, repr=False)
+    storage: Path | None = None
+    lease: timedelta = timedelta(seconds=60)
+    poll_interval: timedelta = timedelta(seconds=0.05)
+    reuse_port: bool = False
+
+    def __post_init__(self) -> None:
+        if self.database is not None:
+            _database_url(self.database, "cluster.database")
+        if self.lease <= timedelta(0):
+            raise ConfigError("cluster.lease_seconds", "must be positive")
+        if self.poll_interval <= timedelta(0):
+            raise ConfigError("cluster.poll_interval_seconds", "must be positive")
+        if self.storage is not None and not self.storage.is_absolute():
+            raise ConfigError("cluster.storage", f"must be an absolute path, got {self.storage}")
+
+    def __repr__(self) -> str:
+        database = None if self.database is None else redact_url(self.database)
+        return (f"ClusterConfig(database={database!r}, storage={self.storage!r}, lease={self.lease!r}, "
+                f"poll_interval={self.poll_interval!r}, reuse_port={self.reuse_port!r})")
+
+    @property
+    def database_redacted(self) -> str | None:
+        """``database`` with its password replaced by ``***``, fit for logs and pages."""
+        return None if self.database is None else redact_url(self.database)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user information replaced by ``***`` (the user name stays).
+
+    Everything between the user name's ``:`` and the last ``@`` goes, so that a password holding
+    ``/`` or ``@`` unescaped is hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0 or ":" not in rest[:at]:
+        return url
+    return f"{scheme}://{rest[:at].partition(':')[0]}:***@{rest[at + 1:]}"
+
+
+def _database_url(value: Any, key: str) -> str:
+    """A database URL: ``sqlite:///PATH`` or ``postgresql://...``; ConfigError otherwise."""
+    url = _str(value, key)
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+            raise ConfigError(key, "a SQLite URL is sqlite:///PATH (three slashes, then the file)")
+        return url
+    if scheme == "postgresql":
+        parts = urlsplit(url)
+        if not parts.hostname and "unix_sock=" not in parts.query:  # pg8000: ?unix_sock=/run/...
+            raise ConfigError(key, f"names no host: {redact_url(url)}")
+        return url
+    raise ConfigError(key, f"must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB, "
+                           f"got {redact_url(url)!r}")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything ``reader serve`` needs; built by :func:`load_config` or :func:`default_config`."""
@@ -302,6 +435,7 @@ class NodeConfig:
     web: WebConfig | None = None  # None: no HTTP server (a configuration file turns it on by default)
     audit: AuditConfig = field(default_factory=AuditConfig)
     sources: tuple[Source, ...] = ()  # PACS to read studies back from (reader.backfill)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # README "Cluster"
 
     def source(self, name: str) -> Source:
         """The source named ``name`` (case-insensitive); raises KeyError."""
@@ -351,7 +485,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     defaults = default_config()
     _known(raw, "", {"node", "completion", "sending", "inference", "models", "routes", "destinations",
-                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources", "retention"})
+                     "security", "hl7", "webhooks", "priority", "web", "audit", "sources", "retention",
+                     "cluster"})
     node = _table(raw, "node")
     _known(node, "node.", {"ae_title", "bind_address", "port", "data_dir", "max_associations",
                            "min_free_disk_mb", "max_pdu_bytes", "acse_timeout_seconds",
@@ -360,11 +495,18 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
     routes = _routes(raw, models) if "routes" in raw else defaults.routes
     security = _security(_table(raw, "security"), base)
     web = _web(_table(raw, "web"), base)
+    cluster = _cluster(_table(raw, "cluster"), base)
+    data_dir = _path(node.get("data_dir", str(defaults.data_dir)), "node.data_dir", base)
+    if cluster.storage is not None:
+        if "data_dir" in node and data_dir.resolve() != cluster.storage.resolve():
+            raise ConfigError("cluster.storage", f"is the data dir when set, and node.data_dir names another "
+                                                 f"folder ({data_dir}): give one of them")
+        data_dir = cluster.storage
     config = NodeConfig(
         ae_title=_ae_title(node.get("ae_title", defaults.ae_title), "node.ae_title"),
         bind_address=_str(node.get("bind_address", defaults.bind_address), "node.bind_address"),
         port=_port(node.get("port", defaults.port), "node.port"),
-        data_dir=_path(node.get("data_dir", str(defaults.data_dir)), "node.data_dir", base),
+        data_dir=data_dir,
         max_associations=_int(node.get("max_associations", defaults.max_associations),
                               "node.max_associations", 1, 1000),
         min_free_disk_bytes=_int(node.get("min_free_disk_mb", defaults.min_free_disk_bytes // 2**20),
@@ -389,6 +531,7 @@ def _from_mapping(raw: Mapping[str, Any], base: Path) -> NodeConfig:
         worklist=_worklist(raw, base),
         audit=_audit(_table(raw, "audit"), base),
         sources=_sources(raw),
+        cluster=cluster,
     )
     _check_web_exposure(config)
     return config
@@ -404,12 +547,33 @@ def _apply_overrides(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCo
         changes["bind_address"] = _str(overrides["bind_address"], "--bind")
     if overrides.get("data_dir") is not None:
         changes["data_dir"] = Path(overrides["data_dir"])
+        if config.cluster.storage is not None:  # the flag names the shared storage too
+            changes["cluster"] = replace(config.cluster, storage=changes["data_dir"].resolve())
     if overrides.get("destinations"):
         changes["destinations"] = _destinations(list(overrides["destinations"]), "--send-to", Path.cwd())
     if overrides.get("web_port") is not None:
         changes["web"] = replace(config.web or WebConfig(),
                                  port=_int(_flag_int(overrides["web_port"]), "--web-port", 0, 65535))
     return replace(config, **changes)
+
+
+def _cluster(t: Mapping[str, Any], base: Path) -> ClusterConfig:
+    """``[cluster]``; the environment's ``READER_DATABASE_URL`` (when not empty) wins over ``database``."""
+    _known(t, "cluster.", {"database", "storage", "lease_seconds", "poll_interval_seconds", "reuse_port"})
+    d = ClusterConfig()
+    env = os.environ.get(DATABASE_URL_ENV, "")
+    if env:
+        database: str | None = _database_url(env, DATABASE_URL_ENV)
+    else:
+        database = _database_url(t["database"], "cluster.database") if "database" in t else None
+    return ClusterConfig(
+        database=database,
+        storage=_opt_path(t.get("storage"), "cluster.storage", base),
+        lease=_seconds(t.get("lease_seconds", d.lease.total_seconds()), "cluster.lease_seconds", 1, 86400),
+        poll_interval=_seconds(t.get("poll_interval_seconds", d.poll_interval.total_seconds()),
+                               "cluster.poll_interval_seconds", 0.001, 60),
+        reuse_port=_bool(t.get("reuse_port", d.reuse_port), "cluster.reuse_port"),
+    )
 
 
 def _web(t: Mapping[str, Any], base: Path) -> WebConfig | None:

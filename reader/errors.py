@@ -7,7 +7,9 @@ state (``reader.node``)::
     ReaderError
     ├── ConfigError            invalid configuration file or flag (CLI exit 2)
     ├── StorageError           the spool could not write or read durably
-    │   └── OutOfResources     free disk below the watermark (DIMSE 0xA700)
+    │   ├── OutOfResources     free disk below the watermark (DIMSE 0xA700)
+    │   ├── DatabaseUnavailable the state database cannot be reached (CLI exit 2 at start-up)
+    │   └── SchemaTooNew       the state database's schema is newer than this code (CLI exit 2)
     ├── InputRejected          a dataset or series we will not process; ``reason`` is recorded
     │   ├── VolumeError        geometry that cannot form a trustworthy volume
     │   └── RequestRejected    a STOW-RS request refused whole (HTTP 400 / 415), nothing stored
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DatabaseUnavailable",
     "EncodingError",
     "InferenceError",
     "InputRejected",
@@ -35,6 +38,7 @@ __all__ = [
     "ReaderError",
     "RequestRejected",
     "RetrieveError",
+    "SchemaTooNew",
     "SendError",
     "StorageError",
     "TransientSendError",
@@ -61,6 +65,17 @@ class StorageError(ReaderError):
 
 class OutOfResources(StorageError):
     """Free space on the data dir is below the configured watermark."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The state database (``[cluster] database``) cannot be reached: refused, timed out, or its
+    credentials were not accepted. At start-up the CLI names it and exits 2; while working, the
+    workers back off as on any StorageError and a receiver answers C-STORE Out of Resources."""
+
+
+class SchemaTooNew(StorageError):
+    """The state database carries a schema version newer than this code knows (a newer release
+    migrated it): the node refuses to start rather than write rows it does not understand."""
 
 
 class InputRejected(ReaderError):

@@ -40,7 +40,7 @@ import structlog
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.associations import AssociationLog
 from reader.audit import AuditTrail
-from reader.config import NodeConfig, Role
+from reader.config import Device, NodeConfig, Role
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
 from reader.errors import StorageError
@@ -70,12 +70,18 @@ _ADOPT_EVERY_S = 5.0  # how often a cluster's receiver looks for studies a dead 
 _T = TypeVar("_T")
 
 
-def load_models(config: NodeConfig) -> dict[str, ModelPackage]:
-    """Load every model a route refers to, once; raises ModelError (ManifestError) on a bad package."""
+def load_models(config: NodeConfig, device: Device | None = None) -> dict[str, ModelPackage]:
+    """Load every model a route refers to, once; raises ModelError (ManifestError) on a bad package.
+
+    ``device`` (``reader serve --device``) replaces the configured providers: ``cpu`` the CPU
+    provider only, ``cuda:N`` CUDA on GPU N then the CPU; None: ``[inference] providers``.
+    """
     names = sorted({r.model for r in config.routes})
+    providers = config.inference.providers if device is None else device.providers
+    options = None if device is None else device.provider_options
     return {
-        name: ModelPackage.load(config.model(name).path, providers=config.inference.providers,
-                                fp16=config.inference.fp16)
+        name: ModelPackage.load(config.model(name).path, providers=providers,
+                                fp16=config.inference.fp16, provider_options=options)
         for name in names
     }
 
@@ -285,8 +291,8 @@ class Node:
         another running process of this storage holds it)."""
         self.config = config
         self.role = role
-        # a database other processes share: arrivals are recorded, claims compete (reader.state)
-        self.shared = config.cluster.shared
+        # a database other processes may share: arrivals are recorded, claims compete (reader.state)
+        self.shared = config.cluster.database is not None
         self.clustered = self.shared or role is not Role.ALL
         self.receives = role in (Role.ALL, Role.RECEIVER)
         self.processes = role in (Role.ALL, Role.WORKER)
@@ -366,7 +372,7 @@ class Node:
         log.info("node.started", ae_title=self.config.ae_title, role=self.role.value, process=self.name,
                  port=self.scp.port if self.receives else None,
                  web_port=self.web.port if self.web is not None else None,
-                 data_dir=str(self.config.data_dir), database=self.database.engine_name,
+                 data_dir=str(self.config.data_dir), database=self.database.name,
                  destinations=len(self.config.destinations))
         if self.audit is not None:
             self.audit.application_started()
@@ -402,13 +408,12 @@ class Node:
         stages = {name: len(uids) for name, uids in self.board.snapshot().items()}
         counts = self.jobs.queue_counts()
         return {"collecting": self.tracker.tracked(),
-                "queued": max(0, counts["queued"] - sum(stages.values())),
-                **stages, "sending": counts["sending"]}
+                "queued": max(0, counts["jobs"] - sum(stages.values())), **stages, "sending": counts["sends"]}
 
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
         if self.clustered:  # other processes write the storage: unfinished studies are in the arrivals
-            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["queued"],
+            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["jobs"],
                      partial_writes_removed=partial)
             return
         for study_uid, series_uid in self.spool.stored_series():

@@ -6,9 +6,9 @@ What goes, and when (``[retention]``, :class:`reader.config.RetentionConfig`; ``
   settled: its last processing recorded (done, skipped or failed) and every send of its results
   delivered or parked;
 - a result version's files (``results/<series>/v<N>/``), ``results`` after its sends settled;
-- a series' settled state (``state/series/``, its settled send tickets, and its study's lineage
-  in ``state/studies/`` once none of the lineage's series is left), ``history`` after its last
-  change, once its instances and results are gone;
+- a series' settled state (its ``SeriesState``, its settled send tickets, and its study's lineage
+  once none of the lineage's series is left: rows of the state database, read and written through
+  ``reader.jobs.JobStore``), ``history`` after its last change, once its instances and results are gone;
 - under disk pressure (free space below ``node.min_free_disk_mb`` + ``disk_margin_mb``), instances
   and results that may go whatever their age, the longest settled first, until free space is back
   above that line.
@@ -61,7 +61,6 @@ __all__ = ["PurgeReport", "Retention", "StudyActivity", "SweepCounts", "record_p
 log = structlog.get_logger(__name__)
 
 _MARKERS = "purging"  # state/purging/: deletions under way
-_ARCHIVE = "sends-archive"
 
 
 @dataclass
@@ -185,7 +184,7 @@ class Retention:
     # --- reading ----------------------------------------------------------------------------
     def _view(self, *, tickets: bool = True) -> _View:
         states = self.jobs.series_states()
-        jobs = self.jobs.pending_jobs()
+        jobs = self.jobs.queued_jobs()
         job_series = {j.series_uid for j in jobs}
         job_studies = {j.study_uid for j in jobs}
         job_studies |= {s.study_uid for s in states.values() if s.status is SeriesStatus.QUEUED}
@@ -198,8 +197,7 @@ class Retention:
 
     def _ticket_time(self, ticket: SendTicket) -> float:
         """When a ticket last changed (settled, for a settled one)."""
-        return max(_mtime(self.spool.state_path(_ARCHIVE, ticket.name)),
-                   _mtime(self.spool.state_path("sends", ticket.name)), ticket.created_at)
+        return max(ticket.updated_at, ticket.created_at)
 
     def _instances_since(self, view: _View, study_uid: str, series_uid: str,
                          stored: list[Path]) -> float | None:
@@ -287,13 +285,11 @@ class Retention:
         the lock just before deleting: the queue of jobs, the states, the series' own tickets."""
         names = {series_uid, *(self.spool.study_series(study_uid) if study_uid else [])}
         states = {n: s for n in names if (s := self.jobs.series_state(n)) is not None}
-        jobs = self.jobs.pending_jobs()
+        jobs = self.jobs.queued_jobs()
         job_studies = {j.study_uid for j in jobs}
         job_studies |= {s.study_uid for s in states.values() if s.status is SeriesStatus.QUEUED}
         job_studies |= set(self.spool.list_state(HOLDS))
-        prefix = f"{series_uid}-v"  # ticket names: <series>-v<version>-<destination digest>
-        tickets = [t for n in {*self.spool.list_state("sends"), *self.spool.list_state(_ARCHIVE)}
-                   if n.startswith(prefix) and (t := self.jobs.send(n)) is not None]
+        tickets = self.jobs.series_sends(series_uid)
         return _View(states, {j.series_uid for j in jobs}, job_studies, {series_uid: tickets})
 
     def _delete_instances(self, study_uid: str, series_uid: str, counts: SweepCounts) -> bool:
@@ -372,19 +368,14 @@ class Retention:
                 since = max([state.updated_at, *(self._ticket_time(t) for t in tickets)])
                 if self._clock() - since < keep.total_seconds():
                     continue
-                for t in tickets:
-                    self.spool.delete_state(_ARCHIVE, t.name)
-                    self.spool.delete_state("sends", t.name)
-                self.spool.delete_state("series", series_uid)
+                self.jobs.delete_series_history(series_uid, [t.name for t in tickets])
                 counts.history += 1
         self._drop_orphan_lineages()
 
     def _drop_orphan_lineages(self) -> None:
-        for key in self.spool.list_state("studies"):
-            raw = self.spool.read_state("studies", key)
-            reads = [] if raw is None else raw.get("reads", [])
-            if all(self.jobs.series_state(str(r["series_uid"])) is None for r in reads):
-                self.spool.delete_state("studies", key)
+        states = self.jobs.series_states()
+        self.jobs.delete_lineages([key for key, read in self.jobs.lineages().items()
+                                   if all(s not in states for s in read)])
 
     # --- interrupted deletions --------------------------------------------------------------
     def resume(self) -> int:
@@ -414,7 +405,7 @@ class Retention:
         view = self._view()
         stored = set(self.spool.study_series(study_uid))
         series = stored | {s for s, st in view.states.items() if st.study_uid == study_uid}
-        series |= {j.series_uid for j in self.jobs.pending_jobs() if j.study_uid == study_uid}
+        series |= {j.series_uid for j in self.jobs.queued_jobs() if j.study_uid == study_uid}
         collecting = []
         for series_uid in sorted(stored):
             state = view.states.get(series_uid)
@@ -453,13 +444,9 @@ class Retention:
         counts = SweepCounts()
         jobs = 0
         for series_uid in series:  # nothing more is processed or sent
-            if self.spool.read_state("jobs", series_uid) is not None:
-                self.spool.delete_state("jobs", series_uid)
-                jobs += 1
+            jobs += self.jobs.delete_job(series_uid)
         tickets = [t for t in self.jobs.sends() if t.series_uid in set(series)]
-        for t in tickets:
-            if t.state is SendState.PENDING:
-                self.spool.delete_state("sends", t.name)
+        self.jobs.delete_sends([t.name for t in tickets if t.state is SendState.PENDING])
         first = True
         for series_uid in series:
             folder = self.spool.series_dir(study_uid, series_uid)
@@ -475,15 +462,11 @@ class Retention:
             for version in sorted(results.iterdir()) if results.is_dir() else []:
                 self._remove_folder(version, counts)
                 counts.results += 1
-        for t in tickets:
-            self.spool.delete_state(_ARCHIVE, t.name)
-            self.spool.delete_state("sends", t.name)
-        for key in self.spool.list_state("studies"):
-            if key.startswith(study_uid + "-"):
-                self.spool.delete_state("studies", key)
+        self.jobs.delete_sends([t.name for t in tickets])
+        self.jobs.delete_lineages([key for key in self.jobs.lineages() if key.startswith(study_uid + "-")])
         self.spool.delete_state(HOLDS, study_uid)
         for series_uid in series:
-            self.spool.delete_state("series", series_uid)
+            self.jobs.delete_series_history(series_uid)
         report = PurgeReport(study_uid=study_uid, series=tuple(series), instances=counts.instances,
                              results=counts.results, jobs_dropped=jobs,
                              cancelled_sends=tuple({"ticket": str(c["ticket"]),

@@ -12,6 +12,8 @@ arrives, the allow-list (``reader.access``) is applied; a caller it refuses gets
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Any, cast
 
@@ -49,6 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from reader import dimse, tls
 from reader.access import AccessDecision, AccessPolicy, Verdict
@@ -56,7 +59,7 @@ from reader.assemble import CompletionTracker
 from reader.associations import AssociationLog
 from reader.audit import AuditTrail
 from reader.config import NodeConfig
-from reader.errors import InputRejected, OutOfResources, StorageError
+from reader.errors import ConfigError, InputRejected, OutOfResources, StorageError
 from reader.intake import instance_ids, store_received
 from reader.metrics import PROTOCOL_DIMSE, NodeMetrics, rejection_reason
 from reader.receiver import tune_association
@@ -221,6 +224,38 @@ def _handle_ended(event: evt.Event, tracker: CompletionTracker, associations: As
         audit.association_ended(id(event.assoc))  # the studies it delivered (once: later calls find none)
 
 
+def _listen(ae: AE, address: tuple[str, int], handlers: list[Any], context: Any,
+            reuse_port: bool) -> ThreadedAssociationServer:
+    """Bind ``address`` and serve in a background thread; a port that cannot be bound (in use by
+    another process without ``reuse_port`` on both sides, no permission) is a ConfigError."""
+    try:
+        if not reuse_port:
+            return cast("ThreadedAssociationServer",  # block=False: always a server
+                        ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=context))
+        server = ae.make_server(address, evt_handlers=handlers, ssl_context=context,
+                                server_class=SharedPortServer)
+    except OSError as exc:
+        hint = "" if reuse_port else " ([cluster] reuse_port = true on every receiver shares a port)"
+        raise ConfigError("node.port", f"cannot listen on {address[0]}:{address[1]}: "
+                                       f"{exc.strerror or exc}{hint}") from exc
+    # as AE.start_server does: its shutdown() takes the server off the AE's list again
+    ae._servers.append(server)  # pynetdicom offers no server_class on start_server
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
+                              daemon=True)
+    thread.start()
+    return server
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose socket is bound with SO_REUSEPORT (``[cluster] reuse_port``):
+    several processes listen on one port and the kernel spreads the connections between them."""
+
+    def server_bind(self) -> None:
+        """SO_REUSEPORT, then pynetdicom's own binding (which ignores ``allow_reuse_port``)."""
+        cast("socket.socket", self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StorageSCP:
     """The node's listening AE."""
 
@@ -268,10 +303,9 @@ class StorageSCP:
                                          handshake_timeout_s=cfg.network_timeout.total_seconds())
             handlers.append((evt.EVT_CONN_OPEN, _handle_conn_open))
         handlers.append((evt.EVT_CONN_OPEN, _handle_conn_open_tune))
-        self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers,
-                                       ssl_context=context)
+        self._server = _listen(ae, (cfg.bind_address, cfg.port), handlers, context, cfg.cluster.reuse_port)
         log.info("scp.listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.port,
-                 tls=context is not None, allow_list=len(policy.callers))
+                 tls=context is not None, allow_list=len(policy.callers), reuse_port=cfg.cluster.reuse_port)
 
     @property
     def port(self) -> int:

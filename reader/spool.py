@@ -1,4 +1,4 @@
-"""The data dir on disk: layout, atomic writes, durable JSON state.
+"""The data dir on disk: layout, atomic writes, durable JSON state files.
 
 Layout (every hand-over between stages is a file, written atomically)::
 
@@ -7,16 +7,12 @@ Layout (every hand-over between stages is a file, written atomically)::
       tmp/<process>/                         the same, of one process of a cluster (``--role``)
       processes/<process>.lock               held (flock) by that process while it runs
       incoming/<study>/<series>/<sop>.dcm    received instances, exactly the peer's bytes (PS3.10 file)
-      state/series/<series>.json             per-series processing state (reader.jobs)
-      state/jobs/<series>.json               processing job tickets (reader.jobs)
-      state/sends/<ticket>.json              send tickets with attempts and next retry (reader.jobs)
-      state/sends-archive/<ticket>.json      settled send tickets (done, superseded, parked)
+      state.db                               series, jobs, lineages, send tickets (reader.state, SQLite;
+                                             a cluster's are in PostgreSQL instead)
       state/holds/<study>.json               instances a backfilled study waits for (reader.holds)
       state/backfill/<run>/<study>.json      a backfill's progress, one record per study (reader.backfill)
-      state/studies/<study>-<route>.json     a study's result lineage (reader.jobs)
       state/purging/<name>.json              deletions under way (reader.retention)
       results/<series>/v<N>/<kind>.dcm       encoded SEG/SR of result version N
-      state.db                               the state (reader.state), unless a PostgreSQL is set
       node.lock                              held (flock) by the running single node
 
 A write is durable once :func:`atomic_write` returns: data fsynced, renamed, directory fsynced.
@@ -97,7 +93,7 @@ class Spool:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)  # instances carry patient data: the service user alone reads them
-        for sub in ("tmp", "incoming", "results"):
+        for sub in ("tmp", "incoming", "state", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.process:
             self.tmp.mkdir(exist_ok=True, mode=0o700)
@@ -264,7 +260,7 @@ class Spool:
 
     # --- JSON state ------------------------------------------------------------------------
     def state_path(self, kind: str, name: str) -> Path:
-        """The JSON file of a piece of state (``kind`` is series, jobs, sends or sends-archive)."""
+        """The JSON file of a piece of state (``kind`` is holds, backfill/<run> or purging)."""
         return self.root / "state" / kind / f"{name}.json"
 
     def write_state(self, kind: str, name: str, value: dict[str, Any]) -> None:

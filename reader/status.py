@@ -2,7 +2,7 @@
 
 :func:`collect` reads the job store once into a :class:`StatusReport`; :meth:`StatusReport.as_json`
 is the ``--json`` form (the keys of earlier versions kept) and :func:`render` the tables a person
-reads. The queries live here alone, so the state layer can replace them in one place.
+reads. It reads the state database only through ``reader.jobs.JobStore``.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def collect(jobs: JobStore, last_studies: int = LAST_STUDIES) -> StatusReport:
     studies = _study_lines(series)
     return StatusReport(
         series=dict(Counter(s.status.value for s in series)),
-        queued_jobs=len(jobs.pending_jobs()),
+        queued_jobs=len(jobs.queued_jobs()),
         sends=dict(Counter(t.state.value for t in sends)),
         studies_total=len(studies),
         last_studies=tuple(studies[:last_studies]),

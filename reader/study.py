@@ -78,8 +78,9 @@ def describe_series(s: SeriesSummary) -> str:
 
 
 def study_result_key(study_uid: str, route_name: str) -> str:
-    """The key of a study's result lineage for one route: its versions (``state/studies/``) and
-    what supersedes what among its send tickets (result files stay under the series read).
+    """The key of a study's result lineage for one route: its versions
+    (``JobStore.study_result_version``) and what supersedes what among its send tickets (result
+    files stay under the series read).
 
     ``<study UID>-<8 hex digits of the route name>``: digits, dots and a dash, so it is a safe file
     name, and two routes reading the same study keep separate lineages.

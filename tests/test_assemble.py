@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from reader.assemble import CompleteSeries, CompletionTracker
 from reader.config import CompletionConfig
 
@@ -117,3 +119,31 @@ def test_stat_series_come_first_and_say_so() -> None:
     t.association_ended(2)
     clock.now += 2.5
     assert t.pop_complete() == [CompleteSeries("st", "urgent", stat=True), CompleteSeries("st", "routine")]
+
+
+def test_the_recorder_sees_each_instance_before_it_is_tracked_and_can_refuse_it() -> None:
+    """In a cluster every stored instance is recorded in the shared state (``recorder``) with its
+    wall-clock time before it is tracked; when recording fails, the error reaches the caller (which
+    refuses the instance) and nothing is tracked. The complete series carries that time."""
+    recorded: list[tuple[str, str, float, bool]] = []
+    failing = False
+
+    def record(study: str, series: str, at: float, stat: bool) -> None:
+        if failing:
+            raise OSError("database down")
+        recorded.append((study, series, at, stat))
+
+    clock = FakeClock()
+    config = CompletionConfig(grace=timedelta(seconds=2), idle_timeout=timedelta(seconds=30))
+    tracker = CompletionTracker(config, clock=clock, recorder=record)
+    tracker.instance_stored(1, "1.1", "1.1.1", stat=True)
+    assert [(s, r, stat) for s, r, _, stat in recorded] == [("1.1", "1.1.1", True)]
+    failing = True
+    with pytest.raises(OSError, match="database down"):
+        tracker.instance_stored(2, "1.2", "1.2.1")
+    tracker.association_ended(1)
+    tracker.association_ended(2)
+    clock.now += 10
+    complete = tracker.pop_complete()
+    assert [c.series_uid for c in complete] == ["1.1.1"]
+    assert complete[0].last_arrival == recorded[0][2]

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from reader import cli
+from reader.errors import DatabaseUnavailable, SchemaTooNew
 from reader.jobs import JobStore, SendState, SeriesState, SeriesStatus
 from reader.spool import Spool
 from tests.node_process import ReaderNode
-from tests.peers import require_data, storescu, wait_until
+from tests.peers import LOCALHOST, echoscu, free_port, require_data, storescu, wait_until
 from tests.reliability import serve_config, write_fixture_model
 
 _TIMEOUT_S = 60
@@ -130,3 +132,84 @@ def test_the_readmes_first_run_sample_study_then_status(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     study = next(line for line in done.stdout.splitlines() if "1 done, 1 skipped" in line)
     assert "flagged" in study, done.stdout
+
+
+def test_serve_help_names_the_roles_device_and_name() -> None:
+    """``reader serve --help`` lists the roles (all, receiver, worker), ``--device cpu|cuda:N`` and
+    ``--name``; an unknown role is refused under serve's usage with exit 2."""
+    done = _reader("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--role {all,receiver,worker}" in text and "receiver = DICOM listener" in text
+    assert "--device cpu|cuda:N" in text and "--name NAME" in text
+    bad = _reader("serve", "--role", "scheduler")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("usage: reader serve "), bad.stderr
+    assert "invalid choice: 'scheduler'" in bad.stderr
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("--device", "gpu0"), "--device"),
+    (("--device", "cuda:-1"), "--device"),
+    (("--role", "receiver", "--device", "cpu"), "--device"),
+    (("--name", "../etc"), "--name"),
+])
+def test_bad_serve_flags_exit_2_naming_the_flag(tmp_path: Path, args: tuple[str, ...], flag: str) -> None:
+    """A device other than cpu or cuda:N, a device for a receiver (which runs no model) or a process
+    name unfit for a file name: one line naming the flag, exit 2, before any port opens."""
+    done = _reader("serve", "--data-dir", str(tmp_path / "d"), "--port", str(free_port()), *args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"reader: configuration error: {flag}:")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_receiver_loads_no_model(tmp_path: Path) -> None:
+    """``--role receiver`` starts and answers C-ECHO with a configured model that cannot load (it
+    never reads a series), while ``--role worker`` with the same file exits 2 naming the models."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    config = tmp_path / "reader.toml"
+    config.write_text(f'[models.broken]\npath = "{broken}"\n\n[[routes]]\nname = "ct"\nmodel = "broken"\n'
+                      'modalities = ["CT"]\n\n[web]\nenabled = false\n', encoding="utf-8")
+    common = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--bind", LOCALHOST]
+    worker = _reader(*common, "--port", str(free_port()), "--role", "worker", "--device", "cpu")
+    assert worker.returncode == 2
+    assert worker.stderr.strip().splitlines()[-1].startswith("reader: configuration error: --device:")
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "reader.cli", *common, "--port", str(port),
+                                 "--role", "receiver", "--name", "rx-1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def answers() -> bool:
+            return receiver.poll() is not None or echoscu(LOCALHOST, port, "SECONDREADER").returncode == 0
+
+        wait_until(answers, _DEADLINE_S, "the receiver to answer C-ECHO")
+        assert receiver.poll() is None, receiver.communicate()[0]
+    finally:
+        receiver.terminate()
+        output = receiver.communicate(timeout=_TIMEOUT_S)[0]
+    assert receiver.returncode == 0, output
+    assert "model.loaded" not in output
+
+
+@pytest.mark.parametrize(("error", "label"), [
+    (DatabaseUnavailable, "reader: state database unavailable: "),
+    (SchemaTooNew, "reader: state database schema too new for this version: "),
+])
+def test_database_errors_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str],
+                                              error: type[Exception], label: str) -> None:
+    """DatabaseUnavailable and SchemaTooNew reaching the CLI (here from ``reader status``'s JobStore,
+    standing in for the state layer) print one line naming the problem, with any password in a
+    URL replaced by ``***``, and exit 2."""
+    (tmp_path / "data").mkdir()
+
+    def refuse(*_args: object, **_kwargs: object) -> JobStore:
+        raise error("cannot open postgresql://reader:hunter2@db.example:5432/reader:\n"
+                    "connection refused")
+
+    monkeypatch.setattr(cli, "JobStore", refuse)
+    assert cli.main(["status", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(label), err
+    assert "hunter2" not in err and "postgresql://reader:***@db.example:5432/reader" in err

@@ -13,11 +13,13 @@ import pytest
 from scipy.spatial.distance import pdist
 from structlog.testing import capture_logs
 
+from reader.config import Device, ModelRef, NodeConfig, Route
 from reader.errors import InferenceError, ManifestError, ModelError
 from reader.findings import InferenceResult
 from reader.inference import DEFAULT_PROVIDERS, ModelPackage, load_manifest
 from reader.inference.postprocess import longest_diameter_mm
 from reader.inference.preprocess import patch_starts, resample, resample_above, sliding_window
+from reader.node import load_models
 from reader.volume import Volume
 from tests.onnx_fixtures import (
     first_working_provider,
@@ -109,6 +111,36 @@ def test_no_available_provider_is_a_model_error(tmp_path: Path) -> None:
     """Asking only for providers onnxruntime does not have raises ModelError, not a crash later."""
     with pytest.raises(ModelError, match="NoSuchExecutionProvider"):
         ModelPackage.load(write_package(tmp_path), providers=("NoSuchExecutionProvider",))
+
+
+def _device_config(folder: Path) -> NodeConfig:
+    return NodeConfig(models=(ModelRef("fixture", folder),), routes=(Route(name="all", model="fixture"),))
+
+
+def test_device_cpu_runs_on_the_cpu_provider_only(tmp_path: Path) -> None:
+    """``--device cpu`` asks onnxruntime for the CPU provider alone, whatever ``[inference]``
+    providers lists, and the package runs there (on a GPU machine too)."""
+    with capture_logs() as logs:
+        models = load_models(_device_config(write_package(tmp_path)), Device.parse("cpu"))
+    assert models["fixture"].provider == "CPUExecutionProvider"
+    (loaded,) = [e for e in logs if e["event"] == "model.loaded"]
+    assert loaded["requested_providers"] == ["CPUExecutionProvider"]
+    assert loaded["provider_options"] == {}
+
+
+def test_device_cuda_n_asks_for_that_gpu_then_falls_back_to_cpu(tmp_path: Path) -> None:
+    """``--device cuda:1`` asks for CUDA on GPU 1 (provider option ``device_id``) then the CPU;
+    where CUDA cannot run (this machine: no GPU) the model loads on the CPU provider exactly as the
+    runtime's fallback does for the default provider list, instead of failing."""
+    with capture_logs() as logs:
+        models = load_models(_device_config(write_package(tmp_path)), Device.parse("cuda:1"))
+    (loaded,) = [e for e in logs if e["event"] == "model.loaded"]
+    assert loaded["requested_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert loaded["provider_options"] == {"CUDAExecutionProvider": {"device_id": "1"}}
+    if first_working_provider(("CUDAExecutionProvider", "CPUExecutionProvider")) == "CPUExecutionProvider":
+        assert models["fixture"].provider == "CPUExecutionProvider"
+    else:  # a GPU machine: GPU 1 where it exists, else the CPU fallback
+        assert models["fixture"].provider in {"CUDAExecutionProvider", "CPUExecutionProvider"}
 
 
 def test_fp16_is_not_used_on_cpu(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -38,6 +39,7 @@ from reader.pipeline import Inferred, Pipeline, Prepared
 from reader.requestor import keep_responses_for_caller
 from reader.send import StoreSCU
 from reader.spool import Spool
+from reader.state import schema as state_schema
 from reader.volume import Volume
 from tests.peers import LOCALHOST, wait_until
 from tests.reliability import Study, write_fixture_model, write_study
@@ -335,21 +337,24 @@ def _cli(data_dir: Path, *args: str) -> str:
 
 
 def test_settled_tickets_are_archived_and_not_reread(tmp_path: Path) -> None:
-    """A delivered ticket moves to the archive: the dispatcher's pass does not read it (an
-    unreadable archived copy changes nothing), while ``reader status`` still counts it."""
+    """A delivered ticket is settled: the dispatcher's pass does not read it (an unreadable settled
+    row changes nothing), while ``reader status`` still counts it."""
     jobs = JobStore(Spool(tmp_path))
     dispatcher = Dispatcher(jobs, SendingConfig(), {}, StoreSCU("SECONDREADER"))
     done = jobs.add_send("1.2.3", 1, "PACS@h:1", [])
     waiting = jobs.add_send("1.2.4", 1, "PACS@h:1", [])
     jobs.update_send(replace(done, state=SendState.DONE, attempts=1))
-    assert jobs.spool.list_state("sends") == [waiting.name]
-    assert jobs.spool.list_state("sends-archive") == [done.name]
-    archived = jobs.spool.state_path("sends-archive", done.name)
-    kept = archived.read_bytes()
-    archived.write_bytes(b"not json")
+    assert [t.name for t in jobs.pending_sends()] == [waiting.name]
+    states = {t.name: t.state for t in jobs.sends()}
+    assert states == {done.name: SendState.DONE, waiting.name: SendState.PENDING}
+    with jobs.database.transaction() as conn:
+        conn.execute(sa.update(state_schema.sends).where(state_schema.sends.c.name == done.name)
+                     .values(files="not json"))
     assert [t.name for t in dispatcher.due(now=1e12)] == [waiting.name]
     assert dispatcher.next_due_in(now=1e12) == 0.0
-    archived.write_bytes(kept)
+    with jobs.database.transaction() as conn:
+        conn.execute(sa.update(state_schema.sends).where(state_schema.sends.c.name == done.name)
+                     .values(files="[]"))
     status = json.loads(_cli(tmp_path, "status", "--json"))
     assert status["sends"] == {"done": 1, "pending": 1}
     fetched = jobs.send(done.name)
@@ -357,7 +362,7 @@ def test_settled_tickets_are_archived_and_not_reread(tmp_path: Path) -> None:
 
 
 def test_parked_ticket_is_archived_and_reader_retry_requeues_it(tmp_path: Path) -> None:
-    """A parked ticket leaves the dispatcher's folder; ``reader status`` lists it as failed and
+    """A parked ticket leaves the dispatcher's queue; ``reader status`` lists it as failed and
     ``reader retry`` puts it back in the queue with attempts reset."""
     jobs = JobStore(Spool(tmp_path))
     ticket = jobs.add_send("1.2.3", 1, "PACS@h:1", [])
@@ -368,20 +373,25 @@ def test_parked_ticket_is_archived_and_reader_retry_requeues_it(tmp_path: Path) 
     assert "re-queued 1" in _cli(tmp_path, "retry")
     pending = jobs.pending_sends()
     assert [(t.name, t.state, t.attempts) for t in pending] == [(ticket.name, SendState.PENDING, 0)]
-    assert jobs.spool.list_state("sends-archive") == []
+    assert jobs.sends() == pending, "a settled copy of the re-queued ticket is left"
     assert json.loads(_cli(tmp_path, "status", "--json"))["sends"] == {"pending": 1}
 
 
 def test_settled_ticket_left_among_pending_ones_is_moved(tmp_path: Path) -> None:
-    """A settled ticket found among the pending ones (a data dir from before the archive, or a
-    crash mid-move) is moved to the archive by the first pass, unchanged."""
-    jobs = JobStore(Spool(tmp_path))
-    ticket = jobs.add_send("1.2.3", 1, "PACS@h:1", [])
-    legacy = json.loads(jobs.spool.state_path("sends", ticket.name).read_text(encoding="utf-8"))
-    legacy["state"] = "done"
-    jobs.spool.write_state("sends", ticket.name, legacy)
+    """A settled ticket found among the pending ones of a data dir from before the state database
+    (``state/sends/``, where a crash mid-move or a data dir from before the archive left it) is
+    imported settled, unchanged, at the first open; the JSON folders move to
+    ``state/imported-json/``."""
+    spool = Spool(tmp_path)
+    ticket = {"name": "1.2.3-v1-abc", "series_uid": "1.2.3", "version": 1, "destination": "PACS@h:1",
+              "files": [], "state": "done", "attempts": 1, "next_attempt_at": 0.0, "last_error": "",
+              "last_status": 0, "created_at": 1.0, "lineage": "", "updated_at": 2.0}
+    spool.write_state("sends", ticket["name"], ticket)
+    spool.write_state("sends-archive", ticket["name"], {**ticket, "state": "pending"})  # the stale copy
+    jobs = JobStore(spool)
     assert jobs.pending_sends() == []
-    assert jobs.spool.list_state("sends") == []
-    moved = jobs.send(ticket.name)
-    assert moved is not None and moved.state is SendState.DONE
-    assert [t.name for t in jobs.sends()] == [ticket.name]
+    assert not (tmp_path / "state" / "sends").exists()
+    assert (tmp_path / "state" / "imported-json" / "sends" / "1.2.3-v1-abc.json").is_file()
+    moved = jobs.send(ticket["name"])
+    assert moved is not None and moved.state is SendState.DONE and moved.updated_at == 2.0
+    assert [t.name for t in jobs.sends()] == [ticket["name"]]

@@ -147,10 +147,10 @@ def test_age_rules_delete_settled_data_and_never_what_is_needed(data: DataDir) -
 
     offset[0] = 3 * 86400 + 7200
     assert retention.sweep().history == 4
-    left = set(data.spool.list_state("series"))
+    left = set(data.jobs.series_states())
     assert left == {"1.3.1", "1.4.1", "1.5.1", "1.5.2", "1.8.1"}
     assert {t.series_uid for t in data.jobs.sends()} == {"1.3.1", "1.8.1"}
-    assert data.spool.list_state("studies") == [], "the lineage of a study whose series are gone stays"
+    assert data.jobs.lineages() == {}, "the lineage of a study whose series are gone stays"
     assert all(data.has_instances(*s) for s in NEEDED)
     assert data.spool.list_state("purging") == []
 

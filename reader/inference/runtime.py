@@ -112,24 +112,28 @@ class ModelPackage:
         folder: Path,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         fp16: bool = False,
+        provider_options: Mapping[str, Mapping[str, str]] | None = None,
     ) -> ModelPackage:
         """Validate ``folder/model.toml`` and open one warm session on the first provider that works.
 
         Providers not in ``ort.get_available_providers()`` are skipped; if a session fails to start
         on a provider list, the next shorter list is tried. With ``fp16`` the manifest's
         ``onnx_fp16`` graph is used when the running provider is CUDA/TensorRT and the file exists.
+        ``provider_options`` gives a provider its onnxruntime options by name, e.g.
+        ``{"CUDAExecutionProvider": {"device_id": "1"}}`` for the second GPU (``reader.config.Device``).
         Raises :class:`ManifestError` for an invalid manifest or a graph that does not match it, and
         :class:`ModelError` when no session can be created.
         """
         manifest = load_manifest(folder)
-        session, provider = _open_session(manifest.model.onnx, providers)
+        options = provider_options or {}
+        session, provider = _open_session(manifest.model.onnx, providers, options)
         graph = manifest.model.onnx
         precision: Precision = "fp32"
         if fp16:
             fp16_path = manifest.model.onnx_fp16
             if provider in GPU_PROVIDERS and fp16_path is not None and fp16_path.is_file():
                 running = [provider, *(p for p in providers if p != provider)]
-                session, provider = _open_session(fp16_path, running)
+                session, provider = _open_session(fp16_path, running, options)
                 graph = fp16_path
                 precision = "fp16"
             else:
@@ -142,6 +146,7 @@ class ModelPackage:
             version=manifest.model.version,
             requested_providers=list(providers),
             provider=provider,
+            provider_options={name: dict(o) for name, o in options.items()},
             graph=graph.name,
             precision=precision,
             weights_sha256=package.algorithm.weights_sha256,
@@ -335,8 +340,14 @@ def _native_channels(
         yield label, preprocess.resample_above(probabilities[index], native, label.threshold)
 
 
-def _open_session(path: Path, providers: Sequence[str]) -> tuple[ort.InferenceSession, str]:
-    """One session on the first provider list that starts; returns it and the provider that runs."""
+def _open_session(
+    path: Path, providers: Sequence[str], options: Mapping[str, Mapping[str, str]] | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """One session on the first provider list that starts; returns it and the provider that runs.
+
+    ``options`` gives providers their onnxruntime options by name (e.g. CUDA's ``device_id``).
+    """
+    options = options or {}
     available = set(ort.get_available_providers())
     candidates = [p for p in providers if p in available]
     if not candidates:
@@ -350,7 +361,9 @@ def _open_session(path: Path, providers: Sequence[str]) -> tuple[ort.InferenceSe
         attempt = candidates[first:]
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                session = ort.InferenceSession(str(path), _session_options(attempt[0]), providers=attempt)
+                session = ort.InferenceSession(
+                    str(path), _session_options(attempt[0]), providers=attempt,
+                    provider_options=[dict(options.get(p, {})) for p in attempt])
         except ORT_ERRORS as err:
             log.warning("model.provider_failed", graph=path.name, providers=attempt, error=str(err))
             failures.append(f"{attempt[0]}: {err}")

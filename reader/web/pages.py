@@ -53,7 +53,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from reader.associations import RECENT, AssociationLog
-from reader.config import NodeConfig
+from reader.config import NodeConfig, redact_url
 from reader.errors import InputRejected
 from reader.jobs import JobStore, SendTicket
 from reader.passwords import verify
@@ -145,6 +145,8 @@ def _settings(value: Any, prefix: str = "") -> list[tuple[str, str]]:
                 rows.append((key, "(redacted)" if item else ""))
             elif f.name == "users":
                 rows.append((key, ", ".join(u.name for u in item)))
+            elif f.name == "database" and isinstance(item, str):  # [cluster]: host and user, no password
+                rows.append((key, redact_url(item)))
             else:
                 rows.extend(_settings(item, key))
         return rows

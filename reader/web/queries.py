@@ -1,13 +1,14 @@
-"""Every question the status pages ask of the node's state, answered from the spool (read-only).
+"""Every question the status pages ask of the node's state, answered from the job store and the
+data dir (read-only).
 
-The pages (``reader.web.pages``) read state only through this module, so that a later state layer
-(a database shared by several nodes) can replace it by one answering the same functions. What it
-reads:
+The pages (``reader.web.pages``) read state only through this module, and this module reads the
+state database (``reader.state``, shared by the processes of a cluster) only through
+``reader.jobs.JobStore``. What it reads:
 
-- ``state/series/*.json`` (``reader.jobs.SeriesState``): each series' outcome, result version,
-  flag and the wall-clock times of its last processing's steps (``timeline``);
-- ``state/jobs/*.json``: queued work; ``state/sends*/``: send tickets (``updated_at`` of a done
-  ticket is when it was delivered);
+- series states (``JobStore.series_states``, ``reader.jobs.SeriesState``): each series' outcome,
+  result version, flag and the wall-clock times of its last processing's steps (``timeline``);
+- queued jobs (``JobStore.queued_jobs``, claimed ones included) and send tickets
+  (``JobStore.sends``; ``updated_at`` of a done ticket is when it was delivered);
 - ``incoming/<study>/<series>/``: received instances (a file's mtime is when it was stored);
 - ``results/<series>/v<N>/``: the encoded SEG, SR and KOS; the SR holds the findings (TID 1500).
 
@@ -266,7 +267,7 @@ def _series_view(spool: Spool, study_uid: str, series_uid: str, state: SeriesSta
 def series_views(jobs: JobStore) -> list[SeriesView]:
     """Every series the node knows (received or recorded)."""
     states = jobs.series_states()
-    queued = {j.series_uid: j.created_at for j in jobs.pending_jobs()}
+    queued = {j.series_uid: j.created_at for j in jobs.queued_jobs()}
     by_series: dict[str, list[SendTicket]] = {}
     for ticket in jobs.sends():
         by_series.setdefault(ticket.series_uid, []).append(ticket)
@@ -313,7 +314,7 @@ def study(jobs: JobStore, study_uid: str) -> StudyView | None:
     if not series:
         return None
     by_uid = {s.series_uid: s for s in states}
-    queued = {j.series_uid: j.created_at for j in jobs.pending_jobs() if j.study_uid == uid}
+    queued = {j.series_uid: j.created_at for j in jobs.queued_jobs() if j.study_uid == uid}
     tickets = [t for t in jobs.sends() if t.series_uid in series]
     views = [_series_view(jobs.spool, uid, s, by_uid.get(s), queued_at=queued.get(s),
                           tickets=[t for t in tickets if t.series_uid == s]) for s in sorted(series)]
@@ -458,7 +459,7 @@ def overview(jobs: JobStore, stages: Callable[[], Mapping[str, Sequence[str]]] |
         missing = ("no series finished this step in the last hour (or its times were not recorded: "
                    "series processed before this version of the node, instances already deleted): "
                    + ", ".join(lacking))
-    queued_jobs = jobs.pending_jobs()
+    queued_jobs = jobs.queued_jobs()
     board = {k: len(v) for k, v in (stages() if stages is not None else {}).items()}
     on_board = sum(board.values())
     send_states = Counter(t.state.value for t in tickets)
