@@ -1,6 +1,6 @@
 """A cluster on one PostgreSQL (issue 18, parts 3 and 5, and its "Bad input"), all real processes.
 
-Every test starts its own PostgreSQL (``tests.postgres``), an Orthanc as the PACS
+Every test gets a fresh database on a real PostgreSQL (``tests.postgres``), an Orthanc as the PACS
 (``tests.peers``), and ``reader serve --role receiver`` and ``--role worker`` subprocesses
 (``tests.node_process.ReaderNode``) on one shared data dir, with the fixture model
 (``tests.reliability.write_fixture_model``), a short completion grace and a short ``[cluster]``
@@ -39,7 +39,7 @@ from reader.state import schema as state_schema
 from reader.state.database import SCHEMA_VERSION
 from tests.node_process import ReaderNode
 from tests.peers import Orthanc, free_port, peer_env, require_tool, wait_until
-from tests.postgres import PostgresServer
+from tests.postgres import PASSWORD, PostgresServer
 from tests.reliability import (
     Study,
     pacs_results,
@@ -81,7 +81,8 @@ class Cluster:
     """Processes of one cluster: receivers and workers on one data dir, one database, one PACS."""
 
     tmp: Path
-    postgres: PostgresServer
+    database: str  # the postgresql:// URL of the cluster's database
+    server: PostgresServer  # the PostgreSQL serving it (stopped and started by the outage test)
     orthanc: Orthanc
     config: str
     data_dir: Path
@@ -109,7 +110,7 @@ class Cluster:
 
     def jobs(self) -> JobStore:
         """The cluster's state as the test reads it (its own connection to the database)."""
-        return JobStore(Spool(self.data_dir), database=Database.open(self.postgres.url, self.data_dir),
+        return JobStore(Spool(self.data_dir), database=Database.open(self.database, self.data_dir),
                         owner="test")
 
 
@@ -120,10 +121,12 @@ def model(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, postgres: PostgresServer, orthanc: Orthanc, model: Path) -> Iterator[Cluster]:
-    """A cluster's pieces; every process it started is killed at teardown."""
+def cluster(tmp_path: Path, postgres: str, postgres_server: PostgresServer, orthanc: Orthanc,
+            model: Path) -> Iterator[Cluster]:
+    """A cluster's pieces on a fresh database; every process it started is killed at teardown."""
     require_tool("storescu")
-    made = Cluster(tmp_path, postgres, orthanc, cluster_config(model, postgres.url), tmp_path / "storage")
+    made = Cluster(tmp_path, postgres, postgres_server, orthanc, cluster_config(model, postgres),
+                   tmp_path / "storage")
     try:
         yield made
     finally:
@@ -294,10 +297,11 @@ def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: C
     (routing, volume loaded, inference done, results encoded, a random delay inside processing,
     send ticket queued, association to the PACS, first object sent) is SIGKILLed. The other worker
     takes the job over once the dead one's lease has run out (not before: it routes the series at
-    least half a lease after the kill) and reads it, or a live process sends the results the dead
-    one had queued; the killed worker is then restarted under its name. Every study ends read with
-    every instance and exactly one SR and one SEG of its version in the PACS, and the job-stage
-    kills leave no version read twice to the end by two workers."""
+    least half a lease after the kill) and reads it; a worker killed once the outcome was recorded
+    (the kill lands a little after its event) is not read again, and a live process sends the
+    results it had queued once their lease runs out. The killed worker is then restarted under its
+    name. Every study ends read with every instance and exactly one SR and one SEG of its version in
+    the PACS, and at least four kills landed inside a job."""
     rng = random.Random(SEED)
     receiver = cluster.receiver("recv-a", wait=False)
     workers = {"work-a": cluster.worker("work-a", wait=False), "work-b": cluster.worker("work-b", wait=False)}
@@ -342,7 +346,8 @@ def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: C
             assert waited >= LEASE_S / 2 - 0.2, f"{moment.label}: taken over {waited:.2f} s after the kill"
             report.append(f"{moment.label}: {victim} killed, taken over after {waited:.2f} s")
         _assert_one_result(cluster.orthanc, jobs, study)
-        workers[victim] = cluster.worker(victim)  # restarted under its name: its own tmp/ only is cleaned
+        workers[victim] = cluster.worker(victim)  # restarted: the same name, free again since the kill
+        assert workers[victim].events("node.started")[-1]["process"] == victim
     print("\n".join(report))
     assert sum("taken over" in line for line in report) >= 4, "the kills inside a job never landed"
     for study in studies:
@@ -358,7 +363,8 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     SIGKILLed after its 5th ``instance.stored``. Every instance storescu saw acknowledged is on the
     shared storage; the modality re-sends the whole study to the other receiver (all Success); the
     series is queued once (one ``series.complete`` queued across both logs, version 1), read once,
-    and the PACS holds exactly one SR and one SEG (v1)."""
+    and the PACS holds exactly one SR and one SEG (v1). The killed receiver, restarted under its
+    name, empties its own staging folder (``tmp/recv-a/``) and leaves the live one's alone."""
     r1, r2, worker = cluster.receiver("recv-a", wait=False), cluster.receiver("recv-b", wait=False), \
         cluster.worker("work-a", wait=False)
     for node in (r1, r2, worker):
@@ -377,7 +383,15 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     assert _queued_versions([r1, r2], study.series_uid) == [1]
     assert _processed_versions([worker], study.series_uid) == [1]
     assert _assert_one_result(cluster.orthanc, jobs, study) == 1
-    for node in (r2, worker):
+    # the killed receiver restarts under its name and cleans its own staging folder, not another's
+    staged = cluster.data_dir / "tmp"
+    (staged / "recv-a" / ".w-left-by-the-kill").write_bytes(b"partial")
+    (staged / "recv-b" / ".w-in-flight").write_bytes(b"another process's write")
+    again = cluster.receiver("recv-a", port=r1.port)
+    assert again.events("node.started")[-1]["process"] == "recv-a"
+    assert list((staged / "recv-a").iterdir()) == []
+    assert (staged / "recv-b" / ".w-in-flight").is_file(), "a start-up deleted another process's file"
+    for node in (again, r2, worker):
         assert node.stop() == 0, node.log_tail()
 
 
@@ -390,7 +404,7 @@ def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path
     Resources (0xA700) for every instance, none acknowledged; every process stays up. Once it is
     back, the modality re-sends B (all Success); A (whose job the worker lost with the database)
     and B are each read and delivered: nothing acknowledged is lost, and the PACS holds exactly one
-    SR and one SEG per study."""
+    SR and one SEG per study. The errors logged meanwhile never show the database's password."""
     receiver = cluster.receiver("recv-a", wait=False)
     workers = [cluster.worker("work-a", wait=False), cluster.worker("work-b", wait=False)]
     for node in (receiver, *workers):
@@ -398,7 +412,7 @@ def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path
     a, b = write_study(tmp_path / "A", SLICES), write_study(tmp_path / "B", SLICES)
     assert store_responses(receiver.host, receiver.port, receiver.ae_title, a.files) == ["Success"] * SLICES
     wait_until(lambda: bool(_events(workers, "series.routed", a.series_uid)), DEADLINE_S, "A being read")
-    cluster.postgres.stop()
+    cluster.server.stop()
     down_at = time.monotonic()
     try:
         answers = store_responses(receiver.host, receiver.port, receiver.ae_title, b.files)
@@ -409,7 +423,7 @@ def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path
             return time.monotonic() - down_at >= OUTAGE_S
         wait_until(outage_over, OUTAGE_S + 10, "the outage's 30 s, every process up")
     finally:
-        cluster.postgres.start()
+        cluster.server.start()
     # the receiver may need a moment to reconnect: the modality retries a refused association
     wait_until(lambda: store_responses(receiver.host, receiver.port, receiver.ae_title, b.files)
                == ["Success"] * SLICES, DEADLINE_S, "B stored once the database is back")
@@ -417,8 +431,11 @@ def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path
     wait_until(_delivered(jobs, [a, b]), DEADLINE_S, "A and B read and delivered")
     for study in (a, b):
         _assert_one_result(cluster.orthanc, jobs, study)
-    print(f"refused while down: {len(answers)}; storage errors logged: "
-          f"{len(_events([receiver, *workers], 'worker.storage_error'))}")
+    errors = _events([receiver, *workers], "worker.storage_error")
+    print(f"refused while down: {len(answers)}; storage errors logged: {len(errors)}")
+    assert errors, "the outage went unnoticed"
+    assert all(PASSWORD not in n.log_path.read_text(encoding="utf-8") for n in (receiver, *workers)), \
+        "the database password in a log"
     for node in (receiver, *workers):
         assert node.stop() == 0, node.log_tail()
 
@@ -453,14 +470,14 @@ def test_unreachable_database_at_start_is_one_line_and_exit_2(tmp_path: Path, mo
     assert f"127.0.0.1:{port}" in lines[0] and "pw-not-shown" not in done.stderr + done.stdout, lines
 
 
-def test_newer_schema_refuses_to_start(tmp_path: Path, model: Path, postgres: PostgresServer) -> None:
+def test_newer_schema_refuses_to_start(tmp_path: Path, model: Path, postgres: str) -> None:
     """A database whose ``schema_version`` is above what this code knows (a newer release migrated
     it): ``reader serve`` exits 2 with one line saying the schema is newer, and changes nothing."""
-    database = Database.open(postgres.url, tmp_path)
+    database = Database.open(postgres, tmp_path)
     try:
         newer = SCHEMA_VERSION + 1
         database.run(lambda conn: conn.execute(state_schema.schema_version.update().values(version=newer)))
-        done = _serve(tmp_path, cluster_config(model, postgres.url), "--role", "receiver")
+        done = _serve(tmp_path, cluster_config(model, postgres), "--role", "receiver")
         assert done.returncode == 2, done.stderr
         lines = _problem_lines(done.stderr)
         assert len(lines) == 1 and re.search(r"schema.*(too new|newer)", lines[0]), done.stderr
@@ -475,7 +492,8 @@ def test_newer_schema_refuses_to_start(tmp_path: Path, model: Path, postgres: Po
 
 # --- 6. STAT first on every worker ---------------------------------------------------------------
 
-def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, postgres: PostgresServer,
+def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, postgres: str,
+                                                            postgres_server: PostgresServer,
                                                             orthanc: Orthanc, model: Path) -> None:
     """Two workers, idle and then frozen (SIGSTOP) while four routine studies and then two STAT
     studies (accession numbers with the configured STAT prefix "ED") are queued; both resumed at
@@ -483,8 +501,8 @@ def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, post
     series before its STAT one, although every routine series was queued earlier; all six are then
     read and delivered."""
     require_tool("storescu")
-    config = cluster_config(model, postgres.url, extra='\n[priority]\nstat_accession_prefixes = ["ED"]\n')
-    made = Cluster(tmp_path, postgres, orthanc, config, tmp_path / "storage")
+    config = cluster_config(model, postgres, extra='\n[priority]\nstat_accession_prefixes = ["ED"]\n')
+    made = Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage")
     try:
         receiver = made.receiver("recv-a", wait=False)
         workers = [made.worker("work-a", wait=False), made.worker("work-b", wait=False)]
