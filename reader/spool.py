@@ -153,12 +153,22 @@ class Spool:
         return handle
 
     def node_running(self) -> bool:
-        """True while a node holds the data dir's lock (:meth:`lock_node`)."""
+        """True while a node holds the data dir's lock (:meth:`lock_node`), or a process of a
+        cluster holds its name on this storage (:meth:`claim_process`; one on this machine, or on
+        another where the shared filesystem passes flock on, as NFSv4 does)."""
         try:
             handle = self.lock_node()
         except StorageError:
             return True
         handle.close()
+        for lock in sorted((self.root / "processes").glob("*.lock")):
+            with lock.open("ab") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno in {errno.EAGAIN, errno.EACCES}:
+                        return True
+                    raise StorageError(f"cannot lock {lock.name}: {exc.strerror}") from exc
         return False
 
     # --- deleting (reader.retention) ---------------------------------------------------------

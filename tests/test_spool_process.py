@@ -44,3 +44,14 @@ def test_start_up_cleans_only_its_own_staged_files(tmp_path: Path) -> None:
     assert path.read_bytes() == b"data"
     assert list(a.tmp.iterdir()) == []
     assert a.tmp == tmp_path / "tmp" / "a"
+
+
+def test_a_running_cluster_process_counts_as_a_running_node(tmp_path: Path) -> None:
+    """``reader purge`` asks ``node_running`` before deleting a study in flight: a cluster process
+    holding its name on the storage counts, and stops counting once it ends."""
+    spool = Spool(tmp_path)
+    assert not spool.node_running()
+    _, lock = spool.claim_process("receiver")
+    assert spool.node_running()
+    lock.close()
+    assert not spool.node_running()

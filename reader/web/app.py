@@ -73,6 +73,7 @@ class WebContext:
     pages: PagesContext | None = None  # None: no status pages (tests of the API alone)
     audit: AuditTrail | None = None  # STOW-RS requests are audited as associations are
     metrics: NodeMetrics | None = None  # /metrics answers 404 without
+    receives: bool = True  # False (a cluster's worker, ``--role worker``): no STOW-RS routes (404)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -203,9 +204,10 @@ def build_app(ctx: WebContext) -> Starlette:
         Route("/healthz", routes.healthz, methods=["GET"]),
         Route("/readyz", routes.readyz, methods=["GET"]),
         Route("/metrics", routes.metrics, methods=["GET"]),
-        Route("/dicom-web/studies", routes.stow, methods=["POST"]),
-        Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"]),
     ]
+    if ctx.receives:  # a worker stores nothing: studies go to the receivers
+        api += [Route("/dicom-web/studies", routes.stow, methods=["POST"]),
+                Route("/dicom-web/studies/{study}", routes.stow, methods=["POST"])]
     middleware = []
     if ctx.pages is not None:
         web = ctx.pages.config.web

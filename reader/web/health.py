@@ -8,7 +8,9 @@ with a short reason (no patient data, no paths beyond the data dir's own state):
 - ``spool``: a file can be written and synced where instances are staged;
 - ``disk``: free space on the data dir is above ``min_free_disk_bytes`` (the watermark below
   which C-STORE and STOW-RS refuse instances);
-- ``dicom_listener``: the DICOM port is open.
+- ``dicom_listener``: the DICOM port is open (a cluster's worker has none: always ok);
+- ``database``: the state database answers a query (only where one is given: a cluster's
+  PostgreSQL, which other machines may lose).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CHECK_MODELS = "models"
 CHECK_SPOOL = "spool"
 CHECK_DISK = "disk"
 CHECK_LISTENER = "dicom_listener"
+CHECK_DATABASE = "database"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,10 @@ class Readiness:
     """The readiness checks of one node; :meth:`check` runs them all (blocking file I/O)."""
 
     def __init__(self, spool: Spool, required_models: Iterable[str], loaded_models: Iterable[str],
-                 listening: Callable[[], bool]) -> None:
+                 listening: Callable[[], bool], database: Callable[[], object] | None = None) -> None:
+        """``database``: a query of the state database, which raises StorageError when it cannot
+        be reached (None: no such check)."""
+        self._database = database
         self._spool = spool
         self._missing_models = sorted(set(required_models) - set(loaded_models))
         self._listening = listening
@@ -53,6 +59,8 @@ class Readiness:
     def check(self) -> list[CheckResult]:
         """Run every check; logs ``node.readiness`` when the overall answer changes."""
         results = [self._models(), self._spool_writable(), self._disk(), self._listener()]
+        if self._database is not None:
+            results.append(self._database_answers(self._database))
         ready = all(r.ok for r in results)
         if ready != self._last_ready:
             self._last_ready = ready
@@ -82,3 +90,11 @@ class Readiness:
         if not self._listening():
             return CheckResult(CHECK_LISTENER, False, "the DICOM port is not open")
         return CheckResult(CHECK_LISTENER, True)
+
+    @staticmethod
+    def _database_answers(query: Callable[[], object]) -> CheckResult:
+        try:
+            query()
+        except StorageError as exc:
+            return CheckResult(CHECK_DATABASE, False, str(exc))
+        return CheckResult(CHECK_DATABASE, True)
