@@ -120,15 +120,16 @@ class Study:
 
 def write_study(folder: Path, n_slices: int = 20, *, rows: int = 64, columns: int = 64,
                 patient_name: str = "Synthetic^Phantom", patient_id: str = "SYNTH-0001",
-                birth_date: str = "") -> Study:
-    """Write one synthetic CT series (fresh UIDs) into ``folder``, one Part 10 file per slice."""
+                birth_date: str = "", accession_number: str = "") -> Study:
+    """Write one synthetic CT series (fresh UIDs) into ``folder``, one Part 10 file per slice
+    (``accession_number``: e.g. one with a STAT prefix of ``[priority] stat_accession_prefixes``)."""
     datasets = ct_series(n_slices, ids=SeriesIds(), rows=rows, columns=columns)
     for ds in datasets:
         ds.PatientName = patient_name
         ds.PatientID = patient_id
         ds.PatientBirthDate = birth_date  # Type 2 (PS3.3 C.7.1.1): present, maybe empty
         ds.PatientSex = ""
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101500", ""
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101500", accession_number
         ds.ReferringPhysicianName, ds.StudyID = "", "1"
     files = write_datasets(datasets, folder)
     return Study(study_uid=str(datasets[0].StudyInstanceUID), series_uid=str(datasets[0].SeriesInstanceUID),
