@@ -217,6 +217,7 @@ def test_a_state_database_of_a_newer_version_exits_2_saying_so(
     with database.transaction() as conn:
         conn.execute(state_schema.schema_version.update().values(version=SCHEMA_VERSION + 1))
     database.close()
+    capsys.readouterr()  # what the set-up logged
     assert cli.main(["status", "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
