@@ -139,6 +139,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     # pydicom logs each warning's text (a quoted value) to its stdlib logger as well as warning it:
     # the warning becomes a library.warning event, the text must not reach stderr by the root logger.
     logging.getLogger("pydicom").propagate = False
+    # SQLAlchemy's pool prints a traceback (plain text, not JSON) for each connection it cannot close
+    # cleanly while the database is away; the node logs that outage itself (worker.storage_error).
+    logging.getLogger("sqlalchemy.pool").propagate = False
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(message)s")
     structlog.configure(
         processors=[
