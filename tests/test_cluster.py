@@ -38,9 +38,10 @@ from reader.state import Database
 from reader.state import schema as state_schema
 from reader.state.database import SCHEMA_VERSION
 from tests.node_process import ReaderNode
-from tests.peers import Orthanc, free_port, peer_env, require_tool, wait_until
+from tests.peers import Orthanc, free_port, require_tool, wait_until
 from tests.postgres import PASSWORD, PostgresServer
 from tests.reliability import (
+    Sender,
     Study,
     pacs_results,
     refused_port,
@@ -134,32 +135,6 @@ def cluster(tmp_path: Path, postgres: str, postgres_server: PostgresServer, orth
             node.kill()
 
 
-class Sender:
-    """A modality sending files on one association with ``storescu -v``, in the background."""
-
-    def __init__(self, node: ReaderNode, files: Sequence[Path], log_path: Path) -> None:
-        self.log_path = log_path
-        exe = require_tool("storescu")
-        with log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [exe, "-v", "-nh", "-aet", "MODALITY", "-aec", node.ae_title, "-to", "5", "-ta", "5",
-                 "-td", "10", node.host, str(node.port), *(os.fspath(f) for f in files)],
-                stdout=out, stderr=subprocess.STDOUT, env=peer_env())
-
-    def acknowledged(self) -> set[Path]:
-        """Wait for storescu to end; the files it got Success for."""
-        self.process.wait(timeout=DEADLINE_S)
-        acked: set[Path] = set()
-        current: Path | None = None
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("I: Sending file: "):
-                current = Path(line.removeprefix("I: Sending file: ").strip())
-            elif line.startswith("I: Received Store Response (Success)") and current is not None:
-                acked.add(current)
-                current = None
-        return acked
-
-
 # --- what the logs and the PACS say ----------------------------------------------------------
 
 def _events(nodes: Sequence[ReaderNode], name: str, series_uid: str | None = None) -> list[dict[str, Any]]:
@@ -244,9 +219,10 @@ def test_two_receivers_two_workers_complete_and_read_each_study_once(tmp_path: P
         node.wait_ready()
     a, b, c = (write_study(tmp_path / k, SLICES) for k in "ABC")
     half = len(c.files) // 2
-    senders = [Sender(r1, a.files, tmp_path / "A.log"), Sender(r2, b.files, tmp_path / "B.log"),
-               Sender(r1, c.files[:half], tmp_path / "C1.log"),
-               Sender(r2, c.files[half:], tmp_path / "C2.log")]
+    senders = [Sender(r1, a.files, tmp_path / "A.log", deadline_s=DEADLINE_S),
+               Sender(r2, b.files, tmp_path / "B.log", deadline_s=DEADLINE_S),
+               Sender(r1, c.files[:half], tmp_path / "C1.log", deadline_s=DEADLINE_S),
+               Sender(r2, c.files[half:], tmp_path / "C2.log", deadline_s=DEADLINE_S)]
     acked = set().union(*(s.acknowledged() for s in senders))
     assert acked == {*a.files, *b.files, *c.files}, "a receiver refused an instance"
     jobs = cluster.jobs()
@@ -378,7 +354,7 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     for node in (r1, r2, worker):
         node.wait_ready()
     study = write_study(tmp_path / "A", 20)
-    sender = Sender(r1, study.files, tmp_path / "A-1.log")
+    sender = Sender(r1, study.files, tmp_path / "A-1.log", deadline_s=DEADLINE_S)
     wait_until(lambda: len(r1.events("instance.stored")) >= 5 or sender.process.poll() is not None,
                DEADLINE_S, "5 instances stored by the first receiver")
     r1.kill()
