@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -165,21 +166,23 @@ def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
         except ModelError as exc:
             raise ConfigError("--device" if device is not None else "models", str(exc)) from exc
     node = Node(config, models, role=role, name=name)
-    stop = threading.Event()
+    received: list[int] = []  # the handler only appends: it takes no lock (see below)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("node.signal", signal=signal.Signals(signum).name)
-        stop.set()
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     node.start()
     if not config.destinations:
         log.info("node.no_destinations", results_dir=str(node.spool.root / "results"))
-    # Wait with a timeout: the kernel may deliver SIGTERM to any of the node's threads, and then a
-    # main thread blocked in an untimed wait never returns to the interpreter to run the handler.
-    while not stop.wait(_SIGNAL_POLL_S):
-        pass
+    # The handler runs in this thread between two bytecodes, so it must take no lock this thread may
+    # hold: setting a threading.Event waited on here deadlocked when the signal landed while
+    # Event.wait held the Event's own lock (the node then never stopped). Sleep in short steps: the
+    # kernel may deliver SIGTERM to any of the node's threads; the handler runs once this one wakes.
+    while not received:
+        time.sleep(_SIGNAL_POLL_S)
+    log.info("node.signal", signal=signal.Signals(received[0]).name)
     node.stop()
     return EXIT_OK
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -120,6 +120,18 @@ def warning_event(  # noqa: PLR0917 - the signature of warnings.showwarning
         "library.warning", **describe_warning(message, category, filename, lineno))
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of each event, so that loggers cached on
+    first use (``cache_logger_on_first_use``) follow a replaced stderr (pytest's capture, which is
+    closed after each test that ran the CLI in-process) instead of keeping the old one."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog for the process: JSON lines with ISO timestamps on ``stream``, and
     Python warnings turned into PHI-free ``library.warning`` events."""
@@ -127,6 +139,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     # pydicom logs each warning's text (a quoted value) to its stdlib logger as well as warning it:
     # the warning becomes a library.warning event, the text must not reach stderr by the root logger.
     logging.getLogger("pydicom").propagate = False
+    # SQLAlchemy's pool prints a traceback (plain text, not JSON) for each connection it cannot close
+    # cleanly while the database is away; the node logs that outage itself (worker.storage_error).
+    logging.getLogger("sqlalchemy.pool").propagate = False
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(message)s")
     structlog.configure(
         processors=[
@@ -138,6 +153,6 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )

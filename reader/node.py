@@ -43,7 +43,7 @@ from reader.audit import AuditTrail
 from reader.config import Device, NodeConfig, Role
 from reader.dicomweb import StowDestination
 from reader.dispatch import Delivery, DicomDelivery, Dispatcher, MllpDelivery, StowDelivery, WebhookDelivery
-from reader.errors import StorageError
+from reader.errors import DatabaseUnavailable, StorageError
 from reader.holds import StudyHold
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SeriesStatus
@@ -309,8 +309,9 @@ class Node:
         self.tracker = CompletionTracker(config.completion,
                                          recorder=self.jobs.record_arrival if self.shared else None)
         self.associations = AssociationLog()
-        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title) if config.audit.enabled
-                      else None)
+        self.audit = (AuditTrail(config.audit, config.data_dir, config.ae_title,
+                                 process=self.name if self.clustered else "")
+                      if config.audit.enabled else None)
         self.scp = StorageSCP(config, self.spool, self.tracker, self.associations, self.audit,
                               metrics=self.metrics)
         self.pipeline = Pipeline(config, self.spool, self.jobs, models)
@@ -441,21 +442,21 @@ class Node:
         adopt_at = 0.0
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
-            complete = self.tracker.pop_complete()
-            for series in complete:
+            popped = self.tracker.pop_complete()
+            for series in popped:
                 self.metrics.series_completed(series.waited_s)
-            settled: dict[str, float] = {}
-            if self.shared:
-                complete, settled = self._settle_across_receivers(complete)
-                if time.monotonic() >= adopt_at:
-                    adopt_at = time.monotonic() + _ADOPT_EVERY_S
-                    adopted, left = self._adopt_left_studies()
-                    complete += adopted
-                    settled.update(left)
+            complete, settled = popped, dict[str, float]()
             try:
+                if self.shared:
+                    complete, settled = self._settle_across_receivers(popped)
+                    if time.monotonic() >= adopt_at:
+                        adopt_at = time.monotonic() + _ADOPT_EVERY_S
+                        adopted, left = self._adopt_left_studies()
+                        complete += adopted
+                        settled.update(left)
                 self._queue_complete(complete)
             except StorageError:  # the state is out of reach: track them again, queue them later
-                for c in complete:
+                for c in popped:
                     self.tracker.resume(c.study_uid, c.series_uid, c.stat, c.last_arrival)
                 raise
             for study_uid, seen in settled.items():  # queued: the arrivals seen are done with
@@ -603,7 +604,10 @@ class Node:
             if self._claimed.get(job.series_uid) != job:
                 return
             del self._claimed[job.series_uid]
-        self.jobs.release_job(job)
+        try:
+            self.jobs.release_job(job)
+        except StorageError as exc:  # the database is out of reach: the lease runs out by itself
+            log.error("worker.storage_error", worker="leases", detail=str(exc))
 
     def _let_go_all(self) -> None:
         """At stop: give up the leases of the jobs still held (their volumes were dropped)."""
@@ -672,9 +676,13 @@ class Node:
             self.board.release(job)
 
     def _stage(self, job: ProcessJob, stage: str, work: Callable[[], _T]) -> _T | SeriesStatus:
-        """Run one stage of one job; an unexpected error fails that series (recorded), not the worker."""
+        """Run one stage of one job; an unexpected error fails that series (recorded), not the worker.
+        A state database out of reach fails nothing: the job stays queued (and claimed by this
+        process, which takes it again) and the worker backs off until the database is back."""
         try:
             return work()
+        except DatabaseUnavailable:
+            raise
         except Exception as exc:
             log.exception("series.failed", series_uid=job.series_uid, stage=stage, error=type(exc).__name__)
             self.jobs.finish_job(job, SeriesStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")

@@ -30,6 +30,7 @@ from typing import Any
 
 from reader.results.uids import result_uid
 from tests.dicom_factory import SeriesIds, ct_series, write_datasets
+from tests.node_process import ReaderNode
 from tests.onnx_fixtures import manifest_dict, sigmoid_model, write_package
 from tests.peers import LOCALHOST, Orthanc, peer_env, require_tool
 
@@ -37,6 +38,7 @@ __all__ = [
     "MODEL_NAME",
     "MODEL_VERSION",
     "PacsResult",
+    "Sender",
     "Study",
     "log_events",
     "pacs_results",
@@ -120,15 +122,16 @@ class Study:
 
 def write_study(folder: Path, n_slices: int = 20, *, rows: int = 64, columns: int = 64,
                 patient_name: str = "Synthetic^Phantom", patient_id: str = "SYNTH-0001",
-                birth_date: str = "") -> Study:
-    """Write one synthetic CT series (fresh UIDs) into ``folder``, one Part 10 file per slice."""
+                birth_date: str = "", accession_number: str = "") -> Study:
+    """Write one synthetic CT series (fresh UIDs) into ``folder``, one Part 10 file per slice
+    (``accession_number``: e.g. one with a STAT prefix of ``[priority] stat_accession_prefixes``)."""
     datasets = ct_series(n_slices, ids=SeriesIds(), rows=rows, columns=columns)
     for ds in datasets:
         ds.PatientName = patient_name
         ds.PatientID = patient_id
         ds.PatientBirthDate = birth_date  # Type 2 (PS3.3 C.7.1.1): present, maybe empty
         ds.PatientSex = ""
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101500", ""
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101500", accession_number
         ds.ReferringPhysicianName, ds.StudyID = "", "1"
     files = write_datasets(datasets, folder)
     return Study(study_uid=str(datasets[0].StudyInstanceUID), series_uid=str(datasets[0].SeriesInstanceUID),
@@ -246,3 +249,32 @@ def refused_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         yield int(sock.getsockname()[1])
+
+
+class Sender:
+    """A modality sending files on one association with ``storescu -v``, in the background
+    (``tests/test_crash.py``, ``tests/test_cluster.py``)."""
+
+    def __init__(self, node: ReaderNode, files: Sequence[Path], log_path: Path, *,
+                 deadline_s: float = 60.0) -> None:
+        self.log_path = log_path
+        self.deadline_s = deadline_s
+        exe = require_tool("storescu")
+        with log_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                [exe, "-v", "-nh", "-aet", "MODALITY", "-aec", node.ae_title, "-to", "5", "-ta", "5",
+                 "-td", "10", node.host, str(node.port), *(os.fspath(f) for f in files)],
+                stdout=out, stderr=subprocess.STDOUT, env=peer_env())
+
+    def acknowledged(self) -> set[Path]:
+        """Wait (``deadline_s``) for storescu to end; the files it got Success for."""
+        self.process.wait(timeout=self.deadline_s)
+        acked: set[Path] = set()
+        current: Path | None = None
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("I: Sending file: "):
+                current = Path(line.removeprefix("I: Sending file: ").strip())
+            elif line.startswith("I: Received Store Response (Success)") and current is not None:
+                acked.add(current)
+                current = None
+        return acked

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from reader import cli
-from reader.errors import DatabaseUnavailable, SchemaTooNew
 from reader.jobs import JobStore, SendState, SeriesState, SeriesStatus
 from reader.spool import Spool
+from reader.state import SCHEMA_VERSION, Database
+from reader.state import schema as state_schema
 from tests.node_process import ReaderNode
 from tests.peers import LOCALHOST, echoscu, free_port, require_data, storescu, wait_until
-from tests.reliability import serve_config, write_fixture_model
+from tests.reliability import refused_port, serve_config, write_fixture_model
 
 _TIMEOUT_S = 60
 _DEADLINE_S = 120.0
@@ -192,24 +193,33 @@ def test_a_receiver_loads_no_model(tmp_path: Path) -> None:
     assert "model.loaded" not in output
 
 
-@pytest.mark.parametrize(("error", "label"), [
-    (DatabaseUnavailable, "reader: state database unavailable: "),
-    (SchemaTooNew, "reader: state database schema too new for this version: "),
-])
-def test_database_errors_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str],
-                                              error: type[Exception], label: str) -> None:
-    """DatabaseUnavailable and SchemaTooNew reaching the CLI (here from ``reader status``'s JobStore,
-    standing in for the state layer) print one line naming the problem, with any password in a
-    URL replaced by ``***``, and exit 2."""
+def test_an_unreachable_database_exits_2_with_one_line_without_its_password(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``reader status`` with a ``[cluster] database`` nobody answers on prints one line naming the
+    database, with its password replaced by ``***``, and exits 2."""
     (tmp_path / "data").mkdir()
-
-    def refuse(*_args: object, **_kwargs: object) -> JobStore:
-        raise error("cannot open postgresql://reader:hunter2@db.example:5432/reader:\n"
-                    "connection refused")
-
-    monkeypatch.setattr(cli, "JobStore", refuse)
-    assert cli.main(["status", "--data-dir", str(tmp_path / "data")]) == 2
+    with refused_port() as port:
+        url = f"postgresql://reader:hunter2@127.0.0.1:{port}/reader"
+        config = tmp_path / "reader.toml"
+        config.write_text(f'[cluster]\ndatabase = "{url}"\n', encoding="utf-8")
+        assert cli.main(["status", "--config", str(config), "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(label), err
-    assert "hunter2" not in err and "postgresql://reader:***@db.example:5432/reader" in err
+    assert err.count("\n") == 1 and err.startswith("reader: state database unavailable: "), err
+    assert "hunter2" not in err and f"reader:***@127.0.0.1:{port}/reader" in err
+
+
+def test_a_state_database_of_a_newer_version_exits_2_saying_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A data dir whose state database a newer version migrated (its schema_version above this
+    code's) makes ``reader status`` print one line saying so and exit 2."""
+    data = Spool(tmp_path / "data").root
+    database = Database.open(None, data)
+    with database.transaction() as conn:
+        conn.execute(state_schema.schema_version.update().values(version=SCHEMA_VERSION + 1))
+    database.close()
+    capsys.readouterr()  # what the set-up logged
+    assert cli.main(["status", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("reader: state database schema too new for this version: "), err
+    assert f"schema version {SCHEMA_VERSION + 1}" in err

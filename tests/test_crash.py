@@ -27,7 +27,6 @@ import itertools
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,8 +39,9 @@ from reader.faults import CRASH_ENV
 from reader.jobs import JobStore, SendState, SeriesStatus
 from reader.spool import Spool
 from tests.node_process import ReaderNode
-from tests.peers import Orthanc, free_port, peer_env, require_tool, wait_until
+from tests.peers import Orthanc, free_port, require_tool, wait_until
 from tests.reliability import (
+    Sender,
     Study,
     log_events,
     pacs_results,
@@ -95,33 +95,6 @@ MOMENTS = (
     Moment("random 2", None, delay_s=(0.0, 1.5)),
     Moment("random 3", None, delay_s=(0.0, 1.5)),
 )
-
-
-class Sender:
-    """A modality sending files on one association with ``storescu -v`` in the background."""
-
-    def __init__(self, node: ReaderNode, files: list[Path], log_path: Path) -> None:
-        self.files = files
-        self.log_path = log_path
-        exe = require_tool("storescu")
-        with log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [exe, "-v", "-nh", "-aet", "MODALITY", "-aec", node.ae_title, "-to", "5", "-ta", "5",
-                 "-td", "10", node.host, str(node.port), *(os.fspath(f) for f in files)],
-                stdout=out, stderr=subprocess.STDOUT, env=peer_env())
-
-    def acknowledged(self) -> set[Path]:
-        """Wait for storescu to end; return the files it got Success for."""
-        self.process.wait(timeout=60)
-        acked: set[Path] = set()
-        current: Path | None = None
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("I: Sending file: "):
-                current = Path(line.removeprefix("I: Sending file: ").strip())
-            elif line.startswith("I: Received Store Response (Success)") and current is not None:
-                acked.add(current)
-                current = None
-        return acked
 
 
 @dataclass

@@ -82,9 +82,12 @@ def _outbox_name(collector: AuditCollector) -> str:
 class AuditTrail:
     """Records audit messages; :meth:`start` and :meth:`stop` run the collectors' senders."""
 
-    def __init__(self, config: AuditConfig, data_dir: Path, ae_title: str) -> None:
+    def __init__(self, config: AuditConfig, data_dir: Path, ae_title: str, process: str = "") -> None:
+        """``process``: a cluster process's name (``reader.node``): its audit file, outboxes and
+        staged writes go to ``audit/<process>/``, since every process of a cluster shares the data
+        dir and each writes and delivers its own messages."""
         self.config = config
-        self.root = data_dir / "audit"
+        self.root = data_dir / "audit" / process if process else data_dir / "audit"
         self.file = config.file or self.root / "audit.log"
         self._outbox = self.root / "outbox"
         self._tmp = self.root / "tmp"
