@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, RowMapping
 
 from reader.spool import Spool
@@ -624,17 +626,18 @@ class JobStore:
     # --- arrivals (completion across receivers) ----------------------------------------------
     def record_arrival(self, study_uid: str, series_uid: str, at: float, stat: bool = False) -> None:
         """Note that an instance of the series was stored at ``at`` (wall clock): the row keeps
-        the latest time and whether any instance asked for STAT."""
-        def work(conn: Connection) -> None:
-            key = (t.arrivals.c.study_uid == study_uid, t.arrivals.c.series_uid == series_uid)
-            row = conn.execute(sa.select(t.arrivals).where(*key).with_for_update()).mappings().first()
-            if row is None:
-                conn.execute(t.arrivals.insert().values(study_uid=study_uid, series_uid=series_uid,
-                                                        last_instance_at=at, stat=stat))
-            else:
-                conn.execute(t.arrivals.update().where(*key).values(
-                    last_instance_at=max(at, float(row["last_instance_at"])), stat=stat or bool(row["stat"])))
-        self._write(work)
+        the latest time and whether any instance asked for STAT. One upsert statement (INSERT ...
+        ON CONFLICT DO UPDATE, in both engines), outside the store's lock: every C-STORE of a
+        cluster's receiver calls this from its association's thread before answering."""
+        insert = sqlite_insert if self.database.is_sqlite else postgresql_insert
+        latest = sa.func.max if self.database.is_sqlite else sa.func.greatest  # SQLite's 2-argument max
+        stmt = insert(t.arrivals).values(study_uid=study_uid, series_uid=series_uid, last_instance_at=at,
+                                         stat=stat)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.arrivals.c.study_uid, t.arrivals.c.series_uid],
+            set_={"last_instance_at": latest(t.arrivals.c.last_instance_at, stmt.excluded.last_instance_at),
+                  "stat": sa.or_(t.arrivals.c.stat, stmt.excluded.stat)})
+        self.database.run(lambda conn: conn.execute(stmt))
 
     def latest_arrival(self, study_uid: str) -> float | None:
         """The latest instance time recorded for any series of the study; None when none is."""
