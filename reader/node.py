@@ -526,8 +526,13 @@ class Node:
         now = time.time()
         out: list[CompleteSeries] = []
         settled: dict[str, float] = {}
+        quiet: dict[str, bool] = {}  # a study some receiver still gets instances of is not left
         for row in self.jobs.stale_arrivals(older_than=now - limit):
-            if self.tracker.tracks_study(row.study_uid):
+            if row.study_uid not in quiet:
+                latest = self.jobs.latest_arrival(row.study_uid)
+                quiet[row.study_uid] = (not self.tracker.tracks_study(row.study_uid)
+                                        and latest is not None and latest < now - limit)
+            if not quiet[row.study_uid]:
                 continue
             out.append(CompleteSeries(row.study_uid, row.series_uid, row.stat, now - row.last_instance_at,
                                       row.last_instance_at))

@@ -379,6 +379,48 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
         assert node.stop() == 0, node.log_tail()
 
 
+def test_a_study_a_dead_receiver_left_half_way_is_completed_by_another(
+        tmp_path: Path, postgres: str, postgres_server: PostgresServer, orthanc: Orthanc,
+        model: Path) -> None:
+    """A receiver SIGKILLed mid-association, and a modality that never sends again: once no
+    instance of the study came for the idle timeout (3 s here) and the grace, the other receiver
+    adopts the study from the arrivals the dead one recorded (``study.adopted``), queues its series
+    once with every instance on the storage (all those acknowledged among them), and the PACS gets
+    exactly one SR and one SEG of version 1."""
+    config = cluster_config(model, postgres).replace("idle_timeout_seconds = 60", "idle_timeout_seconds = 3")
+    cluster = Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage")
+    try:
+        r1, r2, worker = cluster.receiver("recv-a", wait=False), cluster.receiver("recv-b", wait=False), \
+            cluster.worker("work-a", wait=False)
+        for node in (r1, r2, worker):
+            node.wait_ready()
+        study = write_study(tmp_path / "A", 20)
+        sender = Sender(r1, study.files, tmp_path / "A-1.log", deadline_s=DEADLINE_S)
+        wait_until(lambda: len(r1.events("instance.stored")) >= 5 or sender.process.poll() is not None,
+                   DEADLINE_S, "5 instances stored by the first receiver")
+        r1.kill()
+        acked = sender.acknowledged()
+        assert 5 <= len(acked) < len(study.files), f"{len(acked)} acknowledged: the kill missed"
+        jobs = cluster.jobs()
+        wait_until(lambda: bool(r2.events("study.adopted")), DEADLINE_S, "the other receiver adopting it")
+        stored = {p.stem for p in Spool(cluster.data_dir).series_instances(study.study_uid, study.series_uid)}
+
+        def delivered() -> bool:
+            state = jobs.series_state(study.series_uid)
+            return (state is not None and state.status is SeriesStatus.DONE and not jobs.pending_jobs()
+                    and all(t.state is SendState.DONE for t in jobs.sends()))
+        wait_until(delivered, DEADLINE_S, "the adopted study read and delivered")
+        state = jobs.series_state(study.series_uid)
+        assert state is not None and set(state.instances) == stored >= _sops(sorted(acked))
+        assert _queued_versions([r1, r2], study.series_uid) == [1]
+        assert _processed_versions([worker], study.series_uid) == [1]
+        held = pacs_results(cluster.orthanc, study.study_uid, study.series_uid, max_version=5)
+        assert sorted((r.modality, r.version) for r in held) == [("SEG", 1), ("SR", 1)]
+    finally:
+        for node in cluster.started:
+            node.kill()
+
+
 # --- 4. PostgreSQL lost for 30 s ---------------------------------------------------------------
 
 def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path: Path,
