@@ -443,8 +443,6 @@ class Node:
         while not self._stopping.is_set():
             self.tracker.wait(timeout=1.0)
             popped = self.tracker.pop_complete()
-            for series in popped:
-                self.metrics.series_completed(series.waited_s)
             complete, settled = popped, dict[str, float]()
             try:
                 if self.shared:
@@ -459,6 +457,8 @@ class Node:
                 for c in popped:
                     self.tracker.resume(c.study_uid, c.series_uid, c.stat, c.last_arrival)
                 raise
+            for series in complete:  # a study deferred to another receiver is not complete here
+                self.metrics.series_completed(series.waited_s)
             for study_uid, seen in settled.items():  # queued: the arrivals seen are done with
                 self.jobs.clear_arrivals(study_uid, not_after=seen)
 
