@@ -342,13 +342,11 @@ def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: C
 
 # --- 3. a receiver killed mid-association -------------------------------------------------------
 
-def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluster: Cluster) -> None:
-    """Two receivers and a worker; a modality sends a study to the first receiver, which is
-    SIGKILLed after its 5th ``instance.stored``. Every instance storescu saw acknowledged is on the
-    shared storage; the modality re-sends the whole study to the other receiver (all Success); the
-    series is queued once (one ``series.complete`` queued across both logs, version 1), read once,
-    and the PACS holds exactly one SR and one SEG (v1). The killed receiver, restarted under its
-    name, empties its own staging folder (``tmp/recv-a/``) and leaves the live one's alone."""
+def _kill_a_receiver_mid_study(tmp_path: Path, cluster: Cluster
+                               ) -> tuple[ReaderNode, ReaderNode, ReaderNode, Study, set[Path]]:
+    """Two receivers and a worker; a modality sends a 20-slice study to the first receiver, which
+    is SIGKILLed after its 5th ``instance.stored``. Returns both receivers, the worker, the study
+    and the files storescu saw acknowledged (at least 5, not all)."""
     r1, r2, worker = cluster.receiver("recv-a", wait=False), cluster.receiver("recv-b", wait=False), \
         cluster.worker("work-a", wait=False)
     for node in (r1, r2, worker):
@@ -360,6 +358,18 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     r1.kill()
     acked = sender.acknowledged()
     assert 5 <= len(acked) < len(study.files), f"{len(acked)} acknowledged: the kill missed the association"
+    return r1, r2, worker, study, acked
+
+
+def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluster: Cluster) -> None:
+    """Two receivers and a worker; a modality sends a study to the first receiver, which is
+    SIGKILLed after its 5th ``instance.stored`` (:func:`_kill_a_receiver_mid_study`). Every
+    instance storescu saw acknowledged is on the shared storage; the modality re-sends the whole
+    study to the other receiver (all Success); the series is queued once (one ``series.complete``
+    queued across both logs, version 1), read once, and the PACS holds exactly one SR and one SEG
+    (v1). The killed receiver, restarted under its name, empties its own staging folder
+    (``tmp/recv-a/``) and leaves the live one's alone."""
+    r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
     _assert_acknowledged_on_disk(cluster.data_dir, acked)
     assert store_responses(r2.host, r2.port, r2.ae_title, study.files) == ["Success"] * len(study.files)
     jobs = cluster.jobs()
@@ -390,17 +400,7 @@ def test_a_study_a_dead_receiver_left_half_way_is_completed_by_another(
     config = cluster_config(model, postgres).replace("idle_timeout_seconds = 60", "idle_timeout_seconds = 3")
     cluster = Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage")
     try:
-        r1, r2, worker = cluster.receiver("recv-a", wait=False), cluster.receiver("recv-b", wait=False), \
-            cluster.worker("work-a", wait=False)
-        for node in (r1, r2, worker):
-            node.wait_ready()
-        study = write_study(tmp_path / "A", 20)
-        sender = Sender(r1, study.files, tmp_path / "A-1.log", deadline_s=DEADLINE_S)
-        wait_until(lambda: len(r1.events("instance.stored")) >= 5 or sender.process.poll() is not None,
-                   DEADLINE_S, "5 instances stored by the first receiver")
-        r1.kill()
-        acked = sender.acknowledged()
-        assert 5 <= len(acked) < len(study.files), f"{len(acked)} acknowledged: the kill missed"
+        r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
         jobs = cluster.jobs()
         wait_until(lambda: bool(r2.events("study.adopted")), DEADLINE_S, "the other receiver adopting it")
         stored = {p.stem for p in Spool(cluster.data_dir).series_instances(study.study_uid, study.series_uid)}
