@@ -60,6 +60,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _try_lock(path: Path) -> IO[bytes] | None:
+    """``path`` opened and flock-ed (exclusive, not waiting): the open file, which holds the lock
+    until it is closed or the process ends; None while another open file holds it."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        if exc.errno in {errno.EAGAIN, errno.EACCES}:
+            return None
+        raise StorageError(f"cannot lock {path.name}: {exc.strerror}") from exc
+    return handle
+
+
 def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
     missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
@@ -127,48 +141,29 @@ class Spool:
         folder.mkdir(exist_ok=True, mode=0o700)
         for n in range(1, 1000):
             name = base if n == 1 else f"{base}-{n}"
-            handle = (folder / f"{name}.lock").open("ab")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                handle.close()
-                if exc.errno in {errno.EAGAIN, errno.EACCES}:
-                    continue
-                raise StorageError(f"cannot lock {folder / name}: {exc.strerror}") from exc
-            return name, handle
+            handle = _try_lock(folder / f"{name}.lock")
+            if handle is not None:
+                return name, handle
         raise StorageError(f"no free process name {base}-N under {folder}")
 
     # --- the running node ------------------------------------------------------------------
     def lock_node(self) -> IO[bytes]:
         """Take the data dir's node lock (``node.lock``, an flock held until the returned file is
         closed or the process ends, SIGKILL included); StorageError when another process holds it."""
-        handle = (self.root / "node.lock").open("ab")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            handle.close()
-            if exc.errno in {errno.EAGAIN, errno.EACCES}:
-                raise StorageError(f"another reader node is using {self.root}") from exc
-            raise StorageError(f"cannot lock {self.root}: {exc.strerror}") from exc
+        handle = _try_lock(self.root / "node.lock")
+        if handle is None:
+            raise StorageError(f"another reader node is using {self.root}")
         return handle
 
     def node_running(self) -> bool:
         """True while a node holds the data dir's lock (:meth:`lock_node`), or a process of a
         cluster holds its name on this storage (:meth:`claim_process`; one on this machine, or on
         another where the shared filesystem passes flock on, as NFSv4 does)."""
-        try:
-            handle = self.lock_node()
-        except StorageError:
-            return True
-        handle.close()
-        for lock in sorted((self.root / "processes").glob("*.lock")):
-            with lock.open("ab") as probe:
-                try:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno in {errno.EAGAIN, errno.EACCES}:
-                        return True
-                    raise StorageError(f"cannot lock {lock.name}: {exc.strerror}") from exc
+        for lock in [self.root / "node.lock", *sorted((self.root / "processes").glob("*.lock"))]:
+            handle = _try_lock(lock)
+            if handle is None:
+                return True
+            handle.close()
         return False
 
     # --- deleting (reader.retention) ---------------------------------------------------------
