@@ -228,18 +228,17 @@ def _listen(ae: AE, address: tuple[str, int], handlers: list[Any], context: Any,
             reuse_port: bool) -> ThreadedAssociationServer:
     """Bind ``address`` and serve in a background thread; a port that cannot be bound (in use by
     another process without ``reuse_port`` on both sides, no permission) is a ConfigError."""
+    server_class = SharedPortServer if reuse_port else ThreadedAssociationServer
     try:
-        if not reuse_port:
-            return cast("ThreadedAssociationServer",  # block=False: always a server
-                        ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=context))
         server = ae.make_server(address, evt_handlers=handlers, ssl_context=context,
-                                server_class=SharedPortServer)
+                                server_class=server_class)
     except OSError as exc:
         hint = "" if reuse_port else " ([cluster] reuse_port = true on every receiver shares a port)"
         raise ConfigError("node.port", f"cannot listen on {address[0]}:{address[1]}: "
                                        f"{exc.strerror or exc}{hint}") from exc
-    # as AE.start_server does: its shutdown() takes the server off the AE's list again
-    ae._servers.append(server)  # pynetdicom offers no server_class on start_server
+    # as AE.start_server(block=False) does (it offers no server_class); AE.shutdown() and the
+    # server's own shutdown() rely on the AE's list
+    ae._servers.append(server)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
                               daemon=True)
     thread.start()
