@@ -57,7 +57,7 @@ from reader.spool import Spool
 from reader.state import Database
 from reader.web import PagesContext, Readiness, WebContext, WebServer, build_app
 
-__all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models"]
+__all__ = ["PRIORITY_ROUTINE", "PRIORITY_STAT", "Node", "StageBoard", "load_models", "run_guarded"]
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +103,24 @@ def _rank(job: ProcessJob) -> tuple[int, float]:
 
 def _key(job: ProcessJob) -> tuple[str, int]:
     return job.series_uid, job.version
+
+
+def run_guarded(name: str, loop: Callable[[], None], stopping: threading.Event,
+                backoff_s: float = 1.0) -> None:
+    """Run the worker loop ``loop`` until it returns or ``stopping`` is set. What ends it by an
+    error is logged and the loop starts again after ``backoff_s``: a storage or database error as
+    ``worker.storage_error`` (disk trouble, the state database out of reach), any other as
+    ``worker.crashed`` with its traceback. A worker thread never ends silently while the process
+    keeps answering as if it worked."""
+    while not stopping.is_set():
+        try:
+            loop()
+            return
+        except StorageError as exc:
+            log.error("worker.storage_error", worker=name, detail=str(exc))
+        except Exception:
+            log.exception("worker.crashed", worker=name)
+        stopping.wait(backoff_s)
 
 
 class StageBoard:
@@ -428,15 +446,7 @@ class Node:
                  partial_writes_removed=partial)
 
     def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            while not self._stopping.is_set():
-                try:
-                    loop()
-                    return
-                except StorageError as exc:  # disk trouble: log, back off, carry on
-                    log.error("worker.storage_error", worker=name, detail=str(exc))
-                    self._stopping.wait(1.0)
-        return run
+        return partial(run_guarded, name, loop, self._stopping)
 
     def _completion_loop(self) -> None:
         adopt_at = 0.0

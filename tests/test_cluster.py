@@ -164,20 +164,37 @@ def _sops(files: Sequence[Path]) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
 
 
+def _undelivered(jobs: JobStore, studies: Sequence[Study]) -> str:
+    """What is still missing before each study's series is done with all its instances, nothing
+    is queued and every send is settled; "" once nothing is."""
+    for study in studies:
+        state = jobs.series_state(study.series_uid)
+        if state is None or state.status is not SeriesStatus.DONE:
+            return f"series {study.series_uid}: {state.status.value if state else 'no state'}"
+        if len(state.instances) != len(study.files):
+            return f"series {study.series_uid}: {len(state.instances)} of {len(study.files)} instances"
+    if queued := jobs.pending_jobs():
+        return "queued: " + ", ".join(f"{j.series_uid} v{j.version}" for j in queued)
+    unsettled = [t for t in jobs.sends() if t.state not in (SendState.DONE, SendState.SUPERSEDED)]
+    return "sends: " + ", ".join(f"{t.name} {t.state.value} ({t.last_error})" for t in unsettled) \
+        if unsettled else ""
+
+
 def _delivered(jobs: JobStore, studies: Sequence[Study]) -> Callable[[], bool]:
     """True once each study's series is done with all its instances, nothing is queued and every
     send is settled."""
-    def check() -> bool:
-        for study in studies:
-            state = jobs.series_state(study.series_uid)
-            if state is None or state.status is not SeriesStatus.DONE:
-                return False
-            if len(state.instances) != len(study.files):
-                return False
-        if jobs.pending_jobs():
-            return False
-        return all(t.state in (SendState.DONE, SendState.SUPERSEDED) for t in jobs.sends())
-    return check
+    return lambda: not _undelivered(jobs, studies)
+
+
+def _wait_delivered(jobs: JobStore, studies: Sequence[Study], nodes: Sequence[ReaderNode], what: str) -> None:
+    """Wait (``DEADLINE_S``) until :func:`_delivered`; on a timeout the error says what was still
+    missing and which errors the nodes logged meanwhile."""
+    try:
+        wait_until(_delivered(jobs, studies), DEADLINE_S, what)
+    except AssertionError as exc:
+        errors = sorted({f"{n.workdir.name}: {e['event']}" for n in nodes for e in n.events()
+                         if e.get("level") in ("error", "critical")})
+        raise AssertionError(f"{exc}; still missing: {_undelivered(jobs, studies)}; errors logged: {errors}") from exc
 
 
 def _assert_one_result(orthanc: Orthanc, jobs: JobStore, study: Study) -> int:
@@ -226,7 +243,7 @@ def test_two_receivers_two_workers_complete_and_read_each_study_once(tmp_path: P
     acked = set().union(*(s.acknowledged() for s in senders))
     assert acked == {*a.files, *b.files, *c.files}, "a receiver refused an instance"
     jobs = cluster.jobs()
-    wait_until(_delivered(jobs, [a, b, c]), DEADLINE_S, "every study read and delivered")
+    _wait_delivered(jobs, [a, b, c], cluster.started, "every study read and delivered")
     for study in (a, b, c):
         assert _queued_versions([r1, r2], study.series_uid) == [1], "a series was queued twice"
         assert _processed_versions([w1, w2], study.series_uid) == [1], "a series was read twice"
@@ -373,7 +390,7 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     _assert_acknowledged_on_disk(cluster.data_dir, acked)
     assert store_responses(r2.host, r2.port, r2.ae_title, study.files) == ["Success"] * len(study.files)
     jobs = cluster.jobs()
-    wait_until(_delivered(jobs, [study]), DEADLINE_S, "the re-sent study read and delivered")
+    _wait_delivered(jobs, [study], cluster.started, "the re-sent study read and delivered")
     assert _queued_versions([r1, r2], study.series_uid) == [1]
     assert _processed_versions([worker], study.series_uid) == [1]
     assert _assert_one_result(cluster.orthanc, jobs, study) == 1
@@ -457,12 +474,14 @@ def test_postgresql_down_30_s_refuses_what_it_cannot_record_and_resumes(tmp_path
     wait_until(lambda: store_responses(receiver.host, receiver.port, receiver.ae_title, b.files)
                == ["Success"] * SLICES, DEADLINE_S, "B stored once the database is back")
     jobs = cluster.jobs()
-    wait_until(_delivered(jobs, [a, b]), DEADLINE_S, "A and B read and delivered")
+    _wait_delivered(jobs, [a, b], cluster.started, "A and B read and delivered")
     for study in (a, b):
         _assert_one_result(cluster.orthanc, jobs, study)
     errors = _events([receiver, *workers], "worker.storage_error")
     print(f"refused while down: {len(answers)}; storage errors logged: {len(errors)}")
     assert errors, "the outage went unnoticed"
+    assert not _events([receiver, *workers], "worker.crashed"), "a worker's loop ended on an unnamed error"
+    assert not _events(workers, "series.failed"), "a series failed for the outage"
     assert all(PASSWORD not in n.log_path.read_text(encoding="utf-8") for n in (receiver, *workers)), \
         "the database password in a log"
     for node in (receiver, *workers):
@@ -552,7 +571,7 @@ def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, post
         for w in workers:
             w.process.send_signal(signal.SIGCONT)
         jobs = made.jobs()
-        wait_until(_delivered(jobs, [*routine, *stat]), DEADLINE_S, "all six read and delivered")
+        _wait_delivered(jobs, [*routine, *stat], made.started, "all six read and delivered")
         stat_uids = {s.series_uid for s in stat}
         for w in workers:
             order = [e["series_uid"] for e in _events([w], "series.routed")]

@@ -28,13 +28,15 @@ import sqlalchemy as sa
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from structlog.testing import capture_logs
 
 from reader.config import SendingConfig
 from reader.dispatch import Dispatcher
+from reader.errors import DatabaseUnavailable
 from reader.findings import InferenceResult
 from reader.inference import ModelPackage
 from reader.jobs import JobStore, ProcessJob, SendState, SeriesStatus
-from reader.node import PRIORITY_ROUTINE, PRIORITY_STAT, Node
+from reader.node import PRIORITY_ROUTINE, PRIORITY_STAT, Node, run_guarded
 from reader.pipeline import Inferred, Pipeline, Prepared
 from reader.requestor import keep_responses_for_caller
 from reader.send import StoreSCU
@@ -395,3 +397,23 @@ def test_settled_ticket_left_among_pending_ones_is_moved(tmp_path: Path) -> None
     moved = jobs.send(ticket["name"])
     assert moved is not None and moved.state is SendState.DONE and moved.updated_at == 2.0
     assert [t.name for t in jobs.sends()] == [ticket["name"]]
+
+
+def test_a_worker_loop_ended_by_an_error_is_logged_and_started_again() -> None:
+    """``run_guarded`` (every worker thread of a node): a loop ended by the state database out of
+    reach is logged ``worker.storage_error``, one ended by an unexpected error ``worker.crashed``
+    with its traceback; each time the loop starts again, and the guard returns once the loop does."""
+    raised: list[BaseException] = [DatabaseUnavailable("database x unavailable"), RuntimeError("a bug")]
+    runs: list[int] = []
+
+    def loop() -> None:
+        runs.append(1)
+        if raised:
+            raise raised.pop(0)
+
+    with capture_logs() as logs:
+        run_guarded("loader", loop, threading.Event(), backoff_s=0.0)
+    assert len(runs) == 3
+    assert [(e["event"], e["worker"], e["log_level"]) for e in logs] == [
+        ("worker.storage_error", "loader", "error"), ("worker.crashed", "loader", "error")]
+    assert logs[1].get("exc_info"), "the traceback of the crash is not logged"

@@ -232,6 +232,48 @@ def test_a_postgresql_restart_is_survived(postgres: str, postgres_server: Postgr
     store.database.close()
 
 
+def test_every_error_while_postgresql_stops_and_starts_is_database_unavailable(
+        postgres: str, postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Threads reading and writing through the state layer while the server is stopped and started
+    three times see only DatabaseUnavailable: never a socket's ConnectionResetError nor the FATAL
+    "shutting down" / "starting up" answers (SQLSTATE 57P03) that pg8000 raises as other errors, on
+    which a worker would record a series as failed or a worker's loop would end. (A test of what we
+    rely on in pg8000 and SQLAlchemy: it fails when they change how a lost server is raised.)"""
+    store = JobStore(Spool(tmp_path / "data", min_free_bytes=0), database=Database(postgres), owner="a")
+    calls = [lambda: store.enqueue_if_changed("1.2", "1.2.3", (f"1.2.3.{time.monotonic_ns()}",)),
+             store.pending_jobs, lambda: store.record_arrival("1.2", "1.2.3", time.time()),
+             store.queue_counts]
+    failures: dict[str, int] = {}
+    done = threading.Event()
+
+    def hammer(call: Callable[[], object]) -> None:
+        while not done.is_set():
+            try:
+                call()
+            except DatabaseUnavailable:
+                failures["DatabaseUnavailable"] = failures.get("DatabaseUnavailable", 0) + 1
+            except Exception as exc:  # noqa: BLE001 - what else escapes is the finding
+                name = f"{type(exc).__name__}: {exc}"[:200]
+                failures[name] = failures.get(name, 0) + 1
+            done.wait(0.002)
+
+    threads = [threading.Thread(target=hammer, args=(c,), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            postgres_server.stop()
+            postgres_server.start()
+    finally:
+        done.set()
+        for t in threads:
+            t.join(DEADLINE_S)
+    assert failures.get("DatabaseUnavailable"), "the outages went unnoticed"
+    assert set(failures) == {"DatabaseUnavailable"}, failures
+    assert store.queue_counts()["jobs"] == 1
+    store.database.close()
+
+
 def test_json_state_of_an_earlier_version_is_imported_once(url: str, tmp_path: Path) -> None:
     """A data dir with the JSON state of an earlier version (series, jobs, pending and archived
     tickets, lineages) and an empty database: the first store imports it all, keeps the ticket in

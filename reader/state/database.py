@@ -50,6 +50,9 @@ _CONNECT_TIMEOUT_S = 30  # pg8000: connecting, and any one network read
 _RETRIES = 8  # a conflicting insert or a deadlock is retried this many times, then StorageError
 _MIGRATION_LOCK = 180_418_001  # pg_advisory_xact_lock key of the migrations
 _RETRYABLE_PG = {"40001", "40P01"}  # serialization failure, deadlock detected
+_UNAVAILABLE_PG_CLASSES = ("08",)  # connection exception
+# admin shutdown, crash shutdown, cannot connect now (shutting down, starting up), too many connections
+_UNAVAILABLE_PG = {"57P01", "57P02", "57P03", "53300"}
 
 _file_locks: dict[str, threading.Lock] = {}
 _file_locks_guard = threading.Lock()
@@ -150,14 +153,14 @@ class Database:
                         yield conn
             except sa.exc.IntegrityError:
                 raise
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                if _retryable(exc):
-                    raise
-                raise DatabaseUnavailable(f"database {self.name} unavailable: {self._reason(exc)}") from exc
             except sa.exc.DBAPIError as exc:
                 if _retryable(exc):
                     raise
+                if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or _unavailable(exc):
+                    raise self._unreachable(self._reason(exc)) from exc
                 raise StorageError(f"database {self.name}: {self._reason(exc)}") from exc
+            except (ConnectionError, TimeoutError) as exc:  # pg8000 lets a socket's error out unwrapped
+                raise self._unreachable(f"{type(exc).__name__}: {exc}") from exc
 
     def run(self, work: Callable[[Connection], T], *, write: bool = True) -> T:
         """``work`` in one transaction, run again in a fresh one after a conflict (a concurrent
@@ -171,6 +174,9 @@ class Database:
                     raise StorageError(f"database {self.name}: {self._reason(exc)}") from exc
                 time.sleep(0.001 * 2 ** attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unreachable(self, reason: str) -> DatabaseUnavailable:
+        return DatabaseUnavailable(f"database {self.name} unavailable: {reason}")
 
     def _reason(self, exc: sa.exc.DBAPIError) -> str:
         text = f"{type(exc.orig).__name__}: {exc.orig}"
@@ -204,11 +210,25 @@ def _schema_version(conn: Connection) -> int:
     return 0 if value is None else int(value)
 
 
-def _retryable(exc: sa.exc.DBAPIError) -> bool:
-    """A PostgreSQL serialization failure or deadlock: the transaction may simply run again."""
+def _sqlstate(exc: sa.exc.DBAPIError) -> str:
+    """The PostgreSQL error code (SQLSTATE, PostgreSQL manual Appendix A) pg8000 put in the error's
+    first argument; "" when there is none."""
     args: tuple[object, ...] = tuple(getattr(exc.orig, "args", ()))
     first = args[0] if args else None
-    return isinstance(first, dict) and first.get("C") in _RETRYABLE_PG
+    code = first.get("C") if isinstance(first, dict) else None
+    return code if isinstance(code, str) else ""
+
+
+def _retryable(exc: sa.exc.DBAPIError) -> bool:
+    """A PostgreSQL serialization failure or deadlock: the transaction may simply run again."""
+    return _sqlstate(exc) in _RETRYABLE_PG
+
+
+def _unavailable(exc: sa.exc.DBAPIError) -> bool:
+    """A server that is going down, starting up or full: pg8000 raises these FATAL answers as a
+    ProgrammingError, not as the OperationalError SQLAlchemy names a lost server."""
+    code = _sqlstate(exc)
+    return code.startswith(_UNAVAILABLE_PG_CLASSES) or code in _UNAVAILABLE_PG
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
