@@ -15,10 +15,14 @@
   constraints and :meth:`Database.run`'s retry on a conflict.
 
 A database that cannot be reached raises :class:`reader.errors.DatabaseUnavailable` naming it
-(host and database, the password replaced by ``***``). At open, the migration steps
-(:data:`MIGRATIONS`, version N = the first N steps) run in one transaction (on PostgreSQL under an
-advisory lock, so processes starting together migrate once); a database whose ``schema_version`` is
-above what this code knows raises :class:`reader.errors.SchemaTooNew`.
+(host and database, the password replaced by ``***``); so does a server that is shutting down,
+starting up or full (its FATAL answers: SQLSTATE class 08, 57P01-57P03, 53300), and a socket error
+pg8000 lets out unwrapped: callers back off on it and never record a series as failed for it.
+
+At open, the migration steps (:data:`MIGRATIONS`, version N = the first N steps) run in one
+transaction (on PostgreSQL under an advisory lock, so processes starting together migrate once); a
+database whose ``schema_version`` is above what this code knows raises
+:class:`reader.errors.SchemaTooNew`.
 """
 
 from __future__ import annotations
