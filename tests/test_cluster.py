@@ -194,7 +194,8 @@ def _wait_delivered(jobs: JobStore, studies: Sequence[Study], nodes: Sequence[Re
     except AssertionError as exc:
         errors = sorted({f"{n.workdir.name}: {e['event']}" for n in nodes for e in n.events()
                          if e.get("level") in ("error", "critical")})
-        raise AssertionError(f"{exc}; still missing: {_undelivered(jobs, studies)}; errors logged: {errors}") from exc
+        missing = _undelivered(jobs, studies)
+        raise AssertionError(f"{exc}; still missing: {missing}; errors logged: {errors}") from exc
 
 
 def _assert_one_result(orthanc: Orthanc, jobs: JobStore, study: Study) -> int:
