@@ -187,20 +187,18 @@ class Role:
     process: subprocess.Popen[bytes]
     folder: Path
 
+    @property
+    def server(self) -> common.Server:
+        """The process as ``bench.common`` handles a started server (no AE title or port of its own)."""
+        return common.Server(self.name, self.process, "", 0, self.folder)
+
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """Its JSON log events so far (only ``name`` when given)."""
-        server = common.Server(self.name, self.process, "", 0, self.folder)
-        return common.node_events(server, name)
+        return common.node_events(self.server, name)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 20 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(20)
+        """SIGTERM, then SIGKILL after 15 s (``common.Server.stop``)."""
+        self.server.stop()
 
 
 def start_role(folder: Path, config: str, role: str, name: str, storage: Path, *, port: int = 0,
@@ -284,9 +282,12 @@ def _receivers(pg: Postgres, run_dir: Path, count: int, model: Path) -> Target:
     roles = [start_role(run_dir / f"receivers-{count}" / f"r{k}", config, "receiver", f"recv{count}-{k}",
                         storage, port=port) for k in range(count)]
     wait_started(roles)
+
+    def stop() -> None:
+        for role in roles:
+            role.stop()
     return Target(f"{count} receiver{'s' if count > 1 else ''}", port, "SECONDREADER",
-                  lambda: [r.process.pid for r in roles], db_pids=pg.backend_pids,
-                  stop=lambda: [r.stop() for r in roles] and None, roles=roles)
+                  lambda: [r.process.pid for r in roles], db_pids=pg.backend_pids, stop=stop, roles=roles)
 
 
 def _single_node(run_dir: Path, model: Path) -> Target:
