@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -45,6 +45,8 @@ from reader.state.legacy import import_json_state
 
 __all__ = ["Arrival", "JobStore", "ProcessJob", "SendState", "SendTicket", "SeriesState", "SeriesStatus",
            "backoff"]
+
+T = TypeVar("T")
 
 
 class SeriesStatus(enum.StrEnum):
@@ -143,10 +145,6 @@ def backoff(attempts: int, initial: timedelta, maximum: timedelta, rng: random.R
 
 
 # --- rows <-> tickets ----------------------------------------------------------------------------
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, sort_keys=True)
-
-
 def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
@@ -154,8 +152,8 @@ def _unjson(text: str | None) -> Any:
 def _series_row(state: SeriesState) -> dict[str, Any]:
     return {"series_uid": state.series_uid, "study_uid": state.study_uid, "version": state.version,
             "instances": json.dumps(list(state.instances)), "status": state.status.value,
-            "reason": state.reason, "updated_at": state.updated_at, "flag": _json(state.flag),
-            "model": _json(state.model), "timeline": _json(state.timeline)}
+            "reason": state.reason, "updated_at": state.updated_at, "flag": t.json_text(state.flag),
+            "model": t.json_text(state.model), "timeline": t.json_text(state.timeline)}
 
 
 def _series_from(row: RowMapping) -> SeriesState:
@@ -205,14 +203,22 @@ def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> None:
     """Insert ``values`` or, when a row with the same primary key exists, replace it: one
     statement (``INSERT ... ON CONFLICT DO UPDATE``) on both engines."""
     keys = [c.name for c in table.primary_key.columns]
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: PLC0415 - per dialect
-        stmt: Any = pg_insert(table).values(values)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert  # noqa: PLC0415 - per dialect
-        stmt = sqlite_insert(table).values(values)
+    insert = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt: Any = insert(table).values(values)
     conn.execute(stmt.on_conflict_do_update(index_elements=keys,
                                             set_={k: v for k, v in values.items() if k not in keys}))
+
+
+def _arrival_upsert(is_sqlite: bool) -> Any:
+    """``JobStore.record_arrival``'s statement, its values bound at execution: insert the row or
+    keep the later of the two times and whether either asked for STAT."""
+    insert = sqlite_insert if is_sqlite else postgresql_insert
+    latest = sa.func.max if is_sqlite else sa.func.greatest  # SQLite's 2-argument max
+    stmt = insert(t.arrivals)
+    return stmt.on_conflict_do_update(
+        index_elements=[t.arrivals.c.study_uid, t.arrivals.c.series_uid],
+        set_={"last_instance_at": latest(t.arrivals.c.last_instance_at, stmt.excluded.last_instance_at),
+              "stat": sa.or_(t.arrivals.c.stat, stmt.excluded.stat)})
 
 
 def _unclaimed(table: sa.Table, owner: str, now: float) -> sa.ColumnElement[bool]:
@@ -237,6 +243,7 @@ class JobStore:
         self.owner = owner
         self._lock = threading.RLock()
         self._on_finished = on_finished
+        self._arrival_upsert = _arrival_upsert(self.database.is_sqlite)  # built once: every C-STORE runs it
 
     @classmethod
     def open(cls, spool: Spool, database_url: str | None) -> JobStore:
@@ -259,10 +266,10 @@ class JobStore:
         with self._lock:
             yield
 
-    def _read(self, work: Callable[[Connection], Any]) -> Any:
+    def _read(self, work: Callable[[Connection], T]) -> T:
         return self.database.run(work, write=False)
 
-    def _write(self, work: Callable[[Connection], Any]) -> Any:
+    def _write(self, work: Callable[[Connection], T]) -> T:
         with self._lock:
             return self.database.run(work)
 
@@ -273,8 +280,7 @@ class JobStore:
             stmt = sa.select(t.series).where(t.series.c.series_uid == series_uid)
             row = conn.execute(stmt).mappings().first()
             return None if row is None else _series_from(row)
-        result: SeriesState | None = self._read(work)
-        return result
+        return self._read(work)
 
     def series_states(self) -> dict[str, SeriesState]:
         """Every recorded series state by Series Instance UID (the status pages, ``reader status``,
@@ -282,8 +288,7 @@ class JobStore:
         def work(conn: Connection) -> dict[str, SeriesState]:
             rows = conn.execute(sa.select(t.series).order_by(t.series.c.series_uid)).mappings()
             return {row["series_uid"]: _series_from(row) for row in rows}
-        result: dict[str, SeriesState] = self._read(work)
-        return result
+        return self._read(work)
 
     def record_series(self, state: SeriesState) -> None:
         """Durably record a series outcome."""
@@ -323,8 +328,7 @@ class JobStore:
                 conn.execute(t.series.update().where(t.series.c.series_uid == series_uid).values(queued))
             _upsert(conn, t.jobs, _job_row(job))
             return job
-        result: ProcessJob | None = self._write(work)
-        return result
+        return self._write(work)
 
     def study_result_version(self, key: str, series_uid: str, instances: tuple[str, ...],
                              at_least: int) -> int:
@@ -350,8 +354,7 @@ class JobStore:
                                                        instances=json.dumps(list(instances)),
                                                        job_version=at_least))
             return version
-        result: int = self._write(work)
-        return result
+        return self._write(work)
 
     def earlier_results(self, lineage: str, version: int) -> list[tuple[str, int]]:
         """(series UID, version) of the results of ``lineage`` before ``version``, newest first: a
@@ -374,8 +377,7 @@ class JobStore:
                                   .order_by(t.study_reads.c.id)):
                 found.setdefault(str(r.lineage), []).append(str(r.series_uid))
             return {k: tuple(v) for k, v in found.items()}
-        result: dict[str, tuple[str, ...]] = self._read(work)
-        return result
+        return self._read(work)
 
     def delete_lineages(self, keys: Collection[str]) -> None:
         """Forget study lineages (``reader.retention``: none of their series is left, or purged)."""
@@ -394,8 +396,7 @@ class JobStore:
                 state.study_uid, state.series_uid, job.version, state.instances, SeriesStatus.QUEUED,
                 updated_at=time.time())))
             return job
-        result: ProcessJob = self._write(work)
-        return result
+        return self._write(work)
 
     def delete_series_history(self, series_uid: str, sends: Collection[str] = ()) -> None:
         """Forget a series: its send tickets named in ``sends``, and its state (``reader.retention``)."""
@@ -406,27 +407,24 @@ class JobStore:
         self._write(work)
 
     # --- processing jobs -------------------------------------------------------------------
+    def _select_jobs(self, where: Sequence[sa.ColumnElement[bool]], limit: int | None = None
+                     ) -> list[ProcessJob]:
+        def work(conn: Connection) -> list[ProcessJob]:
+            rows = conn.execute(sa.select(t.jobs).where(*where)
+                                .order_by(t.jobs.c.priority.desc(), t.jobs.c.created_at).limit(limit))
+            return [_job_from(r) for r in rows.mappings()]
+        return self._read(work)
+
     def queued_jobs(self) -> list[ProcessJob]:
         """Every queued job, claimed ones included, highest priority first, then oldest first
         (retention, ``reader status``, the pages)."""
-        def work(conn: Connection) -> list[ProcessJob]:
-            rows = conn.execute(sa.select(t.jobs).order_by(t.jobs.c.priority.desc(), t.jobs.c.created_at))
-            return [_job_from(r) for r in rows.mappings()]
-        result: list[ProcessJob] = self._read(work)
-        return result
+        return self._select_jobs(())
 
     def pending_jobs(self, limit: int | None = None) -> list[ProcessJob]:
         """Queued jobs this store may work on, highest priority first, then oldest first: those
         leased by another owner whose lease has not expired are left out. ``limit``: only the
         first so many (a worker looks at the head of the queue, however long it is)."""
-        now = time.time()
-
-        def work(conn: Connection) -> list[ProcessJob]:
-            rows = conn.execute(sa.select(t.jobs).where(_unclaimed(t.jobs, self.owner, now))
-                                .order_by(t.jobs.c.priority.desc(), t.jobs.c.created_at).limit(limit))
-            return [_job_from(r) for r in rows.mappings()]
-        result: list[ProcessJob] = self._read(work)
-        return result
+        return self._select_jobs((_unclaimed(t.jobs, self.owner, time.time()),), limit)
 
     def claim_job(self, job: ProcessJob, lease_s: float) -> bool:
         """Claim ``job`` for ``lease_s`` seconds: True when its row is still this version and
@@ -437,8 +435,7 @@ class JobStore:
                 .where(t.jobs.c.series_uid == job.series_uid, t.jobs.c.version == job.version,
                        _unclaimed(t.jobs, self.owner, now))
                 .values(claimed_by=self.owner, lease_until=now + lease_s))
-        claimed: bool = self._write(lambda conn: conn.execute(stmt).rowcount == 1)
-        return claimed
+        return self._write(lambda conn: conn.execute(stmt).rowcount == 1)
 
     def renew_job_leases(self, series_uids: Collection[str], lease_s: float) -> None:
         """Extend this owner's leases on the jobs of ``series_uids`` to ``lease_s`` from now."""
@@ -458,8 +455,7 @@ class JobStore:
     def delete_job(self, series_uid: str) -> bool:
         """Drop a series' queued job whatever its version (``reader purge``); True when there was one."""
         stmt = t.jobs.delete().where(t.jobs.c.series_uid == series_uid)
-        deleted: bool = self._write(lambda conn: conn.execute(stmt).rowcount > 0)
-        return deleted
+        return self._write(lambda conn: conn.execute(stmt).rowcount > 0)
 
     def finish_job(self, job: ProcessJob, status: SeriesStatus, reason: str = "",
                    flag: dict[str, Any] | None = None, model: dict[str, str] | None = None, *,
@@ -511,24 +507,21 @@ class JobStore:
                                 lineage=lineage, updated_at=now)
             conn.execute(t.sends.insert().values(_send_row(ticket)))
             return ticket
-        result: SendTicket = self._write(work)
-        return result
+        return self._write(work)
 
     def send(self, name: str) -> SendTicket | None:
         """One send ticket by name, pending or settled."""
         def work(conn: Connection) -> SendTicket | None:
             row = conn.execute(sa.select(t.sends).where(t.sends.c.name == name)).mappings().first()
             return None if row is None else _send_from(row)
-        result: SendTicket | None = self._read(work)
-        return result
+        return self._read(work)
 
     def _select_sends(self, where: Sequence[sa.ColumnElement[bool]]) -> list[SendTicket]:
         def work(conn: Connection) -> list[SendTicket]:
             rows = conn.execute(sa.select(t.sends).where(*where)
                                 .order_by(t.sends.c.created_at, t.sends.c.name))
             return [_send_from(r) for r in rows.mappings()]
-        result: list[SendTicket] = self._read(work)
-        return result
+        return self._read(work)
 
     def sends(self) -> list[SendTicket]:
         """All send tickets, settled ones included, oldest first (``reader status``)."""
@@ -559,8 +552,7 @@ class JobStore:
                 return None
             row = conn.execute(sa.select(t.sends).where(t.sends.c.name == name)).mappings().one()
             return _send_from(row)
-        result: SendTicket | None = self._write(work)
-        return result
+        return self._write(work)
 
     def update_send(self, ticket: SendTicket) -> None:
         """Durably record a send ticket's new state, and clear its claim.
@@ -589,8 +581,7 @@ class JobStore:
             for ticket in fresh:
                 _upsert(conn, t.sends, _send_row(ticket))
             return fresh
-        result: list[SendTicket] = self._write(work)
-        return result
+        return self._write(work)
 
     def requeue_failed(self) -> list[SendTicket]:
         """Put parked (failed) send tickets back in the queue, attempts reset; returns them."""
@@ -615,8 +606,7 @@ class JobStore:
                                 updated_at=time.time())
             _upsert(conn, t.sends, _send_row(cancelled))
             return cancelled
-        result: SendTicket | None = self._write(work)
-        return result
+        return self._write(work)
 
     def delete_sends(self, names: Collection[str]) -> None:
         """Forget send tickets, whatever their state (``reader purge``)."""
@@ -629,15 +619,8 @@ class JobStore:
         the latest time and whether any instance asked for STAT. One upsert statement (INSERT ...
         ON CONFLICT DO UPDATE, in both engines), outside the store's lock: every C-STORE of a
         cluster's receiver calls this from its association's thread before answering."""
-        insert = sqlite_insert if self.database.is_sqlite else postgresql_insert
-        latest = sa.func.max if self.database.is_sqlite else sa.func.greatest  # SQLite's 2-argument max
-        stmt = insert(t.arrivals).values(study_uid=study_uid, series_uid=series_uid, last_instance_at=at,
-                                         stat=stat)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.arrivals.c.study_uid, t.arrivals.c.series_uid],
-            set_={"last_instance_at": latest(t.arrivals.c.last_instance_at, stmt.excluded.last_instance_at),
-                  "stat": sa.or_(t.arrivals.c.stat, stmt.excluded.stat)})
-        self.database.run(lambda conn: conn.execute(stmt))
+        values = {"study_uid": study_uid, "series_uid": series_uid, "last_instance_at": at, "stat": stat}
+        self.database.run(lambda conn: conn.execute(self._arrival_upsert, values))
 
     def latest_arrival(self, study_uid: str) -> float | None:
         """The latest instance time recorded for any series of the study; None when none is."""
@@ -650,9 +633,8 @@ class JobStore:
         """The study's rows, by series: what every receiver recorded of it and not yet cleared."""
         stmt = (sa.select(t.arrivals).where(t.arrivals.c.study_uid == study_uid)
                 .order_by(t.arrivals.c.series_uid))
-        result: list[Arrival] = self._read(
+        return self._read(
             lambda conn: [_arrival_from(r) for r in conn.execute(stmt).mappings()])
-        return result
 
     def clear_arrivals(self, study_uid: str, not_after: float) -> list[Arrival]:
         """Delete and return the study's rows whose last instance is at or before ``not_after``
@@ -667,17 +649,15 @@ class JobStore:
                     t.arrivals.c.study_uid == a.study_uid, t.arrivals.c.series_uid == a.series_uid,
                     t.arrivals.c.last_instance_at == a.last_instance_at))
             return found
-        result: list[Arrival] = self._write(work)
-        return result
+        return self._write(work)
 
     def stale_arrivals(self, older_than: float) -> list[Arrival]:
         """Rows whose last instance is before ``older_than`` (a wall-clock time: now minus the idle
         timeout), by study: what a dead receiver left, for any receiver to adopt."""
         stmt = (sa.select(t.arrivals).where(t.arrivals.c.last_instance_at < older_than)
                 .order_by(t.arrivals.c.study_uid, t.arrivals.c.series_uid))
-        result: list[Arrival] = self._read(
+        return self._read(
             lambda conn: [_arrival_from(r) for r in conn.execute(stmt).mappings()])
-        return result
 
     # --- named leases and counts -------------------------------------------------------------
     def hold_lease(self, name: str, lease_s: float) -> bool:
@@ -695,8 +675,7 @@ class JobStore:
             conn.execute(t.leases.update().where(t.leases.c.name == name)
                          .values(owner=self.owner, lease_until=now + lease_s))
             return True
-        held: bool = self._write(work)
-        return held
+        return self._write(work)
 
     def queue_counts(self) -> dict[str, int]:
         """``jobs``: queued jobs (claimed ones included); ``sends``: pending send tickets
@@ -706,5 +685,4 @@ class JobStore:
             sends = conn.execute(sa.select(sa.func.count()).select_from(t.sends)
                                  .where(t.sends.c.state == SendState.PENDING.value)).scalar() or 0
             return {"jobs": int(jobs), "sends": int(sends)}
-        result: dict[str, int] = self._read(work)
-        return result
+        return self._read(work)

@@ -52,10 +52,6 @@ def _files(state_dir: Path, kind: str) -> list[Path]:
     return sorted((state_dir / kind).glob("*.json"))
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, sort_keys=True)
-
-
 def _empty(conn: Connection) -> bool:
     return all(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
                for table in (schema.series, schema.jobs, schema.sends, schema.study_reads))
@@ -69,8 +65,8 @@ def _import(conn: Connection, state_dir: Path) -> int:
             series_uid=raw["series_uid"], study_uid=raw["study_uid"], version=int(raw["version"]),
             instances=json.dumps(sorted(raw["instances"])), status=raw["status"],
             reason=raw.get("reason", ""), updated_at=float(raw.get("updated_at", 0.0)),
-            flag=_dumps(raw.get("flag")), model=_dumps(raw.get("model")),
-            timeline=_dumps(raw.get("timeline"))))
+            flag=schema.json_text(raw.get("flag")), model=schema.json_text(raw.get("model")),
+            timeline=schema.json_text(raw.get("timeline"))))
         rows += 1
     for path in _files(state_dir, "jobs"):
         raw = _read(path)

@@ -23,14 +23,23 @@ times are seconds since the epoch (double precision), as the dataclasses hold th
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import sqlalchemy as sa
 
-__all__ = ["arrivals", "jobs", "leases", "metadata", "schema_version", "sends", "series", "study_reads"]
+__all__ = ["arrivals", "jobs", "json_text", "leases", "metadata", "schema_version", "sends", "series",
+           "study_reads"]
 
 metadata = sa.MetaData()
 
 _UID = 64  # PS3.5 9.1
 _TIME: sa.Double[float] = sa.Double()
+
+
+def json_text(value: Any) -> str | None:
+    """The JSON text a list or mapping column holds (keys sorted); None stays NULL."""
+    return None if value is None else json.dumps(value, sort_keys=True)
 
 schema_version = sa.Table(
     "schema_version", metadata,
