@@ -432,17 +432,13 @@ class Node:
 
     def _resume(self) -> None:
         partial = self.spool.remove_partial_writes()
-        if self.clustered:  # other processes write the storage: unfinished studies are in the arrivals
-            log.info("node.resumed", collecting=0, queued=self.jobs.queue_counts()["jobs"],
-                     partial_writes_removed=partial)
-            return
-        for study_uid, series_uid in self.spool.stored_series():
-            state = self.jobs.series_state(series_uid)
-            stored = tuple(sorted(p.stem for p in self.spool.series_instances(study_uid, series_uid)))
-            if state is None or not set(stored) <= set(state.instances):  # fewer: retention deleted them
-                self.tracker.resume(study_uid, series_uid)
-        pending = self.jobs.pending_jobs()
-        log.info("node.resumed", collecting=self.tracker.tracked(), queued=len(pending),
+        if not self.clustered:  # a cluster's unfinished studies are in its arrivals (reader.jobs)
+            for study_uid, series_uid in self.spool.stored_series():
+                state = self.jobs.series_state(series_uid)
+                stored = tuple(sorted(p.stem for p in self.spool.series_instances(study_uid, series_uid)))
+                if state is None or not set(stored) <= set(state.instances):  # fewer: retention deleted them
+                    self.tracker.resume(study_uid, series_uid)
+        log.info("node.resumed", collecting=self.tracker.tracked(), queued=self.jobs.queue_counts()["jobs"],
                  partial_writes_removed=partial)
 
     def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
@@ -627,12 +623,9 @@ class Node:
     def _let_go_all(self) -> None:
         """At stop: give up the leases of the jobs still held (their volumes were dropped)."""
         with self._claimed_lock:
-            held, self._claimed = list(self._claimed.values()), {}
+            held = list(self._claimed.values())
         for job in held:
-            try:
-                self.jobs.release_job(job)
-            except StorageError as exc:  # the lease then runs out by itself
-                log.error("worker.storage_error", worker="leases", detail=str(exc))
+            self._let_go(job)
 
     def _lease_loop(self) -> None:
         """Renew the leases of the jobs this process holds, three times per lease."""

@@ -88,7 +88,7 @@ def collect(jobs: JobStore, last_studies: int = LAST_STUDIES) -> StatusReport:
     studies = _study_lines(series)
     return StatusReport(
         series=dict(Counter(s.status.value for s in series)),
-        queued_jobs=len(jobs.queued_jobs()),
+        queued_jobs=jobs.queue_counts()["jobs"],
         sends=dict(Counter(t.state.value for t in sends)),
         studies_total=len(studies),
         last_studies=tuple(studies[:last_studies]),

@@ -459,12 +459,12 @@ def overview(jobs: JobStore, stages: Callable[[], Mapping[str, Sequence[str]]] |
         missing = ("no series finished this step in the last hour (or its times were not recorded: "
                    "series processed before this version of the node, instances already deleted): "
                    + ", ".join(lacking))
-    queued_jobs = jobs.queued_jobs()
+    queued_jobs = jobs.queue_counts()["jobs"]  # claimed ones included
     board = {k: len(v) for k, v in (stages() if stages is not None else {}).items()}
     on_board = sum(board.values())
     send_states = Counter(t.state.value for t in tickets)
     queue = {RECEIVING: len([1 for _, s in stored if s not in states]),
-             "queued": max(0, len(queued_jobs) - on_board), **board,
+             "queued": max(0, queued_jobs - on_board), **board,
              "sends pending": send_states.get(SendState.PENDING.value, 0),
              "sends parked": send_states.get(SendState.FAILED.value, 0)}
     usage = shutil.disk_usage(spool.root)
