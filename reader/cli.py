@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: Exception) -> str:
     """An error's message on one line (the state layer names a database without its password,
-    ``reader.state.database.redact``)."""
+    ``reader.config.redact_url``)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

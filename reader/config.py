@@ -352,7 +352,7 @@ class ClusterConfig:
     receivers share the port and the kernel spreads the associations between them.
     """
 
-    database: str | None = field(default=None, repr=False)
+    database: str | None = None
     storage: Path | None = None
     lease: timedelta = timedelta(seconds=60)
     poll_interval: timedelta = timedelta(seconds=0.05)
@@ -369,9 +369,9 @@ class ClusterConfig:
             raise ConfigError("cluster.storage", f"must be an absolute path, got {self.storage}")
 
     def __repr__(self) -> str:
-        database = None if self.database is None else redact_url(self.database)
-        return (f"ClusterConfig(database={database!r}, storage={self.storage!r}, lease={self.lease!r}, "
-                f"poll_interval={self.poll_interval!r}, reuse_port={self.reuse_port!r})")
+        return (f"ClusterConfig(database={self.database_redacted!r}, storage={self.storage!r}, "
+                f"lease={self.lease!r}, poll_interval={self.poll_interval!r}, "
+                f"reuse_port={self.reuse_port!r})")
 
     @property
     def database_redacted(self) -> str | None:
@@ -562,10 +562,7 @@ def _cluster(t: Mapping[str, Any], base: Path) -> ClusterConfig:
     _known(t, "cluster.", {"database", "storage", "lease_seconds", "poll_interval_seconds", "reuse_port"})
     d = ClusterConfig()
     env = os.environ.get(DATABASE_URL_ENV, "")
-    if env:
-        database: str | None = _database_url(env, DATABASE_URL_ENV)
-    else:
-        database = _database_url(t["database"], "cluster.database") if "database" in t else None
+    database = _database_url(env, DATABASE_URL_ENV) if env else t.get("database")  # checked by ClusterConfig
     return ClusterConfig(
         database=database,
         storage=_opt_path(t.get("storage"), "cluster.storage", base),

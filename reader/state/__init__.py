@@ -24,6 +24,6 @@ wake-ups.
 
 from __future__ import annotations
 
-from reader.state.database import SCHEMA_VERSION, Database, redact
+from reader.state.database import SCHEMA_VERSION, Database
 
-__all__ = ["SCHEMA_VERSION", "Database", "redact"]
+__all__ = ["SCHEMA_VERSION", "Database"]

@@ -39,17 +39,18 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from reader.config import redact_url
 from reader.errors import ConfigError, DatabaseUnavailable, SchemaTooNew, StorageError
 from reader.state import schema
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database", "redact"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 SQLITE_FILE = "state.db"
-_BUSY_TIMEOUT_MS = 30_000
+_BUSY_TIMEOUT_S = 30.0  # sqlite3 connect(timeout=): how long a writer waits for another process
 _CONNECT_TIMEOUT_S = 30  # pg8000: connecting, and any one network read
 _RETRIES = 8  # a conflicting insert or a deadlock is retried this many times, then StorageError
 _MIGRATION_LOCK = 180_418_001  # pg_advisory_xact_lock key of the migrations
@@ -78,15 +79,6 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def redact(url: str | URL) -> str:
-    """A database URL as a log line or an error may show it: the password replaced by ``***``."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except sa.exc.ArgumentError:
-        return "<invalid database URL>"
-    return parsed.render_as_string(hide_password=True)
-
-
 def _engine_url(url: str) -> URL:
     try:
         parsed = make_url(url)
@@ -96,7 +88,7 @@ def _engine_url(url: str) -> URL:
         return parsed.set(drivername="postgresql+pg8000")
     if parsed.drivername == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return parsed
-    raise ConfigError("cluster.database", f"{redact(parsed)}: expected sqlite:///path or postgresql://...")
+    raise ConfigError("cluster.database", f"{redact_url(url)}: expected sqlite:///path or postgresql://...")
 
 
 class Database:
@@ -106,7 +98,7 @@ class Database:
         """Open ``url`` (``sqlite:///path`` or ``postgresql://...``) and migrate it; ConfigError for
         another URL, DatabaseUnavailable when it cannot be reached, SchemaTooNew."""
         self.url = _engine_url(url)
-        self.name = redact(self.url)
+        self.name = redact_url(url)  # as configured, whatever characters its password holds
         self.is_sqlite = self.url.drivername == "sqlite"
         self._write_lock: threading.Lock | None = None
         if self.is_sqlite:
@@ -116,7 +108,7 @@ class Database:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self.engine: Engine = sa.create_engine(
                 self.url.set(database=str(path)),
-                connect_args={"isolation_level": None, "timeout": _BUSY_TIMEOUT_MS / 1000,
+                connect_args={"isolation_level": None, "timeout": _BUSY_TIMEOUT_S,
                               "check_same_thread": False})
             sa.event.listen(self.engine, "connect", _sqlite_connect)
             sa.event.listen(self.engine, "begin", _sqlite_begin)
@@ -240,7 +232,6 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     finally:
         cursor.close()
 
