@@ -341,13 +341,12 @@ def _native_channels(
 
 
 def _open_session(
-    path: Path, providers: Sequence[str], options: Mapping[str, Mapping[str, str]] | None = None
+    path: Path, providers: Sequence[str], options: Mapping[str, Mapping[str, str]]
 ) -> tuple[ort.InferenceSession, str]:
     """One session on the first provider list that starts; returns it and the provider that runs.
 
     ``options`` gives providers their onnxruntime options by name (e.g. CUDA's ``device_id``).
     """
-    options = options or {}
     available = set(ort.get_available_providers())
     candidates = [p for p in providers if p in available]
     if not candidates:
