@@ -84,7 +84,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve.add_argument("--device", metavar="cpu|cuda:N",
                        help="where a worker (or all) runs its models: the CPU or GPU N "
                             "(default: [inference] providers)")
-    serve.add_argument("--name", help="this process's name in the cluster (default HOST-ROLE[-DEVICE])")
+    serve.add_argument("--name", help="this process's name in the cluster (default HOST-ROLE, then "
+                                      "-2, -3... while another process holds it)")
     serve.add_argument("--ae-title", help="our AE title (default SECONDREADER)")
     serve.add_argument("--port", help="listening port (default 11112)")
     serve.add_argument("--bind", help="listening address (default 0.0.0.0)")
