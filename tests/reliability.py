@@ -78,22 +78,22 @@ def write_fixture_model(folder: Path, *, findings: bool = True) -> Path:
     return write_package(folder, manifest, model)
 
 
-def serve_config(model_dir: Path, *, grace_seconds: float = 0.5, retry_initial_seconds: float = 0.2,
-                 retry_max_seconds: float = 1.0, max_attempts: int = 1000,
-                 min_free_disk_mb: int | None = None) -> str:
+def serve_config(model_dir: Path, *, grace_seconds: float = 0.5, idle_timeout_seconds: float = 60,
+                 retry_initial_seconds: float = 0.2, retry_max_seconds: float = 1.0, max_attempts: int = 1000,
+                 association_timeout_seconds: float = 5, min_free_disk_mb: int | None = None) -> str:
     """The TOML for ``reader serve --config``: the fixture model, one CT route, fast completion and
     fast retries, CPU inference only. Destinations are given as ``--send-to`` flags."""
     node = f"[node]\nmin_free_disk_mb = {min_free_disk_mb}\n" if min_free_disk_mb is not None else ""
     return f"""{node}
 [completion]
 grace_seconds = {grace_seconds}
-idle_timeout_seconds = 60
+idle_timeout_seconds = {idle_timeout_seconds}
 
 [sending]
 retry_initial_seconds = {retry_initial_seconds}
 retry_max_seconds = {retry_max_seconds}
 max_attempts = {max_attempts}
-association_timeout_seconds = 5
+association_timeout_seconds = {association_timeout_seconds}
 
 [inference]
 providers = ["CPUExecutionProvider"]
