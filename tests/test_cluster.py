@@ -43,6 +43,7 @@ from tests.postgres import PASSWORD, PostgresServer
 from tests.reliability import (
     Sender,
     Study,
+    assert_acknowledged_on_disk,
     pacs_results,
     refused_port,
     serve_config,
@@ -224,13 +225,6 @@ def _assert_one_result(orthanc: Orthanc, jobs: JobStore, study: Study) -> int:
     return state.version
 
 
-def _assert_acknowledged_on_disk(data_dir: Path, acked: set[Path]) -> None:
-    for path in acked:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        series = data_dir / "incoming" / ds.StudyInstanceUID / ds.SeriesInstanceUID
-        assert (series / f"{ds.SOPInstanceUID}.dcm").is_file(), f"acknowledged {ds.SOPInstanceUID} lost"
-
-
 def _alive(nodes: Sequence[ReaderNode]) -> None:
     for node in nodes:
         assert node.process.poll() is None, f"{node.workdir.name} exited:\n{node.log_tail()}"
@@ -402,7 +396,7 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     (v1). The killed receiver, restarted under its name, empties its own staging folder
     (``tmp/recv-a/``) and leaves the live one's alone."""
     r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
-    _assert_acknowledged_on_disk(cluster.data_dir, acked)
+    assert_acknowledged_on_disk(cluster.data_dir, acked)
     assert store_responses(r2.host, r2.port, r2.ae_title, study.files) == ["Success"] * len(study.files)
     jobs = cluster.jobs()
     _wait_delivered(jobs, [study], cluster.started, "the re-sent study read and delivered")
