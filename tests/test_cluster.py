@@ -296,9 +296,16 @@ def _trigger_seen(node: ReaderNode, moment: Moment, series_uid: str, earlier: in
 
 def _reached(workers: dict[str, ReaderNode], moment: Moment, series_uid: str,
              earlier: dict[str, int]) -> str | None:
-    """The name of the worker that logged the moment's trigger for the series, if one did."""
+    """The name of the process among ``workers`` (the workers, or every process) that logged the
+    moment's trigger for the series, if one did."""
     return next((name for name, w in workers.items()
                  if _trigger_seen(w, moment, series_uid, earlier[name])), None)
+
+
+def _logged(nodes: dict[str, ReaderNode], moment: Moment, series_uid: str,
+            earlier: dict[str, int]) -> Callable[[], bool]:
+    """True once one of ``nodes`` logged the moment's trigger for the series."""
+    return lambda: _reached(nodes, moment, series_uid, earlier) is not None
 
 
 def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: Cluster) -> None:
@@ -322,14 +329,16 @@ def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: C
     for i, moment in enumerate(WORKER_MOMENTS):
         study = write_study(tmp_path / f"study-{i}", SLICES)
         studies.append(study)
-        earlier = {name: len(w.events("send.association")) for name, w in workers.items()}
+        everyone = {**workers, "recv-a": receiver}  # a receiver sends results too
+        earlier = {name: len(n.events("send.association")) for name, n in everyone.items()}
         assert store_responses(receiver.host, receiver.port, receiver.ae_title, study.files) == \
             ["Success"] * SLICES
         done = _delivered(jobs, [study])
         deadline = time.monotonic() + DEADLINE_S
         while (victim := _reached(workers, moment, study.series_uid, earlier)) is None:
-            if done():  # the event may still be on its way to the log: look once more
-                time.sleep(0.5)  # the log's flush, not a synchronisation of the node's work
+            if done():  # the trigger is logged (by a worker, or a receiver that sent the results)
+                wait_until(_logged(everyone, moment, study.series_uid, earlier), DEADLINE_S,
+                           f"{moment.label}: {moment.trigger} in a process's log")
                 victim = _reached(workers, moment, study.series_uid, earlier)
                 break
             assert time.monotonic() < deadline, f"{moment.label}: no {moment.trigger} within {DEADLINE_S} s"
@@ -408,6 +417,8 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     (staged / "recv-a" / ".w-left-by-the-kill").write_bytes(b"partial")
     (staged / "recv-b" / ".w-in-flight").write_bytes(b"another process's write")
     again = cluster.receiver("recv-a", port=r1.port)
+    # it listens before it logs node.started
+    wait_until(lambda: bool(again.events("node.started")), DEADLINE_S, "node.started of the restart")
     assert again.events("node.started")[-1]["process"] == "recv-a"
     assert list((staged / "recv-a").iterdir()) == []
     assert (staged / "recv-b" / ".w-in-flight").is_file(), "a start-up deleted another process's file"
