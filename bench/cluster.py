@@ -90,13 +90,7 @@ class Postgres:
 
     def backend_pids(self) -> list[int]:
         """The server's processes (postmaster and its children)."""
-        pids = [self.pid] if self.pid else []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.pid:
-                    pids.append(int(stat.parent.name))
-        return pids
+        return with_children(self.pid) if self.pid else []
 
     def version(self) -> str:
         """``postgres --version``."""
@@ -144,6 +138,16 @@ def start_postgres(folder: Path, settings: Sequence[str] = ()) -> Postgres:
 # --- processes and their CPU -------------------------------------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def with_children(pid: int) -> list[int]:
+    """``pid`` and its child processes (those whose parent it is in ``/proc/PID/stat``)."""
+    found = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -271,14 +275,18 @@ def _send_all(target: Target, folders: Sequence[Path]) -> tuple[float, list[floa
     return max(each), each
 
 
+def _no_processing(model: Path) -> str:
+    """The model and a CT route whose series never complete (as bench/ingest.py: no processing)."""
+    return (f'[models.bench]\npath = "{model}"\n\n[[routes]]\nname = "bench"\nmodel = "bench"\n'
+            f'modalities = ["CT"]\nmin_instances = 1000000\n')
+
+
 def _receivers(pg: Postgres, run_dir: Path, count: int, model: Path) -> Target:
     """``count`` receivers on one port (SO_REUSEPORT), one database and one storage of their own."""
     storage = run_dir / f"receivers-{count}" / "storage"
     database = pg.create(f"ingest_r{count}")
     port = common.free_port()
-    body = (f'[models.bench]\npath = "{model}"\n\n[[routes]]\nname = "bench"\nmodel = "bench"\n'
-            f'modalities = ["CT"]\nmin_instances = 1000000\n')  # as bench/ingest.py: no processing
-    config = cluster_toml(database, storage, reuse_port=True, body=body)
+    config = cluster_toml(database, storage, reuse_port=True, body=_no_processing(model))
     roles = [start_role(run_dir / f"receivers-{count}" / f"r{k}", config, "receiver", f"recv{count}-{k}",
                         storage, port=port) for k in range(count)]
     wait_started(roles)
@@ -294,8 +302,7 @@ def _single_node(run_dir: Path, model: Path) -> Target:
     """Today's single node for reference: ``--role all`` on its data dir's SQLite, no cluster."""
     folder = run_dir / "node-all"
     storage = folder / "data"
-    body = (f'[models.bench]\npath = "{model}"\n\n[[routes]]\nname = "bench"\nmodel = "bench"\n'
-            f'modalities = ["CT"]\nmin_instances = 1000000\n\n[web]\nenabled = false\n')
+    body = _no_processing(model) + "\n[web]\nenabled = false\n"
     port = common.free_port()
     role = start_role(folder, body, "all", "node-all", storage, port=port)
     wait_started([role])
@@ -304,31 +311,16 @@ def _single_node(run_dir: Path, model: Path) -> Target:
 
 
 def _storescp(run_dir: Path, *, fork: bool) -> Target:
-    folder = run_dir / ("storescp-fork" if fork else "storescp")
-    out = folder / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    port = common.free_port()
-    exe = shutil.which("storescp") or "storescp"
-    log = (folder / "storescp.log").open("ab")
-    cmd = [exe, "-aet", "STORESCP", "-pdu", "131072", "-od", str(out), *(["--fork"] if fork else []),
-           str(port)]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=common.peer_env())
-    common.wait_until(lambda: common._listening(port, process, "storescp"), 30, "storescp")
+    server = common.start_storescp(run_dir / ("storescp-fork" if fork else "storescp"), fork=fork)
+    out = server.workdir / "out"
 
     def clear() -> None:
         shutil.rmtree(out)
         out.mkdir()
 
-    def pids() -> list[int]:  # with --fork: the parent and its children (one per association)
-        found = [process.pid]
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == process.pid:
-                    found.append(int(stat.parent.name))
-        return found
-
-    server = common.Server("storescp", process, "STORESCP", port, folder)
-    return Target("storescp --fork" if fork else "storescp", port, "STORESCP", pids, clear, stop=server.stop)
+    # with --fork: the parent and its children (one per association)
+    return Target("storescp --fork" if fork else "storescp", server.port, server.aet,
+                  partial(with_children, server.process.pid), clear, stop=server.stop)
 
 
 def _orthanc(run_dir: Path) -> Target:
@@ -662,8 +654,6 @@ def _worker_latencies(url: str, folder: Path, queue_lengths: Sequence[int], repe
                       poll_s: float) -> list[dict[str, Any]]:
     """A real ``--role worker``: the backlog held by another owner (else the worker would work on
     it); STAT enqueue -> the ``started`` time the worker records when its routing of the job begins."""
-    import pydicom  # noqa: PLC0415
-
     from reader.jobs import JobStore  # noqa: PLC0415
     from reader.spool import Spool  # noqa: PLC0415
     from reader.state import Database  # noqa: PLC0415
@@ -689,14 +679,10 @@ def _worker_latencies(url: str, folder: Path, queue_lengths: Sequence[int], repe
             latencies, processed = [], []
             for rep in range(repeats + 1):
                 study = reliability.write_study(folder / "src" / f"{length}-{rep}", 16)
-                sops = []
-                for path in study.files:
-                    sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-                    spool.store_instance(study.study_uid, study.series_uid, sop, path.read_bytes())
-                    sops.append(sop)
+                ((_, _, sops),) = _store_series(storage, [study])
                 time.sleep(poll_s * phase.random())
                 t_enqueue = time.time()
-                store.enqueue_if_changed(study.study_uid, study.series_uid, tuple(sops), priority=STAT)
+                store.enqueue_if_changed(study.study_uid, study.series_uid, sops, priority=STAT)
 
                 def done(series_uid: str = study.series_uid) -> bool:
                     state = store.series_state(series_uid)
@@ -719,18 +705,15 @@ def _worker_latencies(url: str, folder: Path, queue_lengths: Sequence[int], repe
     return out
 
 
-def part_claim(args: argparse.Namespace, pg: Postgres | None, run_dir: Path) -> dict[str, Any]:
+def part_claim(args: argparse.Namespace, pg: Postgres, run_dir: Path) -> dict[str, Any]:
     """Part 3: completion-to-claim latency on PostgreSQL and SQLite against the queue length."""
     result: dict[str, Any] = {"poll_interval_s": args.poll, "repeats": args.repeats}
-    engines: list[tuple[str, Callable[[str], str]]] = []
-    if pg is not None:
-        engines.append(("postgresql", pg.create))
 
     def sqlite(name: str) -> str:
         (run_dir / name).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{run_dir / name / 'state.db'}"
 
-    engines.append(("sqlite", sqlite))
+    engines: list[tuple[str, Callable[[str], str]]] = [("postgresql", pg.create), ("sqlite", sqlite)]
     for engine, make in engines:
         for held in (False, True):
             variant = "held" if held else "free"
@@ -766,7 +749,7 @@ CLAIM_HEADERS = ["engine", "claimer", "backlog", "queued", "latency p50 ms", "p9
 # --- part 4: what a receiver's per-instance arrival row costs ----------------------------------------
 
 
-def part_arrival(args: argparse.Namespace, pg: Postgres | None, run_dir: Path) -> dict[str, Any]:
+def part_arrival(args: argparse.Namespace, pg: Postgres, run_dir: Path) -> dict[str, Any]:
     """In process: ``JobStore.record_arrival`` as a receiver calls it for every stored instance (one
     transaction each), wall and CPU time of this process per call, PostgreSQL and SQLite."""
     from reader.jobs import JobStore  # noqa: PLC0415 - imported after the netns re-exec
@@ -774,9 +757,7 @@ def part_arrival(args: argparse.Namespace, pg: Postgres | None, run_dir: Path) -
     from reader.state import Database  # noqa: PLC0415
 
     out: dict[str, Any] = {"calls": args.arrival_calls}
-    urls = {"sqlite": f"sqlite:///{run_dir / 'arrival-sqlite.db'}"}
-    if pg is not None:
-        urls["postgresql"] = pg.create("arrival")
+    urls = {"sqlite": f"sqlite:///{run_dir / 'arrival-sqlite.db'}", "postgresql": pg.create("arrival")}
     for engine, url in urls.items():
         db = Database(url)
         try:
@@ -855,8 +836,10 @@ def main() -> None:
             assert pg is not None
             result["jobs"] = part_jobs(args, pg, run_dir)
         if "claim" in parts:
+            assert pg is not None
             result["claim"] = part_claim(args, pg, run_dir)
         if "arrival" in parts:
+            assert pg is not None
             result["arrival"] = part_arrival(args, pg, run_dir)
     finally:
         if pg is not None:

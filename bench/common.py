@@ -359,14 +359,16 @@ def _listening(port: int, process: subprocess.Popen[bytes], name: str) -> bool:
         return False
 
 
-def start_storescp(workdir: Path, *, max_pdu: int = 131072) -> Server:
-    """DCMTK storescp writing every instance into ``workdir/out`` (its default, not bit-preserving)."""
+def start_storescp(workdir: Path, *, max_pdu: int = 131072, fork: bool = False) -> Server:
+    """DCMTK storescp writing every instance into ``workdir/out`` (its default, not bit-preserving);
+    ``fork``: ``--fork``, a child process per association."""
     out = workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     exe = shutil.which("storescp") or "storescp"
     log = (workdir / "storescp.log").open("ab")
-    process = subprocess.Popen([exe, "-aet", "STORESCP", "-pdu", str(max_pdu), "-od", str(out), str(port)],
+    process = subprocess.Popen([exe, "-aet", "STORESCP", "-pdu", str(max_pdu), "-od", str(out),
+                                *(["--fork"] if fork else []), str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env=peer_env())
     wait_until(lambda: _listening(port, process, "storescp"), 30, "storescp")
     return Server("storescp", process, "STORESCP", port, workdir)

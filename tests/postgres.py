@@ -50,7 +50,7 @@ def _bin_dir() -> Path:
 
 
 class PostgresServer:
-    """One PostgreSQL cluster in ``root``: :meth:`start`, :meth:`stop`, :meth:`restart`."""
+    """One PostgreSQL cluster in ``root``: :meth:`start`, :meth:`stop`."""
 
     def __init__(self, root: Path) -> None:
         self.bin = _bin_dir()
@@ -81,11 +81,6 @@ class PostgresServer:
         secret = f":{password}" if password is not None else ""
         return f"postgresql://{USER}{secret}@{LOCALHOST}:{self.port}/{database}"
 
-    def socket_url(self, database: str = "postgres") -> str:
-        """The URL of ``database`` over the Unix socket in the server's folder."""
-        return (f"postgresql://{USER}:{PASSWORD}@/{database}"
-                f"?unix_sock={self.socket_dir}/.s.PGSQL.{self.port}")
-
     def start(self) -> None:
         """Start the server and wait (with a deadline) until it accepts connections; set the
         user's password on the first start."""
@@ -100,11 +95,6 @@ class PostgresServer:
         """Stop the server (fast shutdown: open connections are closed) within a deadline."""
         self._tool("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", str(int(_STOP_S)), "stop",
                    timeout=_STOP_S + 10)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and data."""
-        self.stop()
-        self.start()
 
     def accepting(self) -> bool:
         """True when a connection over TCP succeeds."""

@@ -11,6 +11,8 @@
 - :func:`retention_config` adds a ``[retention]`` table of sub-second sweeps to ``serve_config``;
   :func:`reader_purge` runs ``reader purge --study`` as an administrator does; :func:`log_events`
   reads a command's JSON log events; :func:`refused_port` holds a port that refuses connections.
+- :class:`Sender` is a modality sending in the background; :func:`assert_acknowledged_on_disk`
+  checks that what it saw acknowledged is on the node's storage.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
 from reader.results.uids import result_uid
+from reader.spool import Spool
 from tests.dicom_factory import SeriesIds, ct_series, write_datasets
 from tests.node_process import ReaderNode
 from tests.onnx_fixtures import manifest_dict, sigmoid_model, write_package
@@ -40,6 +45,7 @@ __all__ = [
     "PacsResult",
     "Sender",
     "Study",
+    "assert_acknowledged_on_disk",
     "log_events",
     "pacs_results",
     "peak_rss_bytes",
@@ -78,22 +84,22 @@ def write_fixture_model(folder: Path, *, findings: bool = True) -> Path:
     return write_package(folder, manifest, model)
 
 
-def serve_config(model_dir: Path, *, grace_seconds: float = 0.5, retry_initial_seconds: float = 0.2,
-                 retry_max_seconds: float = 1.0, max_attempts: int = 1000,
-                 min_free_disk_mb: int | None = None) -> str:
+def serve_config(model_dir: Path, *, grace_seconds: float = 0.5, idle_timeout_seconds: float = 60,
+                 retry_initial_seconds: float = 0.2, retry_max_seconds: float = 1.0, max_attempts: int = 1000,
+                 association_timeout_seconds: float = 5, min_free_disk_mb: int | None = None) -> str:
     """The TOML for ``reader serve --config``: the fixture model, one CT route, fast completion and
     fast retries, CPU inference only. Destinations are given as ``--send-to`` flags."""
     node = f"[node]\nmin_free_disk_mb = {min_free_disk_mb}\n" if min_free_disk_mb is not None else ""
     return f"""{node}
 [completion]
 grace_seconds = {grace_seconds}
-idle_timeout_seconds = 60
+idle_timeout_seconds = {idle_timeout_seconds}
 
 [sending]
 retry_initial_seconds = {retry_initial_seconds}
 retry_max_seconds = {retry_max_seconds}
 max_attempts = {max_attempts}
-association_timeout_seconds = 5
+association_timeout_seconds = {association_timeout_seconds}
 
 [inference]
 providers = ["CPUExecutionProvider"]
@@ -249,6 +255,20 @@ def refused_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         yield int(sock.getsockname()[1])
+
+
+def assert_acknowledged_on_disk(data_dir: Path, acked: Iterable[Path], label: str = "") -> None:
+    """Each file a modality saw acknowledged is stored in ``data_dir`` where the spool keeps it
+    (``Spool.instance_path`` of its UIDs) and is that instance; ``label`` starts each message."""
+    spool = Spool(data_dir)
+    prefix = f"{label}: " if label else ""
+    for path in acked:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                     str(ds.SOPInstanceUID))
+        assert stored.is_file(), f"{prefix}acknowledged instance {ds.SOPInstanceUID} lost"
+        kept = pydicom.dcmread(stored, stop_before_pixels=True, force=True)
+        assert kept.SOPInstanceUID == ds.SOPInstanceUID
 
 
 class Sender:

@@ -166,7 +166,9 @@ def test_bad_serve_flags_exit_2_naming_the_flag(tmp_path: Path, args: tuple[str,
 
 def test_a_receiver_loads_no_model(tmp_path: Path) -> None:
     """``--role receiver`` starts and answers C-ECHO with a configured model that cannot load (it
-    never reads a series), while ``--role worker`` with the same file exits 2 naming the models."""
+    never reads a series; it logs no ``model.loaded``) and exits 0 on SIGTERM, while ``--role worker``
+    with the same file exits 2 with a configuration error naming ``--device`` (the models cannot
+    load on it)."""
     broken = tmp_path / "broken-model"
     broken.mkdir()
     config = tmp_path / "reader.toml"
@@ -176,20 +178,19 @@ def test_a_receiver_loads_no_model(tmp_path: Path) -> None:
     worker = _reader(*common, "--port", str(free_port()), "--role", "worker", "--device", "cpu")
     assert worker.returncode == 2
     assert worker.stderr.strip().splitlines()[-1].startswith("reader: configuration error: --device:")
-    port = free_port()
-    receiver = subprocess.Popen([sys.executable, "-m", "reader.cli", *common, "--port", str(port),
-                                 "--role", "receiver", "--name", "rx-1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    receiver = ReaderNode(tmp_path / "receiver", config_text=config.read_text(encoding="utf-8"),
+                          data_dir=tmp_path / "data", web=False, role="receiver", name="rx-1")
     try:
         def answers() -> bool:
-            return receiver.poll() is not None or echoscu(LOCALHOST, port, "SECONDREADER").returncode == 0
+            return (receiver.process.poll() is not None
+                    or echoscu(LOCALHOST, receiver.port, "SECONDREADER").returncode == 0)
 
         wait_until(answers, _DEADLINE_S, "the receiver to answer C-ECHO")
-        assert receiver.poll() is None, receiver.communicate()[0]
+        assert receiver.process.poll() is None, receiver.log_tail()
     finally:
-        receiver.terminate()
-        output = receiver.communicate(timeout=_TIMEOUT_S)[0]
-    assert receiver.returncode == 0, output
+        code = receiver.stop()
+    output = receiver.log_path.read_text(encoding="utf-8", errors="replace")
+    assert code == 0, receiver.log_tail()
     assert "model.loaded" not in output
 
 

@@ -43,6 +43,7 @@ from tests.postgres import PASSWORD, PostgresServer
 from tests.reliability import (
     Sender,
     Study,
+    assert_acknowledged_on_disk,
     pacs_results,
     refused_port,
     serve_config,
@@ -64,11 +65,11 @@ _POLL_S = 0.005  # a tight poll for the kill triggers: the kill should land righ
 
 # --- the cluster -------------------------------------------------------------------------------
 
-def cluster_config(model: Path, database: str, *, extra: str = "") -> str:
+def cluster_config(model: Path, database: str, *, extra: str = "", idle_timeout_seconds: float = 60) -> str:
     """``serve_config`` with a short grace, a one-second association timeout (a send's lease is
     four of them) and a ``[cluster]`` table on ``database`` with a short lease."""
-    base = serve_config(model, grace_seconds=GRACE_S).replace("association_timeout_seconds = 5",
-                                                              "association_timeout_seconds = 1")
+    base = serve_config(model, grace_seconds=GRACE_S, idle_timeout_seconds=idle_timeout_seconds,
+                        association_timeout_seconds=1)
     return base + f"""
 [cluster]
 database = {json.dumps(database)}
@@ -121,18 +122,32 @@ def model(tmp_path: Path) -> Path:
     return write_fixture_model(tmp_path / "model")
 
 
+MakeCluster = Callable[[str], Cluster]  # a config's text -> a cluster of this test's pieces
+
+
 @pytest.fixture
-def cluster(tmp_path: Path, postgres: str, postgres_server: PostgresServer, orthanc: Orthanc,
-            model: Path) -> Iterator[Cluster]:
-    """A cluster's pieces on a fresh database; every process it started is killed at teardown."""
+def make_cluster(tmp_path: Path, postgres: str, postgres_server: PostgresServer,
+                 orthanc: Orthanc) -> Iterator[MakeCluster]:
+    """Makes clusters of the given config on a fresh database, the PACS and one data dir; every
+    process each started is killed at teardown."""
     require_tool("storescu")
-    made = Cluster(tmp_path, postgres, postgres_server, orthanc, cluster_config(model, postgres),
-                   tmp_path / "storage")
+    made: list[Cluster] = []
+
+    def make(config: str) -> Cluster:
+        made.append(Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage"))
+        return made[-1]
     try:
-        yield made
+        yield make
     finally:
-        for node in made.started:
+        for node in (n for c in made for n in c.started):
             node.kill()
+
+
+@pytest.fixture
+def cluster(make_cluster: MakeCluster, postgres: str, model: Path) -> Cluster:
+    """A cluster's pieces (:func:`cluster_config`) on a fresh database; every process it started
+    is killed at teardown."""
+    return make_cluster(cluster_config(model, postgres))
 
 
 # --- what the logs and the PACS say ----------------------------------------------------------
@@ -210,13 +225,6 @@ def _assert_one_result(orthanc: Orthanc, jobs: JobStore, study: Study) -> int:
     return state.version
 
 
-def _assert_acknowledged_on_disk(data_dir: Path, acked: set[Path]) -> None:
-    for path in acked:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        series = data_dir / "incoming" / ds.StudyInstanceUID / ds.SeriesInstanceUID
-        assert (series / f"{ds.SOPInstanceUID}.dcm").is_file(), f"acknowledged {ds.SOPInstanceUID} lost"
-
-
 def _alive(nodes: Sequence[ReaderNode]) -> None:
     for node in nodes:
         assert node.process.poll() is None, f"{node.workdir.name} exited:\n{node.log_tail()}"
@@ -288,9 +296,16 @@ def _trigger_seen(node: ReaderNode, moment: Moment, series_uid: str, earlier: in
 
 def _reached(workers: dict[str, ReaderNode], moment: Moment, series_uid: str,
              earlier: dict[str, int]) -> str | None:
-    """The name of the worker that logged the moment's trigger for the series, if one did."""
+    """The name of the process among ``workers`` (the workers, or every process) that logged the
+    moment's trigger for the series, if one did."""
     return next((name for name, w in workers.items()
                  if _trigger_seen(w, moment, series_uid, earlier[name])), None)
+
+
+def _logged(nodes: dict[str, ReaderNode], moment: Moment, series_uid: str,
+            earlier: dict[str, int]) -> Callable[[], bool]:
+    """True once one of ``nodes`` logged the moment's trigger for the series."""
+    return lambda: _reached(nodes, moment, series_uid, earlier) is not None
 
 
 def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: Cluster) -> None:
@@ -314,14 +329,16 @@ def test_sigkill_a_worker_mid_job_another_finishes_it(tmp_path: Path, cluster: C
     for i, moment in enumerate(WORKER_MOMENTS):
         study = write_study(tmp_path / f"study-{i}", SLICES)
         studies.append(study)
-        earlier = {name: len(w.events("send.association")) for name, w in workers.items()}
+        everyone = {**workers, "recv-a": receiver}  # a receiver sends results too
+        earlier = {name: len(n.events("send.association")) for name, n in everyone.items()}
         assert store_responses(receiver.host, receiver.port, receiver.ae_title, study.files) == \
             ["Success"] * SLICES
         done = _delivered(jobs, [study])
         deadline = time.monotonic() + DEADLINE_S
         while (victim := _reached(workers, moment, study.series_uid, earlier)) is None:
-            if done():  # the event may still be on its way to the log: look once more
-                time.sleep(0.5)  # the log's flush, not a synchronisation of the node's work
+            if done():  # the trigger is logged (by a worker, or a receiver that sent the results)
+                wait_until(_logged(everyone, moment, study.series_uid, earlier), DEADLINE_S,
+                           f"{moment.label}: {moment.trigger} in a process's log")
                 victim = _reached(workers, moment, study.series_uid, earlier)
                 break
             assert time.monotonic() < deadline, f"{moment.label}: no {moment.trigger} within {DEADLINE_S} s"
@@ -388,7 +405,7 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     (v1). The killed receiver, restarted under its name, empties its own staging folder
     (``tmp/recv-a/``) and leaves the live one's alone."""
     r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
-    _assert_acknowledged_on_disk(cluster.data_dir, acked)
+    assert_acknowledged_on_disk(cluster.data_dir, acked)
     assert store_responses(r2.host, r2.port, r2.ae_title, study.files) == ["Success"] * len(study.files)
     jobs = cluster.jobs()
     _wait_delivered(jobs, [study], cluster.started, "the re-sent study read and delivered")
@@ -400,6 +417,8 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
     (staged / "recv-a" / ".w-left-by-the-kill").write_bytes(b"partial")
     (staged / "recv-b" / ".w-in-flight").write_bytes(b"another process's write")
     again = cluster.receiver("recv-a", port=r1.port)
+    # it listens before it logs node.started
+    wait_until(lambda: bool(again.events("node.started")), DEADLINE_S, "node.started of the restart")
     assert again.events("node.started")[-1]["process"] == "recv-a"
     assert list((staged / "recv-a").iterdir()) == []
     assert (staged / "recv-b" / ".w-in-flight").is_file(), "a start-up deleted another process's file"
@@ -408,38 +427,32 @@ def test_sigkill_a_receiver_mid_association_loses_nothing(tmp_path: Path, cluste
 
 
 def test_a_study_a_dead_receiver_left_half_way_is_completed_by_another(
-        tmp_path: Path, postgres: str, postgres_server: PostgresServer, orthanc: Orthanc,
-        model: Path) -> None:
+        tmp_path: Path, postgres: str, model: Path, make_cluster: MakeCluster) -> None:
     """A receiver SIGKILLed mid-association, and a modality that never sends again: once no
     instance of the study came for the idle timeout (3 s here) and the grace, the other receiver
     adopts the study from the arrivals the dead one recorded (``study.adopted``), queues its series
     once with every instance on the storage (all those acknowledged among them), and the PACS gets
     exactly one SR of version 1, and one SEG with it when the model found something in them."""
-    config = cluster_config(model, postgres).replace("idle_timeout_seconds = 60", "idle_timeout_seconds = 3")
-    cluster = Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage")
-    try:
-        r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
-        jobs = cluster.jobs()
-        wait_until(lambda: bool(r2.events("study.adopted")), DEADLINE_S, "the other receiver adopting it")
-        stored = {p.stem for p in Spool(cluster.data_dir).series_instances(study.study_uid, study.series_uid)}
+    cluster = make_cluster(cluster_config(model, postgres, idle_timeout_seconds=3))
+    r1, r2, worker, study, acked = _kill_a_receiver_mid_study(tmp_path, cluster)
+    jobs = cluster.jobs()
+    wait_until(lambda: bool(r2.events("study.adopted")), DEADLINE_S, "the other receiver adopting it")
+    stored = {p.stem for p in Spool(cluster.data_dir).series_instances(study.study_uid, study.series_uid)}
 
-        def delivered() -> bool:
-            state = jobs.series_state(study.series_uid)
-            return (state is not None and state.status is SeriesStatus.DONE and not jobs.pending_jobs()
-                    and all(t.state is SendState.DONE for t in jobs.sends()))
-        wait_until(delivered, DEADLINE_S, "the adopted study read and delivered")
+    def delivered() -> bool:
         state = jobs.series_state(study.series_uid)
-        assert state is not None and set(state.instances) == stored >= _sops(sorted(acked))
-        assert _queued_versions([r1, r2], study.series_uid) == [1]
-        assert _processed_versions([worker], study.series_uid) == [1]
-        # the few slices stored before the kill may hold no finding: then the SR alone (negative)
-        (processed,) = _events([worker], "series.processed", study.series_uid)
-        expected = [("SEG", 1), ("SR", 1)] if processed["findings"] else [("SR", 1)]
-        held = pacs_results(cluster.orthanc, study.study_uid, study.series_uid, max_version=5)
-        assert sorted((r.modality, r.version) for r in held) == expected
-    finally:
-        for node in cluster.started:
-            node.kill()
+        return (state is not None and state.status is SeriesStatus.DONE and not jobs.pending_jobs()
+                and all(t.state is SendState.DONE for t in jobs.sends()))
+    wait_until(delivered, DEADLINE_S, "the adopted study read and delivered")
+    state = jobs.series_state(study.series_uid)
+    assert state is not None and set(state.instances) == stored >= _sops(sorted(acked))
+    assert _queued_versions([r1, r2], study.series_uid) == [1]
+    assert _processed_versions([worker], study.series_uid) == [1]
+    # the few slices stored before the kill may hold no finding: then the SR alone (negative)
+    (processed,) = _events([worker], "series.processed", study.series_uid)
+    expected = [("SEG", 1), ("SR", 1)] if processed["findings"] else [("SR", 1)]
+    held = pacs_results(cluster.orthanc, study.study_uid, study.series_uid, max_version=5)
+    assert sorted((r.modality, r.version) for r in held) == expected
 
 
 # --- 4. PostgreSQL lost for 30 s ---------------------------------------------------------------
@@ -541,51 +554,43 @@ def test_newer_schema_refuses_to_start(tmp_path: Path, model: Path, postgres: st
 
 # --- 6. STAT first on every worker ---------------------------------------------------------------
 
-def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, postgres: str,
-                                                            postgres_server: PostgresServer,
-                                                            orthanc: Orthanc, model: Path) -> None:
+def test_stat_studies_overtake_routine_work_on_every_worker(tmp_path: Path, postgres: str, model: Path,
+                                                            make_cluster: MakeCluster) -> None:
     """Two workers, idle and then frozen (SIGSTOP) while four routine studies and then two STAT
     studies (accession numbers with the configured STAT prefix "ED") are queued; both resumed at
     once (SIGCONT). Each worker's first series read is a STAT one, and no worker reads a routine
     series before its STAT one, although every routine series was queued earlier; all six are then
     read and delivered."""
-    require_tool("storescu")
     config = cluster_config(model, postgres, extra='\n[priority]\nstat_accession_prefixes = ["ED"]\n')
-    made = Cluster(tmp_path, postgres, postgres_server, orthanc, config, tmp_path / "storage")
-    try:
-        receiver = made.receiver("recv-a", wait=False)
-        workers = [made.worker("work-a", wait=False), made.worker("work-b", wait=False)]
-        for node in (receiver, *workers):
-            node.wait_ready()
-        for w in workers:
-            w.process.send_signal(signal.SIGSTOP)
-        routine = [write_study(tmp_path / f"R{i}", SLICES, accession_number=f"R{i}") for i in range(4)]
-        stat = [write_study(tmp_path / f"S{i}", SLICES, accession_number=f"ED{i}") for i in range(2)]
-        for study in [*routine, *stat]:
-            assert store_responses(receiver.host, receiver.port, receiver.ae_title, study.files) == \
-                ["Success"] * SLICES
-            wait_until(lambda s=study: bool(_queued_versions([receiver], s.series_uid)), DEADLINE_S,
-                       "the study queued")
-        priorities = {e["series_uid"]: e["priority"] for e in receiver.events("series.complete")}
-        assert [priorities[s.series_uid] for s in stat] == [1, 1] and \
-            [priorities[s.series_uid] for s in routine] == [0] * 4
-        for w in workers:
-            w.process.send_signal(signal.SIGCONT)
-        jobs = made.jobs()
-        _wait_delivered(jobs, [*routine, *stat], made.started, "all six read and delivered")
-        stat_uids = {s.series_uid for s in stat}
-        for w in workers:
-            order = [e["series_uid"] for e in _events([w], "series.routed")]
-            assert order, f"{w.workdir.name} read nothing"
-            assert order[0] in stat_uids, f"{w.workdir.name} read a routine series first"
-            last_stat = max(i for i, uid in enumerate(order) if uid in stat_uids)
-            assert all(uid in stat_uids for uid in order[:last_stat + 1]), order
-        for study in [*routine, *stat]:
-            _assert_one_result(orthanc, jobs, study)
-        for node in (receiver, *workers):
-            assert node.stop() == 0, node.log_tail()
-    finally:
-        for node in made.started:
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGCONT)
-            node.kill()
+    made = make_cluster(config)
+    receiver = made.receiver("recv-a", wait=False)
+    workers = [made.worker("work-a", wait=False), made.worker("work-b", wait=False)]
+    for node in (receiver, *workers):
+        node.wait_ready()
+    for w in workers:
+        w.process.send_signal(signal.SIGSTOP)
+    routine = [write_study(tmp_path / f"R{i}", SLICES, accession_number=f"R{i}") for i in range(4)]
+    stat = [write_study(tmp_path / f"S{i}", SLICES, accession_number=f"ED{i}") for i in range(2)]
+    for study in [*routine, *stat]:
+        assert store_responses(receiver.host, receiver.port, receiver.ae_title, study.files) == \
+            ["Success"] * SLICES
+        wait_until(lambda s=study: bool(_queued_versions([receiver], s.series_uid)), DEADLINE_S,
+                   "the study queued")
+    priorities = {e["series_uid"]: e["priority"] for e in receiver.events("series.complete")}
+    assert [priorities[s.series_uid] for s in stat] == [1, 1] and \
+        [priorities[s.series_uid] for s in routine] == [0] * 4
+    for w in workers:
+        w.process.send_signal(signal.SIGCONT)
+    jobs = made.jobs()
+    _wait_delivered(jobs, [*routine, *stat], made.started, "all six read and delivered")
+    stat_uids = {s.series_uid for s in stat}
+    for w in workers:
+        order = [e["series_uid"] for e in _events([w], "series.routed")]
+        assert order, f"{w.workdir.name} read nothing"
+        assert order[0] in stat_uids, f"{w.workdir.name} read a routine series first"
+        last_stat = max(i for i, uid in enumerate(order) if uid in stat_uids)
+        assert all(uid in stat_uids for uid in order[:last_stat + 1]), order
+    for study in [*routine, *stat]:
+        _assert_one_result(made.orthanc, jobs, study)
+    for node in (receiver, *workers):
+        assert node.stop() == 0, node.log_tail()

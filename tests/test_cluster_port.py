@@ -55,9 +55,10 @@ def test_two_listeners_share_a_port_with_reuse_port(tmp_path: Path, stack: ExitS
 
 def test_without_reuse_port_a_second_listener_is_a_config_error(tmp_path: Path, stack: ExitStack) -> None:
     """Without ``reuse_port`` (the default) a second listener on a port in use fails at start with a
-    ConfigError naming ``node.port`` and pointing to ``[cluster] reuse_port``; so does a listener
-    with ``reuse_port`` beside one without (SO_REUSEPORT must be on both sockets). The first keeps
-    serving."""
+    ConfigError naming ``node.port`` and the address and pointing to ``[cluster] reuse_port``; a
+    listener with ``reuse_port`` beside one without fails too (SO_REUSEPORT must be on both sockets),
+    with a ConfigError naming ``node.port`` and the address (no hint: its own reuse_port is on).
+    The first keeps serving."""
     require_tool("echoscu")
     port = free_port()
     first = _scp(tmp_path, "a", port, reuse_port=False)

@@ -43,6 +43,7 @@ from tests.peers import Orthanc, free_port, require_tool, wait_until
 from tests.reliability import (
     Sender,
     Study,
+    assert_acknowledged_on_disk,
     log_events,
     pacs_results,
     reader_purge,
@@ -136,16 +137,6 @@ def _hold(seconds: float) -> None:
         time.sleep(seconds)
 
 
-def _assert_acknowledged_on_disk(data_dir: Path, modality: Modality, label: str) -> None:
-    spool_root = data_dir / "incoming"
-    for path in modality.acked:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        stored = spool_root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-        assert stored.is_file(), f"{label}: acknowledged instance {ds.SOPInstanceUID} lost"
-        kept = pydicom.dcmread(stored, stop_before_pixels=True, force=True)
-        assert kept.SOPInstanceUID == ds.SOPInstanceUID
-
-
 @pytest.fixture
 def scenario(tmp_path: Path) -> Iterator[tuple[Modality, Path]]:
     """Three studies of 20 slices, A with a 21st slice held back as a late instance, and a model."""
@@ -223,7 +214,7 @@ def test_sigkill_at_many_moments_loses_and_duplicates_nothing(
             modality.acked |= sender.acknowledged()
         events = node.events()
         last_events.append(f"{moment.label}: killed after {events[-1].get('event') if events else 'start'}")
-        _assert_acknowledged_on_disk(data_dir, modality, moment.label)
+        assert_acknowledged_on_disk(data_dir, modality.acked, moment.label)
 
     node = start("final")
     try:

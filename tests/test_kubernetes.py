@@ -318,8 +318,10 @@ def test_the_keda_query_counts_the_queued_jobs_of_the_real_schema(postgres: str,
     spool = Spool(tmp_path / "data")
     jobs = JobStore.open(spool, postgres)
     try:
-        for n in range(3):
-            jobs.enqueue_if_changed("1.2.3", f"1.2.3.{n}", (f"1.2.3.{n}.1",))
+        queued = [jobs.enqueue_if_changed("1.2.3", f"1.2.3.{n}", (f"1.2.3.{n}.1",)) for n in range(3)]
+        first = queued[0]
+        assert first is not None
+        assert jobs.claim_job(first, 60.0)
         with jobs.database.transaction(write=False) as conn:
             assert conn.execute(sa.text(KEDA_QUERY)).scalar() == 3
     finally:

@@ -24,8 +24,9 @@ from reader.jobs import Arrival, JobStore, SendState
 from reader.spool import Spool
 from reader.state import SCHEMA_VERSION, Database
 from reader.state import schema as state_schema
-from tests.peers import LOCALHOST, free_port, wait_until
+from tests.peers import LOCALHOST, wait_until
 from tests.postgres import PASSWORD, PostgresServer
+from tests.reliability import refused_port
 
 T = TypeVar("T")
 RACERS = 8
@@ -199,8 +200,7 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(url: str) -> None:
 def test_an_unreachable_postgresql_names_it_without_its_password() -> None:
     """A PostgreSQL URL whose port nobody listens on raises DatabaseUnavailable naming the host and
     the database, never the password."""
-    port = free_port()
-    with pytest.raises(DatabaseUnavailable) as caught:
+    with refused_port() as port, pytest.raises(DatabaseUnavailable) as caught:
         Database(f"postgresql://reader:{PASSWORD}@{LOCALHOST}:{port}/statedb")
     message = str(caught.value)
     assert f"{LOCALHOST}:{port}/statedb" in message and PASSWORD not in message, message
